@@ -1,0 +1,345 @@
+"""SLaK: Sparse Large-Kernel ConvNets (Liu et al., ICLR 2023).
+
+A ConvNeXt whose 7x7 depthwise convolution is replaced by a large-kernel unit: for stage kernel
+K and small kernel s, either two rectangular depthwise convolutions (K, s) + (s, K) ("Decom"), or
+one (K, K) convolution, plus an (s, s) convolution when s < K; each branch is conv then
+BatchNorm and the unit returns their sum. ``kernel_size = (7, 7, 7, 7, 100)`` gives ConvNeXt.
+
+Module attribute names (``large_kernel``, ``LoRA1``, ``LoRA2``, ``lkb_origin``, ``small_conv``,
+``downsample_layers``, ``gamma``...) are the original release's, because they are the names in
+its published checkpoints.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.models import register_model
+
+from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM
+
+__all__ = ["SLaK", "LargeKernelUnit", "Block", "validate_kernel_size", "checkpoint_filter_fn",
+           "MODEL_DEPTHS_DIMS"]
+
+# Family layouts: name -> (depths, dims) before width_factor.
+MODEL_DEPTHS_DIMS = {
+    "SLaK_tiny": ([3, 3, 9, 3], [96, 192, 384, 768]),
+    "SLaK_small": ([3, 3, 27, 3], [96, 192, 384, 768]),
+    "SLaK_base": ([3, 3, 27, 3], [128, 256, 512, 1024]),
+    "SLaK_large": ([3, 3, 27, 3], [192, 384, 768, 1536]),
+}
+
+
+def validate_kernel_size(kernel_size):
+    """Check a 5-entry ``[K1, K2, K3, K4, s]`` list; raise ``ValueError`` naming the fix.
+
+    Stage kernels must be positive and odd. The small kernel must be positive, and odd unless it
+    is larger than every stage kernel (then no small branch is built: ``7 7 7 7 100`` = ConvNeXt).
+    """
+    kernel_size = list(kernel_size)
+    if len(kernel_size) != 5 or not all(isinstance(k, int) for k in kernel_size):
+        raise ValueError(f"--kernel_size takes five integers (four stage kernels and the small "
+                         f"kernel, e.g. 51 49 47 13 5), got {kernel_size}")
+    *stage_kernels, small = kernel_size
+    bad = [k for k in stage_kernels if k <= 0 or k % 2 == 0]
+    if bad:
+        raise ValueError(f"--kernel_size stage kernels must be positive odd integers, got {bad} "
+                         f"in {kernel_size}")
+    if small <= 0 or (small % 2 == 0 and small <= max(stage_kernels)):
+        raise ValueError(f"--kernel_size small kernel {small} must be a positive odd integer (or "
+                         f"larger than every stage kernel to disable the small branch)")
+    return kernel_size
+
+
+def conv_bn(channels, kernel, bn=True):
+    """A depthwise branch: ``conv`` (no bias) then optional ``bn``."""
+    layers = OrderedDict(conv=DepthWiseConv2dImplicitGEMM(channels, kernel, bias=False))
+    if bn:
+        layers["bn"] = nn.BatchNorm2d(channels)
+    return nn.Sequential(layers)
+
+
+def fuse_conv_bn(branch):
+    """Return ``(weight, bias)`` of one convolution equal to ``branch`` in eval mode."""
+    weight = branch.conv.weight
+    bias = branch.conv.bias if branch.conv.bias is not None else torch.zeros_like(weight[:, 0, 0, 0])
+    if not hasattr(branch, "bn"):
+        return weight, bias
+    bn = branch.bn
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return weight * scale.view(-1, 1, 1, 1), bn.bias + (bias - bn.running_mean) * scale
+
+
+def pad_kernel_to(weight, shape):
+    """Zero-pad a ``(C, 1, kh, kw)`` kernel symmetrically to ``(C, 1, *shape)``."""
+    dh, dw = shape[0] - weight.shape[2], shape[1] - weight.shape[3]
+    return F.pad(weight, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+
+
+class LargeKernelUnit(nn.Module):
+    """The large-kernel depthwise unit of a SLaK block; output = sum of its branches.
+
+    Args:
+        channels: channels in and out.
+        kernel_size: the stage kernel K.
+        small_kernel: s; an (s, s) branch ``small_conv`` is added when s < K.
+        Decom: use ``LoRA1`` (K, s) + ``LoRA2`` (s, K) instead of ``lkb_origin`` (K, K).
+        bn: BatchNorm after each branch's convolution.
+        deploy: build the re-parameterised inference form (biased convolutions, no BN, small
+            kernel merged); see :meth:`reparameterize`.
+
+    Input and output: ``(N, channels, H, W)``.
+    """
+
+    def __init__(self, channels, kernel_size, small_kernel, Decom=False, bn=True, deploy=False):
+        super().__init__()
+        self.kernel_size, self.small_kernel, self.Decom = kernel_size, small_kernel, Decom
+        self.deploy = deploy
+        if deploy:
+            # Two biased branches (K, s) + (s, K), or one biased (K, K) branch.
+            if Decom:
+                self.LoRA1 = self._biased(channels, (kernel_size, small_kernel))
+                self.LoRA2 = self._biased(channels, (small_kernel, kernel_size))
+            else:
+                self.lkb_origin = self._biased(channels, (kernel_size, kernel_size))
+            return
+        if Decom:
+            self.LoRA1 = conv_bn(channels, (kernel_size, small_kernel), bn)
+            self.LoRA2 = conv_bn(channels, (small_kernel, kernel_size), bn)
+        else:
+            self.lkb_origin = conv_bn(channels, (kernel_size, kernel_size), bn)
+        if small_kernel < kernel_size:
+            self.small_conv = conv_bn(channels, (small_kernel, small_kernel), bn)
+
+    @staticmethod
+    def _biased(channels, kernel):
+        return nn.Sequential(OrderedDict(conv=DepthWiseConv2dImplicitGEMM(channels, kernel, bias=True)))
+
+    def forward(self, x):
+        if self.Decom:
+            out = self.LoRA1(x) + self.LoRA2(x)
+        else:
+            out = self.lkb_origin(x)
+        if hasattr(self, "small_conv"):
+            out = out + self.small_conv(x)
+        return out
+
+    @torch.no_grad()
+    def reparameterize(self):
+        """Fold BatchNorms (and the small branch) into biased convolutions, in place.
+
+        Exact in eval mode: the unit's output is unchanged up to float rounding.
+        """
+        if self.deploy:
+            return
+        main = ["LoRA1", "LoRA2"] if self.Decom else ["lkb_origin"]
+        fused = {name: fuse_conv_bn(getattr(self, name)) for name in main}
+        if hasattr(self, "small_conv"):
+            # The small kernel is centred inside the first branch's kernel, so it adds there.
+            w_small, b_small = fuse_conv_bn(self.small_conv)
+            w, b = fused[main[0]]
+            fused[main[0]] = (w + pad_kernel_to(w_small, w.shape[2:]), b + b_small)
+            del self.small_conv
+        for name, (w, b) in fused.items():
+            channels, _, kh, kw = w.shape
+            branch = self._biased(channels, (kh, kw)).to(device=w.device, dtype=w.dtype)
+            branch.conv.weight.copy_(w)
+            branch.conv.bias.copy_(b)
+            setattr(self, name, branch)
+        self.deploy = True
+
+
+class Block(nn.Module):
+    """SLaK block: large-kernel unit -> LayerNorm -> Linear(4d) -> GELU -> Linear(d) -> scale -> residual.
+
+    Args:
+        dim: channels.
+        drop_path: stochastic depth rate of the residual branch.
+        layer_scale_init_value: initial per-channel scale ``gamma``; no scale when <= 0.
+        kernel_size: ``(K, s)``, the stage kernel and the small kernel.
+        Decom, bn, deploy: see :class:`LargeKernelUnit`.
+    """
+
+    def __init__(self, dim, drop_path=0.0, layer_scale_init_value=1e-6, kernel_size=(7, 5),
+                 Decom=False, bn=True, deploy=False):
+        super().__init__()
+        self.large_kernel = LargeKernelUnit(dim, kernel_size[0], kernel_size[1], Decom, bn, deploy)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
+                      if layer_scale_init_value > 0 else None)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.large_kernel(x)
+        x = x.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C) for LayerNorm and Linear
+        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        if self.gamma is not None:
+            x = self.gamma * x
+        x = x.permute(0, 3, 1, 2)
+        return shortcut + self.drop_path(x)
+
+
+class SLaK(nn.Module):
+    """Sparse Large-Kernel network.
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classifier outputs (0 for no classifier).
+        depths: blocks per stage.
+        dims: channels per stage before ``width_factor``.
+        drop_path_rate: stochastic depth rate of the last block (rising linearly from 0).
+        layer_scale_init_value: initial layer scale; no scale when <= 0.
+        head_init_scale: factor applied to the initial classifier weight and bias.
+        kernel_size: ``[K1, K2, K3, K4, s]``: a kernel per stage and the small kernel.
+        width_factor: stage widths are ``int(d * width_factor)``.
+        Decom: decompose each K x K kernel into (K, s) + (s, K).
+        bn: BatchNorm in each large-kernel branch.
+        deploy: build the re-parameterised inference form (see :meth:`reparameterize`).
+
+    ``forward(x)``: ``(N, in_chans, H, W)`` -> logits ``(N, num_classes)``.
+    ``forward_features(x)``: pooled, normalised features ``(N, num_features)``.
+    ``forward_stages(x)``: the four stage outputs ``[(N, C_i, H / 2**(i+2), W / 2**(i+2))]``.
+    """
+
+    def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
+                 drop_path_rate=0.0, layer_scale_init_value=1e-6, head_init_scale=1.0,
+                 kernel_size=(51, 49, 47, 13, 5), width_factor=1.0, Decom=False, bn=True,
+                 deploy=False):
+        super().__init__()
+        kernel_size = validate_kernel_size(kernel_size)
+        dims = [int(d * width_factor) for d in dims]
+        self.dims, self.depths, self.kernel_size = dims, list(depths), kernel_size
+        self.num_classes, self.num_features = num_classes, dims[-1]
+
+        # downsample_layers[0] is the stem (4x4/4 conv, LayerNorm); the others LayerNorm, 2x2/2 conv.
+        stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
+                             LayerNorm2d(dims[0], eps=1e-6))
+        self.downsample_layers = nn.ModuleList([stem])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(
+                LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            first = sum(depths[:i])
+            self.stages.append(nn.Sequential(*[
+                Block(dims[i], rates[first + j], layer_scale_init_value,
+                      (kernel_size[i], kernel_size[4]), Decom, bn, deploy)
+                for j in range(depth)]))
+        self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
+                             for i, d in enumerate(dims)]
+
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        if num_classes > 0:
+            self.head.weight.data.mul_(head_init_scale)
+            self.head.bias.data.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse=False):
+        """Layer ids for timm's layer-wise LR decay: stem, then each block (or stage)."""
+        return dict(stem=r"^downsample_layers\.0",
+                    blocks=r"^stages\.(\d+)" if coarse else [
+                        (r"^downsample_layers\.(\d+)", (0,)),
+                        (r"^stages\.(\d+)\.(\d+)", None),
+                        (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+    def get_classifier(self):
+        return self.head
+
+    def forward_stages(self, x):
+        """The output of each of the four stages, before any normalisation."""
+        outs = []
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x):
+        return self.norm(self.forward_stages(x)[-1].mean([-2, -1]))
+
+    def forward_head(self, x, pre_logits=False):
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def reparameterize(self):
+        """Turn the model into its inference form in place (call after ``.eval()``); returns self."""
+        for m in self.modules():
+            if isinstance(m, LargeKernelUnit):
+                m.reparameterize()
+        return self
+
+
+def checkpoint_filter_fn(checkpoint, model=None):
+    """Extract a model state dict from a checkpoint of this project or of the original release.
+
+    Accepts a bare state dict or one under ``model`` / ``state_dict`` / ``module``, strips
+    ``module.`` (DDP) prefixes, and drops non-model entries such as sparsity masks. When ``model``
+    is given, classifier weights whose shape differs from the model's are dropped (fine-tuning to
+    another number of classes).
+    """
+    state_dict = checkpoint
+    for key in ("model", "state_dict", "module"):
+        if isinstance(state_dict, dict) and key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v
+                  for k, v in state_dict.items() if torch.is_tensor(v)}
+    if model is not None:
+        own = model.state_dict()
+        for key in ("head.weight", "head.bias"):
+            if key in state_dict and (key not in own or own[key].shape != state_dict[key].shape):
+                del state_dict[key]
+    return state_dict
+
+
+def _create(name, pretrained=False, **kwargs):
+    if pretrained:
+        raise ValueError(f"{name}: no weights are downloaded; load a checkpoint with --finetune or "
+                         f"--resume instead of pretrained=True")
+    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(timm_only, None)
+    depths, dims = MODEL_DEPTHS_DIMS[name]
+    kwargs.setdefault("depths", depths)
+    kwargs.setdefault("dims", dims)
+    return SLaK(**kwargs)
+
+
+@register_model
+def SLaK_tiny(pretrained=False, **kwargs):
+    return _create("SLaK_tiny", pretrained, **kwargs)
+
+
+@register_model
+def SLaK_small(pretrained=False, **kwargs):
+    return _create("SLaK_small", pretrained, **kwargs)
+
+
+@register_model
+def SLaK_base(pretrained=False, **kwargs):
+    return _create("SLaK_base", pretrained, **kwargs)
+
+
+@register_model
+def SLaK_large(pretrained=False, **kwargs):
+    return _create("SLaK_large", pretrained, **kwargs)

@@ -1,0 +1,8 @@
+"""Depthwise large-kernel convolution, a drop-in for ``nn.Conv2d``.
+
+``from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM`` is the import the
+original release documented; it keeps working here.
+"""
+from .conv import DepthWiseConv2dImplicitGEMM
+
+__all__ = ["DepthWiseConv2dImplicitGEMM"]

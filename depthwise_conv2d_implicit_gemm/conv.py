@@ -1,0 +1,23 @@
+"""The ``nn.Conv2d`` subclass used for every large-kernel branch of SLaK."""
+import torch.nn as nn
+from torch.nn.modules.utils import _pair
+
+
+class DepthWiseConv2dImplicitGEMM(nn.Conv2d):
+    """Depthwise convolution, stride 1, "same" padding (``k // 2`` per axis).
+
+    Args:
+        channels: input and output channels (one filter per channel).
+        kernel: odd kernel size, an int or a ``(kh, kw)`` pair.
+        bias: whether to add a learnable per-channel bias.
+
+    Parameters are those of ``nn.Conv2d`` (``weight`` of shape ``(channels, 1, kh, kw)`` and
+    optional ``bias``), so checkpoints are interchangeable with a plain depthwise conv.
+    """
+
+    def __init__(self, channels, kernel, bias=False):
+        kh, kw = _pair(kernel)
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"kernel {(kh, kw)} must be odd on both axes for 'same' padding")
+        super().__init__(channels, channels, (kh, kw), padding=(kh // 2, kw // 2),
+                         groups=channels, bias=bias)
