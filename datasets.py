@@ -1,0 +1,121 @@
+"""Data sets: ImageNet (``IMNET``), any ImageFolder, CIFAR-100 from disk, and a built-in synthetic set."""
+import os
+
+import numpy as np
+from PIL import Image
+from timm.data import create_transform
+from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                                 IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+from utils import ConfigError
+
+
+class SyntheticImageDataset(Dataset):
+    """A generated, learnable classification set that needs no files.
+
+    Each class has a colour and an oriented stripe pattern; each sample is its class pattern with
+    a random phase, colour jitter and pixel noise. Everything derives from ``seed``, so item ``i``
+    is the same image in every process and every run. Items are PIL images, so the usual
+    training transforms (crops, RandAugment, random erasing) apply as for real photographs.
+
+    Args:
+        size: number of samples.
+        num_classes: number of classes (labels are ``i % num_classes``).
+        image_size: side of the square images.
+        seed: seeds the class patterns and the samples.
+        split: 0 for training, 1 for validation (disjoint sample streams, same classes).
+        transform: applied to each PIL image.
+    """
+
+    def __init__(self, size, num_classes, image_size, seed=0, split=0, transform=None):
+        self.size, self.num_classes, self.image_size = size, num_classes, image_size
+        self.seed, self.split, self.transform = seed, split, transform
+        rng = np.random.default_rng([seed, 2])
+        self.colours = rng.uniform(0.15, 0.85, size=(num_classes, 3))
+        self.angles = rng.uniform(0, np.pi, size=num_classes)
+        self.frequencies = rng.uniform(2.0, 6.0, size=num_classes)
+        self.classes = [f"class_{c}" for c in range(num_classes)]
+
+    def __len__(self):
+        return self.size
+
+    def render(self, index):
+        """Return ``(image as HxWx3 uint8 array, label)`` for sample ``index``."""
+        label = index % self.num_classes
+        rng = np.random.default_rng([self.seed, self.split, index])
+        coords = np.linspace(0.0, 1.0, self.image_size)
+        yy, xx = np.meshgrid(coords, coords, indexing="ij")
+        angle = self.angles[label]
+        phase = rng.uniform(0, 2 * np.pi)
+        stripes = np.sin(2 * np.pi * self.frequencies[label]
+                         * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+        colour = self.colours[label] + rng.normal(0, 0.05, size=3)
+        image = colour[None, None, :] * (0.75 + 0.25 * stripes[..., None])
+        image = image + rng.normal(0, 0.08, size=image.shape)
+        return (np.clip(image, 0, 1) * 255).astype(np.uint8), label
+
+    def __getitem__(self, index):
+        array, label = self.render(index)
+        image = Image.fromarray(array)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def build_transform(is_train, args):
+    """timm's training transform (RandAugment, random erasing...) or resize + centre crop."""
+    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
+                 else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+    if is_train:
+        transform = create_transform(
+            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+            auto_augment=args.aa if args.aa not in (None, "", "None") else None,
+            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount, mean=mean, std=std)
+        if args.input_size <= 32:  # tiny images: random crop with padding instead of resized crops
+            transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
+        return transform
+    # Below 384 px: resize to size / crop_pct, then centre crop; from 384 px: resize only.
+    crop_pct = args.crop_pct if args.crop_pct else (1.0 if args.input_size >= 384 else 224 / 256)
+    return create_transform(input_size=args.input_size, is_training=False, crop_pct=crop_pct,
+                            interpolation="bicubic", mean=mean, std=std)
+
+
+def _require_dir(path, flag):
+    if not path:
+        raise ConfigError(f"{flag} is required for --data_set other than synthetic; give the data "
+                          f"folder, or use --data_set synthetic to run without files")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: folder not found; give an existing data folder, or use "
+                          f"--data_set synthetic to run without files")
+    return path
+
+
+def build_dataset(is_train, args):
+    """Return ``(dataset, nb_classes)`` for ``args.data_set``; raise ``ConfigError`` on bad paths."""
+    transform = build_transform(is_train, args)
+    if args.data_set == "synthetic":
+        size = args.synthetic_train_size if is_train else args.synthetic_val_size
+        return SyntheticImageDataset(size, args.nb_classes, args.input_size, seed=args.seed,
+                                     split=0 if is_train else 1, transform=transform), args.nb_classes
+    if args.data_set == "CIFAR":
+        root = _require_dir(args.data_path, "--data_path")
+        if not os.path.isdir(os.path.join(root, "cifar-100-python")):
+            raise ConfigError(f"--data_path {root} holds no cifar-100-python/ folder; extract "
+                              f"CIFAR-100 (python version) there (nothing is downloaded)")
+        return datasets.CIFAR100(root, train=is_train, transform=transform, download=False), 100
+    if args.data_set == "IMNET":
+        root = os.path.join(_require_dir(args.data_path, "--data_path"), "train" if is_train else "val")
+        _require_dir(root, "--data_path")
+        return datasets.ImageFolder(root, transform=transform), 1000
+    if args.data_set == "image_folder":
+        root = args.data_path if is_train else (args.eval_data_path or args.data_path)
+        flag = "--data_path" if is_train else "--eval_data_path"
+        dataset = datasets.ImageFolder(_require_dir(root, flag), transform=transform)
+        if len(dataset.classes) != args.nb_classes:
+            raise ConfigError(f"{root} has {len(dataset.classes)} class folders but --nb_classes is "
+                              f"{args.nb_classes}; make them agree")
+        return dataset, args.nb_classes
+    raise ConfigError(f"unknown --data_set {args.data_set}")

@@ -1,0 +1,85 @@
+"""Process-group setup for torchrun, ``torch.distributed.launch`` and SLURM, and rank helpers."""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over all processes; returns a list of floats."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def init_distributed_mode(args):
+    """Start the process group when launched by torchrun, ``torch.distributed.launch`` or SLURM.
+
+    Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` and
+    ``args.dist_backend`` (NCCL on CUDA, gloo on CPU). A plain ``python main.py`` stays
+    single-process.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / torch.distributed.launch
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank >= 0 else 0))
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in os.environ:
+            raise SystemExit("error: under SLURM set MASTER_ADDR to the first node's host name "
+                             "(run_with_submitit.py does this for you)")
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(args.rank), str(args.world_size)
+    else:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        return
+
+    args.distributed = True
+    use_cuda = args.device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=30))
+    barrier()
+    if not is_main_process():
+        _silence_print()
+
+
+def _silence_print():
+    """Only rank 0 prints, unless ``force=True`` is passed."""
+    import builtins
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):  # noqa: A001 - deliberately shadows the builtin
+        if kwargs.pop("force", False):
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print

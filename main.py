@@ -1,0 +1,447 @@
+"""Train, evaluate and distil SLaK models.
+
+    python main.py --model SLaK_tiny --Decom True --kernel_size 51 49 47 13 5 --width_factor 1.3 \
+        --data_path /path/to/imagenet-1k --output_dir /path/to/save_results
+
+Single process, ``torchrun --nproc_per_node N main.py ...``, the deprecated
+``python -m torch.distributed.launch --nproc_per_node N main.py ...`` and SLURM all work.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.backends.cudnn as cudnn
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, DistributedSampler
+
+import SLaK  # noqa: F401 - registers the SLaK family in timm
+import timm
+from checkpoint import (latest_checkpoint, load_checkpoint, remove_old_checkpoints,
+                        save_on_master)
+from datasets import build_dataset
+from distributed import get_rank, get_world_size, init_distributed_mode, is_main_process
+from engine import SupervisedLoss, evaluate, train_one_epoch
+from optim_factory import create_optimizer
+from utils import (ConfigError, TensorboardLogger, WandbLogger, cosine_scheduler,
+                   seed_everything, str2bool)
+
+DISTILL_TYPES = ["None", "KD", "NKD", "FD", "KD_FD", "NKD_FD"]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Reports a bad command line as one line instead of the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python main.py --help)\n")
+
+
+def get_args_parser():
+    parser = ArgumentParser("SLaK training, evaluation and distillation", add_help=True)
+    add = parser.add_argument
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--batch_size", default=64, type=int, help="batch size per GPU")
+    group.add_argument("--epochs", default=300, type=int)
+    group.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="SLaK_tiny", type=str, help="model name (timm registry)")
+    group.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
+    group.add_argument("--input_size", default=224, type=int, help="image size")
+    group.add_argument("--layer_scale_init_value", default=1e-6, type=float)
+    group.add_argument("--kernel_size", type=int, nargs="+", default=[51, 49, 47, 13, 5],
+                       help="kernel of each of the 4 stages, then the small kernel")
+    group.add_argument("--width_factor", type=float, default=1.0, help="stage widths multiplier")
+    group.add_argument("--Decom", type=str2bool, default=False,
+                       help="decompose each KxK kernel into (K, s) + (s, K)")
+    group.add_argument("--bn", type=str2bool, default=True, help="BatchNorm in large-kernel branches")
+    group.add_argument("--head_init_scale", default=1.0, type=float)
+    group.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model")
+    group.add_argument("--channels_last", type=str2bool, default=False,
+                       help="channels-last memory format for model and inputs")
+
+    group = parser.add_argument_group("EMA")
+    group.add_argument("--model_ema", type=str2bool, default=False)
+    group.add_argument("--model_ema_decay", type=float, default=0.9999)
+    group.add_argument("--model_ema_force_cpu", type=str2bool, default=False)
+    group.add_argument("--model_ema_eval", type=str2bool, default=False, help="also evaluate the EMA")
+
+    group = parser.add_argument_group("optimizer and schedule")
+    group.add_argument("--opt", default="adamw", type=str, help="timm optimizer name")
+    group.add_argument("--opt_eps", default=1e-8, type=float)
+    group.add_argument("--opt_betas", default=None, type=float, nargs="+")
+    group.add_argument("--clip_grad", type=float, default=None, help="max gradient norm")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--weight_decay", type=float, default=0.05)
+    group.add_argument("--weight_decay_end", type=float, default=None,
+                       help="final weight decay of the cosine schedule (default: constant)")
+    group.add_argument("--lr", type=float, default=4e-3)
+    group.add_argument("--layer_decay", type=float, default=1.0)
+    group.add_argument("--min_lr", type=float, default=1e-6)
+    group.add_argument("--warmup_epochs", type=int, default=20)
+    group.add_argument("--warmup_steps", type=int, default=-1, help="overrides --warmup_epochs if > 0")
+
+    group = parser.add_argument_group("augmentation")
+    group.add_argument("--color_jitter", type=float, default=0.4)
+    group.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1",
+                       help="timm auto-augment policy, or None")
+    group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    group.add_argument("--train_interpolation", type=str, default="bicubic")
+    group.add_argument("--crop_pct", type=float, default=None)
+    group.add_argument("--reprob", type=float, default=0.25, help="random erase probability")
+    group.add_argument("--remode", type=str, default="pixel")
+    group.add_argument("--recount", type=int, default=1)
+    group.add_argument("--resplit", type=str2bool, default=False)
+    group.add_argument("--mixup", type=float, default=0.8)
+    group.add_argument("--cutmix", type=float, default=1.0)
+    group.add_argument("--cutmix_minmax", type=float, nargs="+", default=None)
+    group.add_argument("--mixup_prob", type=float, default=1.0)
+    group.add_argument("--mixup_switch_prob", type=float, default=0.5)
+    group.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"])
+
+    group = parser.add_argument_group("fine-tuning")
+    group.add_argument("--finetune", default="", help="checkpoint to initialise the model from")
+    group.add_argument("--model_key", default="model|module", type=str)
+    group.add_argument("--model_prefix", default="", type=str)
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_path", default=None, type=str)
+    group.add_argument("--eval_data_path", default=None, type=str)
+    group.add_argument("--nb_classes", default=1000, type=int)
+    group.add_argument("--imagenet_default_mean_and_std", type=str2bool, default=True)
+    group.add_argument("--data_set", default="IMNET",
+                       choices=["CIFAR", "IMNET", "image_folder", "synthetic"])
+    group.add_argument("--synthetic_train_size", default=1280, type=int)
+    group.add_argument("--synthetic_val_size", default=256, type=int)
+    group.add_argument("--num_workers", default=10, type=int)
+    group.add_argument("--pin_mem", type=str2bool, default=True)
+
+    group = parser.add_argument_group("output, checkpoints and logging")
+    group.add_argument("--output_dir", default="", help="where to save checkpoints and log.txt")
+    group.add_argument("--log_dir", default=None, help="TensorBoard folder")
+    group.add_argument("--device", default="cuda", help="cuda or cpu")
+    group.add_argument("--seed", default=0, type=int)
+    group.add_argument("--resume", default="", help="checkpoint to resume from")
+    group.add_argument("--auto_resume", type=str2bool, default=True)
+    group.add_argument("--save_ckpt", type=str2bool, default=True)
+    group.add_argument("--save_ckpt_freq", default=1, type=int)
+    group.add_argument("--save_ckpt_num", default=3, type=int)
+    group.add_argument("--start_epoch", default=0, type=int)
+    group.add_argument("--eval", type=str2bool, default=False, help="evaluate only")
+    group.add_argument("--dist_eval", type=str2bool, default=True)
+    group.add_argument("--disable_eval", type=str2bool, default=False)
+    group.add_argument("--use_amp", type=str2bool, default=False, help="automatic mixed precision")
+    group.add_argument("--amp_dtype", default="float16", choices=["float16", "bfloat16"])
+    group.add_argument("--enable_wandb", type=str2bool, default=False)
+    group.add_argument("--project", default="SLaK", type=str, help="W&B project")
+    group.add_argument("--wandb_ckpt", type=str2bool, default=False)
+
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--world_size", default=1, type=int)
+    group.add_argument("--local_rank", "--local-rank", default=-1, type=int)
+    group.add_argument("--dist_on_itp", type=str2bool, default=False)
+    group.add_argument("--dist_url", default="env://")
+
+    group = parser.add_argument_group("dynamic sparsity")
+    group.add_argument("--sparse", action="store_true", help="train a sparse model")
+    group.add_argument("--sparsity", type=float, default=0.4, help="fraction of weights removed")
+    group.add_argument("--sparse_init", type=str, default="snip",
+                       choices=["snip", "ERK", "uniform", "resume"])
+    group.add_argument("--growth", type=str, default="random", choices=["random", "gradient", "momentum"])
+    group.add_argument("--prune", type=str, default="magnitude", choices=["magnitude"])
+    group.add_argument("--redistribution", type=str, default="none", choices=["none"])
+    group.add_argument("--prune_rate", "--prune-rate", type=float, default=0.3,
+                       help="fraction of active weights replaced at each adaptation")
+    group.add_argument("-u", "--update-frequency", "--update_frequency", dest="update_frequency",
+                       type=int, default=100, help="optimizer steps between mask adaptations")
+    group.add_argument("--fix", action="store_true", help="keep the initial masks (static sparsity)")
+    group.add_argument("--only-L", "--only_L", dest="only_L", action="store_true",
+                       help="sparsify only the large-kernel (LoRA1/LoRA2) weights")
+    group.add_argument("--verbose", action="store_true", help="per-layer density reports")
+
+    group = parser.add_argument_group("distillation")
+    group.add_argument("--distill_type", default=None, choices=DISTILL_TYPES,
+                       help="distil --model (teacher, from --resume) into --model_s")
+    group.add_argument("--model_s", default="SLaK_tiny", type=str, help="student model (a ConvNeXt)")
+    group.add_argument("--T", type=float, default=1.0, help="distillation temperature")
+    group.add_argument("--alpha", type=float, default=1.0, help="weight of the logit distillation loss")
+    group.add_argument("--hard", action="store_true", help="KD with the teacher's hard labels")
+    group.add_argument("--lr_fd", type=float, default=3e-5, help="weight of feature distillation")
+    group.add_argument("--FDLoss_type", default="SmoothL1", choices=["SmoothL1", "MSE"])
+    group.add_argument("--distill_resume", action="store_true",
+                       help="resume the student from --output_dir")
+    del add
+    return parser
+
+
+def check_args(args):
+    """Reject contradictory or malformed flags before anything is built or written."""
+    try:
+        SLaK.validate_kernel_size(args.kernel_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.model_ema_eval and not args.model_ema:
+        raise ConfigError("--model_ema_eval true needs --model_ema true")
+    if args.update_freq < 1 or args.batch_size < 1:
+        raise ConfigError("--batch_size and --update_freq must be at least 1")
+    if not 0.0 <= args.sparsity < 1.0:
+        raise ConfigError(f"--sparsity {args.sparsity} must be in [0, 1)")
+    if args.only_L and not args.Decom:
+        raise ConfigError("--only-L sparsifies the LoRA1/LoRA2 branches, which exist only with --Decom True")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no GPU is visible; pass --device cpu")
+    if args.resume and not args.distill_type and not os.path.isfile(args.resume):
+        raise ConfigError(f"--resume {args.resume}: file not found")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise ConfigError(f"--finetune {args.finetune}: file not found")
+    if args.distill_type is not None:
+        raise ConfigError("--distill_type: distillation is not available yet in this version")
+
+
+def build_model(args, name, num_classes, **overrides):
+    """A model by registry name; SLaK models get the kernel/width/decomposition flags."""
+    kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path)
+    if name in SLaK.MODEL_DEPTHS_DIMS:
+        kwargs.update(layer_scale_init_value=args.layer_scale_init_value,
+                      head_init_scale=args.head_init_scale, kernel_size=args.kernel_size,
+                      width_factor=args.width_factor, Decom=args.Decom, bn=args.bn)
+    kwargs.update(overrides)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ConfigError(f"--model {name}: unknown model; use one of "
+                              f"{', '.join(SLaK.MODEL_DEPTHS_DIMS)}") from None
+        raise
+
+
+def load_finetune_weights(model, args):
+    """Initialise ``model`` from ``--finetune`` (classifier dropped when its shape differs)."""
+    checkpoint = load_checkpoint(args.finetune)
+    state_dict = None
+    for key in args.model_key.split("|"):
+        if key in checkpoint:
+            state_dict = checkpoint[key]
+            print(f"Load state_dict by model_key = {key}")
+            break
+    state_dict = SLaK.checkpoint_filter_fn(checkpoint if state_dict is None else state_dict, model)
+    if args.model_prefix:
+        state_dict = {args.model_prefix + k: v for k, v in state_dict.items()}
+    result = model.load_state_dict(state_dict, strict=False)
+    print(f"Fine-tuning from {args.finetune}: missing keys {result.missing_keys}, "
+          f"unexpected keys {result.unexpected_keys}")
+
+
+def build_loaders(args, dataset_train, dataset_val):
+    world_size, rank = get_world_size(), get_rank()
+    # One sampler for 1 or N processes: the shuffle order is a function of (seed, epoch), which
+    # is what makes a resumed epoch replay exactly.
+    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
+                                       shuffle=True, seed=args.seed)
+    data_loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                                   num_workers=args.num_workers, pin_memory=args.pin_mem,
+                                   drop_last=True)
+    data_loader_val = None
+    if dataset_val is not None:
+        # Each process takes every world_size-th image (no padding), so accuracy is exact.
+        shard = list(range(rank, len(dataset_val), world_size)) if args.dist_eval else \
+            list(range(len(dataset_val))) if rank == 0 else []
+        data_loader_val = DataLoader(torch.utils.data.Subset(dataset_val, shard),
+                                     batch_size=int(1.5 * args.batch_size), shuffle=False,
+                                     num_workers=args.num_workers, pin_memory=args.pin_mem)
+    return data_loader_train, data_loader_val
+
+
+def build_criterion(args, mixup_active):
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def main(args):
+    init_distributed_mode(args)
+    check_args(args)
+    device = torch.device(args.device)
+    seed_everything(args.seed + get_rank())
+    cudnn.benchmark = True
+    amp_dtype = getattr(torch, args.amp_dtype) if args.use_amp else None
+
+    dataset_val, nb_classes = build_dataset(False, args)
+    dataset_train = None if args.eval else build_dataset(True, args)[0]
+    args.nb_classes = nb_classes
+    if args.disable_eval:
+        dataset_val = None
+    data_loader_train, data_loader_val = build_loaders(
+        args, dataset_train if dataset_train is not None else dataset_val, dataset_val)
+
+    model = build_model(args, args.model, nb_classes)
+    if args.finetune:
+        load_finetune_weights(model, args)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"Model {args.model}: {n_parameters / 1e6:.2f}M parameters")
+
+    if args.auto_resume and not args.resume and args.output_dir:
+        args.resume = latest_checkpoint(args.output_dir) or ""
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+
+    if args.distributed and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device("cpu") if args.model_ema_force_cpu else None)
+    model_without_ddp = model
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    train_model = torch.compile(model) if args.compile else model
+
+    total_batch_size = args.batch_size * args.update_freq * get_world_size()
+    steps_per_epoch = len(data_loader_train) // args.update_freq
+    if not args.eval and steps_per_epoch == 0:
+        raise ConfigError(f"the training set ({len(dataset_train)} images) is smaller than one "
+                          f"update ({total_batch_size} images); lower --batch_size or --update_freq")
+    print(f"Batch size {total_batch_size} = {args.batch_size} per process x {args.update_freq} "
+          f"accumulation x {get_world_size()} processes; {steps_per_epoch} updates per epoch")
+
+    optimizer = create_optimizer(args, model_without_ddp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    max_accuracy, max_accuracy_ema = 0.0, 0.0
+    if checkpoint is not None:
+        model_without_ddp.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint))
+        print(f"Resumed model weights from {args.resume}")
+        if model_ema is not None and "model_ema" in checkpoint:
+            model_ema.module.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint["model_ema"]))
+        if not args.eval and "optimizer" in checkpoint and "epoch" in checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if "scaler" in checkpoint and scaler.is_enabled():
+                scaler.load_state_dict(checkpoint["scaler"])
+            args.start_epoch = int(checkpoint["epoch"]) + 1
+            max_accuracy = checkpoint.get("max_accuracy", 0.0)
+            max_accuracy_ema = checkpoint.get("max_accuracy_ema", 0.0)
+            print(f"Resuming training at epoch {args.start_epoch}")
+
+    if args.eval:
+        if data_loader_val is None:
+            raise ConfigError("--eval true with --disable_eval true leaves nothing to do")
+        test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.channels_last)
+        print(f"Accuracy of the network on {len(dataset_val)} test images: {test_stats['acc1']:.5f}%")
+        return test_stats
+
+    # Everything is validated; only now is anything written.
+    if args.output_dir and is_main_process():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    log_writer = TensorboardLogger(args.log_dir) if args.log_dir and is_main_process() else None
+    wandb_logger = WandbLogger(args) if args.enable_wandb and is_main_process() else None
+
+    mixup_fn = None
+    mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+    if mixup_active:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=nb_classes)
+    loss_fn = SupervisedLoss(build_criterion(args, mixup_active))
+
+    lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch,
+                                   warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+
+    masking = None
+
+    def save(name, epoch):
+        state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epoch, "scaler": scaler.state_dict(), "args": vars(args).copy(),
+                 "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema}
+        if model_ema is not None:
+            state["model_ema"] = model_ema.module.state_dict()
+        path = os.path.join(args.output_dir, name)
+        save_on_master(state, path)
+        return path
+
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        # Everything random in an epoch (order, augmentation, mixup, drop path) derives from
+        # (seed, epoch, rank), so an epoch re-run after a crash is identical.
+        seed_everything(args.seed + 1_000_003 * epoch + get_rank())
+        data_loader_train.sampler.set_epoch(epoch)
+        if log_writer is not None:
+            log_writer.set_step(epoch * steps_per_epoch)
+        train_stats = train_one_epoch(
+            train_model, loss_fn, data_loader_train, optimizer, device, epoch, scaler,
+            steps_per_epoch=steps_per_epoch, start_steps=epoch * steps_per_epoch,
+            lr_schedule=lr_schedule, wd_schedule=wd_schedule, update_freq=args.update_freq,
+            amp_dtype=amp_dtype, max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
+            masking=masking, channels_last=args.channels_last, log_writer=log_writer)
+
+        if args.output_dir and args.save_ckpt and (
+                (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+            path = save(f"checkpoint-{epoch}.pth", epoch)
+            remove_old_checkpoints(args.output_dir, args.save_ckpt_num)
+            if wandb_logger is not None and args.wandb_ckpt:
+                wandb_logger.log_checkpoint(path)
+
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                     "n_parameters": n_parameters}
+        if data_loader_val is not None:
+            test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.channels_last)
+            if test_stats["acc1"] > max_accuracy:
+                max_accuracy = test_stats["acc1"]
+                if args.output_dir and args.save_ckpt:
+                    save("checkpoint-best.pth", epoch)
+            print(f"Max accuracy: {max_accuracy:.2f}%")
+            log_stats.update({f"test_{k}": v for k, v in test_stats.items()}, max_accuracy=max_accuracy)
+            if log_writer is not None:
+                log_writer.update(head="perf", step=epoch, test_acc1=test_stats["acc1"],
+                                  test_acc5=test_stats["acc5"], test_loss=test_stats["loss"])
+            if model_ema is not None and args.model_ema_eval:
+                ema_stats = evaluate(data_loader_val, model_ema.module, device, amp_dtype,
+                                     args.channels_last)
+                if ema_stats["acc1"] > max_accuracy_ema:
+                    max_accuracy_ema = ema_stats["acc1"]
+                    if args.output_dir and args.save_ckpt:
+                        save("checkpoint-best-ema.pth", epoch)
+                print(f"Max EMA accuracy: {max_accuracy_ema:.2f}%")
+                log_stats.update({f"test_ema_{k}": v for k, v in ema_stats.items()},
+                                 max_accuracy_ema=max_accuracy_ema)
+                if log_writer is not None:
+                    log_writer.update(head="perf", step=epoch, test_acc1_ema=ema_stats["acc1"])
+
+        if args.output_dir and is_main_process():
+            if log_writer is not None:
+                log_writer.flush()
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+        if wandb_logger is not None:
+            wandb_logger.log_epoch(log_stats)
+
+    if wandb_logger is not None:
+        wandb_logger.finish()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,198 @@
+"""Small helpers for training: argument parsing, seeding, schedules, progress and experiment logs."""
+import argparse
+import datetime
+import math
+import random
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+
+from distributed import all_reduce_sum, is_main_process
+
+
+class ConfigError(Exception):
+    """Bad user input (a flag, a path, a file); the message names the problem and the fix."""
+
+
+def str2bool(value):
+    """``argparse`` type for flags written ``--flag true`` / ``--flag False``."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.lower()
+    if lowered in ("true", "t", "yes", "y", "1"):
+        return True
+    if lowered in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch; called at every epoch start so a resumed epoch replays exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
+                     start_warmup_value=0.0, warmup_steps=-1):
+    """Per-iteration values: linear warmup, then cosine decay from ``base_value`` to ``final_value``.
+
+    Used for both the learning rate and the weight decay (timm's schedulers cannot schedule weight
+    decay on the decayed parameter groups only). ``warmup_steps > 0`` overrides ``warmup_epochs``.
+    """
+    total = epochs * niter_per_ep
+    warmup = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
+    warmup = min(warmup, total)
+    warmup_part = np.linspace(start_warmup_value, base_value, warmup, endpoint=False)
+    steps = np.arange(total - warmup)
+    cosine_part = final_value + 0.5 * (base_value - final_value) * (
+        1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate((warmup_part, cosine_part))
+
+
+class SmoothedValue:
+    """A series whose recent window (median, average) and global average are reported."""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.deque = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self, device="cpu"):
+        self.count, self.total = all_reduce_sum([self.count, self.total], device)
+        self.count = int(self.count)
+
+    @property
+    def median(self):
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def avg(self):
+        return float(np.mean(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self):
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    """Collects named meters and prints a progress line with ETA every ``print_freq`` iterations."""
+
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def __getattr__(self, name):
+        if name in self.__dict__.get("meters", {}):
+            return self.meters[name]
+        raise AttributeError(name)
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self, device="cpu"):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes(device)
+
+    def log_every(self, iterable, print_freq, header=""):
+        total = len(iterable)
+        width = len(str(total))
+        start = end = time.time()
+        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        for i, item in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield item
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [header, f"[{i:>{width}}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB")
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+            end = time.time()
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)",
+              flush=True)
+
+
+class TensorboardLogger:
+    """Scalars to TensorBoard under ``--log_dir``; ``step`` counts optimizer updates."""
+
+    def __init__(self, log_dir):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=log_dir)
+        self.step = 0
+
+    def set_step(self, step=None):
+        self.step = self.step + 1 if step is None else step
+
+    def update(self, head="scalar", step=None, **kwargs):
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{head}/{name}", value, self.step if step is None else step)
+
+    def flush(self):
+        self.writer.flush()
+
+
+class WandbLogger:
+    """Weights & Biases run for ``--enable_wandb true`` (the package is optional)."""
+
+    def __init__(self, args):
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --enable_wandb needs the wandb package; pip install wandb") from None
+        self.wandb = wandb
+        if wandb.run is None:
+            wandb.init(project=args.project, config=vars(args))
+
+    def log_epoch(self, stats):
+        self.wandb.log({k: v for k, v in stats.items() if k != "epoch"}, step=stats["epoch"])
+
+    def log_checkpoint(self, path):
+        artifact = self.wandb.Artifact(f"{self.wandb.run.id}_model", type="model")
+        artifact.add_file(path)
+        self.wandb.log_artifact(artifact, aliases=["latest"])
+
+    def finish(self):
+        self.wandb.finish()
+
+
+def only_on_main(logger_factory, *args):
+    """Build a logger on rank 0 only (others get ``None``)."""
+    return logger_factory(*args) if is_main_process() else None
