@@ -112,7 +112,7 @@ def build_dataset(is_train, args):
         return datasets.ImageFolder(root, transform=transform), 1000
     if args.data_set == "image_folder":
         root = args.data_path if is_train else (args.eval_data_path or args.data_path)
-        flag = "--data_path" if is_train else "--eval_data_path"
+        flag = "--eval_data_path" if not is_train and args.eval_data_path else "--data_path"
         dataset = datasets.ImageFolder(_require_dir(root, flag), transform=transform)
         if len(dataset.classes) != args.nb_classes:
             raise ConfigError(f"{root} has {len(dataset.classes)} class folders but --nb_classes is "

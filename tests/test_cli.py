@@ -1,0 +1,155 @@
+"""main.py end to end on the synthetic data: learning, logs, checkpoints, resume, DDP, bad input."""
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, SYNTHETIC, TINY_MODEL, cli_env, run_main
+
+FAST = ["--warmup_epochs", "0", "--lr", "2e-3", "--drop_path", "0", "--synthetic_val_size", "64"]
+NO_AUG = ["--mixup", "0", "--cutmix", "0", "--aa", "None", "--reprob", "0", "--smoothing", "0",
+          "--color_jitter", "0"]
+
+ORIGINAL_FLAGS = """--batch_size --epochs --update_freq --model --drop_path --input_size
+--layer_scale_init_value --model_ema --model_ema_decay --model_ema_force_cpu --model_ema_eval --opt
+--opt_eps --opt_betas --clip_grad --momentum --weight_decay --weight_decay_end --lr --layer_decay
+--min_lr --warmup_epochs --warmup_steps --color_jitter --aa --smoothing --train_interpolation
+--crop_pct --reprob --remode --recount --resplit --mixup --cutmix --cutmix_minmax --mixup_prob
+--mixup_switch_prob --mixup_mode --finetune --head_init_scale --model_key --model_prefix --data_path
+--eval_data_path --nb_classes --imagenet_default_mean_and_std --data_set --output_dir --log_dir
+--device --seed --resume --auto_resume --save_ckpt --save_ckpt_freq --save_ckpt_num --start_epoch
+--eval --dist_eval --disable_eval --num_workers --pin_mem --world_size --local_rank --dist_on_itp
+--dist_url --use_amp --enable_wandb --project --wandb_ckpt --Decom --width_factor --kernel_size --bn
+--sparse --sparsity --sparse_init --growth --prune --redistribution --prune_rate --update-frequency
+-u --fix --only-L --verbose --distill_type --model_s --T --alpha --hard --lr_fd --FDLoss_type
+--distill_resume""".split()
+
+
+def final_weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_help_lists_every_original_flag():
+    result = run_main("--help")
+    listed = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", result.stdout))
+    assert not [flag for flag in ORIGINAL_FLAGS if flag not in listed]
+
+
+@pytest.mark.parametrize("bad_args,message", [
+    (["--kernel_size", "51", "49", "47", "13"], "--kernel_size takes five integers"),
+    (["--kernel_size", "51", "49", "48", "13", "5"], "positive odd"),
+    (["--data_set", "IMNET", "--data_path", "/nonexistent/imagenet"], "folder not found"),
+    (["--data_set", "image_folder"], "--data_path is required"),
+    (["--model_ema_eval", "true"], "--model_ema true"),
+    (["--no_such_flag", "1"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, bad_args, message):
+    out = tmp_path / "out"
+    result = run_main(*TINY_MODEL, *SYNTHETIC, "--output_dir", out, *bad_args, check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_unreadable_resume_is_one_line_and_writes_nothing(tmp_path):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    result = run_main(*TINY_MODEL, *SYNTHETIC, "--output_dir", out, "--resume", broken, check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot be read" in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_training_learns_logs_and_eval_reproduces(tmp_path):
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    run_main(*TINY_MODEL, *SYNTHETIC, *FAST, *NO_AUG, "--epochs", "3", "--batch_size", "32",
+             "--synthetic_train_size", "384", "--model_ema", "true", "--model_ema_eval", "true",
+             "--model_ema_decay", "0.9", "--output_dir", out, "--log_dir", tb, "--save_ckpt_num", "2")
+    logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [entry["epoch"] for entry in logs] == [0, 1, 2]
+    best = max(entry["test_acc1"] for entry in logs)
+    assert best > 50.0  # chance is 25% with 4 classes
+    assert sorted(p.name for p in out.glob("*.pth")) == [
+        "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-best-ema.pth", "checkpoint-best.pth"]
+    assert list(tb.glob("events.out.tfevents.*"))
+
+    result = run_main(*TINY_MODEL, *SYNTHETIC, "--synthetic_val_size", "64", "--eval", "true",
+                      "--resume", out / "checkpoint-best.pth")
+    reported = float(re.search(r"Acc@1 ([\d.]+)", result.stdout).group(1))
+    assert reported == pytest.approx(best, abs=1e-3)
+
+
+def test_auto_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    common = [*TINY_MODEL, *SYNTHETIC, *FAST, "--epochs", "3", "--batch_size", "16",
+              "--synthetic_train_size", "256", "--disable_eval", "true", "--model_ema", "true"]
+    run_main(*common, "--output_dir", tmp_path / "full")
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(REPO / "main.py"), *map(str, common),
+                                "--output_dir", str(interrupted)], cwd=REPO, env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint-0.pth").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside epoch 1
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "checkpoint-2.pth").exists()
+
+    run_main(*common, "--output_dir", interrupted, "--auto_resume", "true")
+    full, resumed = final_weights(tmp_path / "full" / "checkpoint-2.pth"), \
+        final_weights(interrupted / "checkpoint-2.pth")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_gradient_accumulation_equals_large_batch(tmp_path):
+    # Plain SGD makes the update linear in the gradient, so the comparison is not blurred by
+    # Adam's normalisation of near-zero gradients.
+    common = [*TINY_MODEL, *SYNTHETIC, *FAST, *NO_AUG, "--bn", "false", "--epochs", "1",
+              "--synthetic_train_size", "64", "--disable_eval", "true", "--opt", "momentum",
+              "--momentum", "0", "--lr", "0.05", "--layer_scale_init_value", "1"]
+    run_main(*common, "--batch_size", "16", "--update_freq", "2", "--output_dir", tmp_path / "accum")
+    run_main(*common, "--batch_size", "32", "--update_freq", "1", "--output_dir", tmp_path / "large")
+    accum = final_weights(tmp_path / "accum" / "checkpoint-0.pth")
+    large = final_weights(tmp_path / "large" / "checkpoint-0.pth")
+    initial = SLaK_initial_weights()
+    for key in large:
+        step_large, step_accum = large[key] - initial[key], accum[key] - initial[key]
+        # Relative to the update itself (a wrong scaling of accumulated gradients is a 50-100% error).
+        assert step_large.norm() > 0, key
+        assert ((step_accum - step_large).norm() / step_large.norm()).item() < 1e-3, key
+
+
+def SLaK_initial_weights():
+    """The weights main.py starts from with the test flags (same seed, same construction)."""
+    import SLaK
+    torch.manual_seed(0)
+    return SLaK.SLaK(num_classes=4, width_factor=0.25, Decom=True, bn=False, layer_scale_init_value=1.0,
+                     kernel_size=[13, 11, 9, 7, 3]).state_dict()
+
+
+@pytest.mark.parametrize("launcher", [
+    [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2"],
+], ids=["torchrun", "torch.distributed.launch"])
+def test_two_process_gloo_training(tmp_path, launcher):
+    out = tmp_path / "out"
+    result = run_main(*TINY_MODEL, *SYNTHETIC, *FAST, "--epochs", "1", "--batch_size", "16",
+                      "--synthetic_train_size", "128", "--output_dir", out,
+                      launcher=launcher + ["--master_port", str(29500 + hash(str(tmp_path)) % 1000)])
+    assert (out / "checkpoint-0.pth").exists()
+    logs = (out / "log.txt").read_text().splitlines()
+    assert len(logs) == 1  # rank 0 alone writes
+    assert result.stdout.count("Max accuracy") == 1  # rank 0 alone prints
+    assert "2 processes" in result.stdout
+    assert "(64 images)" in result.stdout  # the whole validation set, split across the ranks

@@ -1,0 +1,108 @@
+"""SLaK models: original state-dict compatibility, re-parameterisation, timm registration."""
+import json
+
+import pytest
+import timm
+import torch
+
+import SLaK
+from conftest import REPO
+
+# Names, shapes and parameter counts of the original release's models (six configurations).
+REFERENCE = json.loads((REPO / "tests" / "data" / "official_state_dict_keys.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_official_state_dict_names_shapes_and_strict_load(name):
+    config = REFERENCE[name]
+    model = timm.create_model(config["model"], **config["kwargs"])
+    own = model.state_dict()
+    assert list(own) == list(config["state_dict"])
+    assert {k: list(v.shape) for k, v in own.items()} == config["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == config["n_params"]
+    # A checkpoint built from the reference shapes alone, wrapped the way the original saved it.
+    foreign = {f"module.{k}": torch.zeros(shape) if shape else torch.tensor(0)
+               for k, shape in config["state_dict"].items()}
+    model.load_state_dict(SLaK.checkpoint_filter_fn({"model": foreign}), strict=True)
+
+
+def _randomise_batchnorm(model, generator):
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5, generator=generator)
+            m.running_var.uniform_(0.5, 2.0, generator=generator)
+            m.weight.data.normal_(1, 0.3, generator=generator)
+            m.bias.data.normal_(0, 0.3, generator=generator)
+
+
+@pytest.mark.parametrize("kernel_size,decom,bn", [
+    ([13, 11, 9, 7, 3], True, True),     # Decom + small branch
+    ([13, 11, 9, 7, 3], False, True),    # K x K + small branch
+    ([7, 7, 7, 7, 100], False, True),    # ConvNeXt: no small branch
+    ([5, 5, 5, 5, 9], True, True),       # Decom without small branch
+    ([13, 11, 9, 7, 3], True, False),    # no BatchNorm
+    ([13, 11, 9, 7, 3], False, False),
+])
+def test_reparameterize_preserves_eval_output(kernel_size, decom, bn, tmp_path):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    model = SLaK.SLaK(depths=[1, 1, 2, 1], dims=[8, 16, 24, 32], num_classes=5, kernel_size=kernel_size,
+                      Decom=decom, bn=bn, layer_scale_init_value=1.0).double()
+    _randomise_batchnorm(model, generator)
+    model.eval()
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64, generator=generator)
+    before = model(x)
+    model.reparameterize()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for unit in (m for m in model.modules() if isinstance(m, SLaK.LargeKernelUnit)):
+        assert not hasattr(unit, "small_conv")
+        assert len(list(unit.children())) == (2 if decom else 1)
+    after = model(x)
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+
+    # The deploy form saves and loads into a model built with deploy=True.
+    path = tmp_path / "deploy.pth"
+    torch.save({"model": model.state_dict()}, path)
+    reloaded = SLaK.SLaK(depths=[1, 1, 2, 1], dims=[8, 16, 24, 32], num_classes=5, kernel_size=kernel_size,
+                         Decom=decom, bn=bn, deploy=True).double().eval()
+    reloaded.load_state_dict(SLaK.checkpoint_filter_fn(torch.load(path, weights_only=True)), strict=True)
+    assert torch.equal(reloaded(x), after)
+
+
+@pytest.mark.parametrize("name", ["SLaK_tiny", "SLaK_small", "SLaK_base", "SLaK_large"])
+def test_registered_variants_forward_backward(name):
+    model = timm.create_model(name, num_classes=3, width_factor=0.125, kernel_size=[7, 5, 5, 3, 3],
+                              Decom=True, drop_path_rate=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    logits = model(x)
+    assert logits.shape == (2, 3)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    stages = model.forward_stages(x)
+    assert [tuple(s.shape[1:]) for s in stages] == [(d, 64 // r, 64 // r) for d, r in
+                                                      zip(model.dims, (4, 8, 16, 32))]
+    assert model.forward_features(x).shape == (2, model.num_features)
+
+
+def test_width_factor_matches_paper():
+    model = SLaK.SLaK(width_factor=1.3, depths=[1, 1, 1, 1], kernel_size=[7, 7, 7, 7, 100])
+    assert model.dims == [124, 249, 499, 998]
+
+
+def test_drop_path_rises_linearly_to_rate():
+    model = SLaK.SLaK(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8], drop_path_rate=0.3,
+                      kernel_size=[7, 7, 7, 7, 100])
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for stage in model.stages for b in stage]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("bad", [[51, 49, 47, 13], [51, 49, 47, 13, 5, 3], [50, 49, 47, 13, 5],
+                                 [51, 49, 47, 13, 4], [51, 49, 47, -13, 5], [51, 49, 47, 13, 0]])
+def test_kernel_size_validation(bad):
+    with pytest.raises(ValueError, match="--kernel_size"):
+        SLaK.validate_kernel_size(bad)
+
+
+def test_pretrained_true_is_a_clear_error():
+    with pytest.raises(ValueError, match="no weights are downloaded"):
+        timm.create_model("SLaK_tiny", pretrained=True)
