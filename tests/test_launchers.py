@@ -1,0 +1,18 @@
+"""The SLURM launcher builds main.py's arguments and the torchrun-style environment of each task."""
+from types import SimpleNamespace
+
+import run_with_submitit
+
+
+def test_launcher_accepts_every_main_flag_and_its_own():
+    args = run_with_submitit.parse_args([
+        "--nodes", "2", "--ngpus", "4", "--job_dir", "/shared/run", "--Decom", "True", "--sparse",
+        "-u", "2000", "--kernel_size", "51", "49", "47", "13", "5", "--model", "SLaK_small"])
+    assert (args.nodes, args.ngpus, args.Decom, args.sparse, args.update_frequency) == (2, 4, True, True, 2000)
+    assert args.kernel_size == [51, 49, 47, 13, 5] and args.model == "SLaK_small"
+
+
+def test_task_environment_matches_torchrun_variables():
+    job_env = SimpleNamespace(hostnames=["node-a", "node-b"], global_rank=5, num_tasks=8, local_rank=1)
+    assert run_with_submitit.task_environment(job_env, 29501) == {
+        "MASTER_ADDR": "node-a", "MASTER_PORT": "29501", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
