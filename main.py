@@ -326,7 +326,12 @@ def main(args):
         if model_ema is not None and "model_ema" in checkpoint:
             model_ema.module.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint["model_ema"]))
         if not args.eval and "optimizer" in checkpoint and "epoch" in checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            try:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+            except ValueError as exc:  # e.g. the original release's differently grouped optimizer
+                raise ConfigError(f"--resume {args.resume}: its optimizer state does not match this "
+                                  f"run's parameter groups ({exc}); use --finetune to start from its "
+                                  f"weights with a fresh optimizer") from None
             if "scaler" in checkpoint and scaler.is_enabled():
                 scaler.load_state_dict(checkpoint["scaler"])
             args.start_epoch = int(checkpoint["epoch"]) + 1

@@ -153,3 +153,42 @@ def test_two_process_gloo_training(tmp_path, launcher):
     assert result.stdout.count("Max accuracy") == 1  # rank 0 alone prints
     assert "2 processes" in result.stdout
     assert "(64 images)" in result.stdout  # the whole validation set, split across the ranks
+
+
+def _write_image_folder(root, classes, per_class, size=40):
+    """An ImageFolder tree of small PNGs (solid colours plus noise) for the real-files code path."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(60 + 60 * c, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_image_folder_training_and_finetune_to_other_classes(tmp_path):
+    _write_image_folder(tmp_path / "train", classes=3, per_class=8)
+    _write_image_folder(tmp_path / "val", classes=3, per_class=2)
+    files = ["--data_set", "image_folder", "--data_path", tmp_path / "train",
+             "--eval_data_path", tmp_path / "val", "--device", "cpu", "--input_size", "32",
+             "--num_workers", "0", "--epochs", "1", "--batch_size", "8", *FAST]
+    run_main(*TINY_MODEL, *files, "--nb_classes", "3", "--output_dir", tmp_path / "pretrain")
+
+    mismatch = run_main(*TINY_MODEL, *files, "--nb_classes", "4", "--output_dir", tmp_path / "bad",
+                        check=False)
+    assert mismatch.returncode != 0 and "3 class folders but --nb_classes is 4" in mismatch.stderr
+    # Fine-tuning to 4 classes: the 3-class classifier is dropped, everything else is loaded.
+    _write_image_folder(tmp_path / "train4", classes=4, per_class=4)
+    _write_image_folder(tmp_path / "val4", classes=4, per_class=1)
+    result = run_main(*TINY_MODEL, "--data_set", "image_folder", "--data_path", tmp_path / "train4",
+                      "--eval_data_path", tmp_path / "val4", "--nb_classes", "4", "--device", "cpu",
+                      "--input_size", "32", "--num_workers", "0", "--epochs", "1", "--batch_size", "8",
+                      *FAST, "--finetune", tmp_path / "pretrain" / "checkpoint-0.pth",
+                      "--model_key", "model", "--output_dir", tmp_path / "finetune")
+    assert "missing keys ['head.weight', 'head.bias']" in result.stdout
+    assert "unexpected keys []" in result.stdout
+    pretrained = final_weights(tmp_path / "pretrain" / "checkpoint-0.pth")
+    assert final_weights(tmp_path / "finetune" / "checkpoint-0.pth")["head.weight"].shape[0] == 4
+    assert pretrained["head.weight"].shape[0] == 3
