@@ -2,6 +2,8 @@
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
+from .op import depthwise_conv2d
+
 
 class DepthWiseConv2dImplicitGEMM(nn.Conv2d):
     """Depthwise convolution, stride 1, "same" padding (``k // 2`` per axis).
@@ -12,7 +14,9 @@ class DepthWiseConv2dImplicitGEMM(nn.Conv2d):
         bias: whether to add a learnable per-channel bias.
 
     Parameters are those of ``nn.Conv2d`` (``weight`` of shape ``(channels, 1, kh, kw)`` and
-    optional ``bias``), so checkpoints are interchangeable with a plain depthwise conv.
+    optional ``bias``), so checkpoints are interchangeable with a plain depthwise conv. The
+    forward maps ``(N, channels, H, W)`` to the same shape through ``op.depthwise_conv2d``
+    (Triton kernels on CUDA, ``F.conv2d`` on the CPU).
     """
 
     def __init__(self, channels, kernel, bias=False):
@@ -21,3 +25,6 @@ class DepthWiseConv2dImplicitGEMM(nn.Conv2d):
             raise ValueError(f"kernel {(kh, kw)} must be odd on both axes for 'same' padding")
         super().__init__(channels, channels, (kh, kw), padding=(kh // 2, kw // 2),
                          groups=channels, bias=bias)
+
+    def forward(self, x):
+        return depthwise_conv2d(x, self.weight, self.bias)

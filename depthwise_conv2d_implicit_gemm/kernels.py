@@ -1,0 +1,227 @@
+"""Triton kernels for the depthwise "same" convolution with a large rectangular kernel.
+
+Why a GEMM: along its long axis one kernel row acts on one image line as a banded Toeplitz
+matrix ``T[k, a] = w[k - a + p]`` (input position ``k``, output position ``a``, ``p = K // 2``).
+For one channel the convolution is therefore a short sum, over the taps of the *short* kernel
+axis, of ``(image lines shifted by the tap) @ T``; every line of every image in the batch shares
+the same ``T``, so the GEMM's M dimension is ``batch * lines`` and the products run on tensor
+cores through ``tl.dot``. With image extents of 7..64 and kernels of 13..51 the band covers most
+of a 16..64 wide tile, so little of that work is wasted; longer lines are tiled and only the
+input chunks that meet the band are visited.
+
+Geometry shared by all kernels (the launcher in ``op.py`` maps NCHW onto it):
+
+* ``A`` is the axis the long kernel side runs along (length ``LA``, kernel taps ``KA``),
+  ``B`` the other spatial axis (``LB``, ``KB`` taps). ``LONG_IS_H`` says whether ``A`` is the
+  image height; then the tile is stored transposed (``[a, m]``) so that the contiguous image
+  width stays the fastest-moving tile axis for coalesced loads.
+* ``m`` enumerates the ``N * LB`` image lines of one channel: ``n = m // LB, b = m % LB``.
+* ``DOT_UPCAST`` feeds ``tl.dot`` float32 copies of its operands. Only the interpreter sets it,
+  for bfloat16: its ``tl.dot`` multiplies the raw uint16 storage of bfloat16 values (Triton 3.8).
+  Products of bfloat16 values are exact in float32, so the result is what tensor cores give.
+* Weights are addressed as ``w[c, tap_b, tap_a]`` through strides, so no copy is needed to
+  swap the kernel's axes.
+
+The three kernels are self-contained (no ``@triton.jit`` helpers) because they are compiled
+lazily in two modes, the GPU compiler and ``TRITON_INTERPRET=1`` (see ``op.py``), and helper
+functions would have to be built twice in lock-step.
+"""
+import triton
+import triton.language as tl
+
+
+def dwconv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    N, LA, LB, KA, KB,
+    sxn, sxc, sxa, sxb,
+    syn, syc, sya, syb,
+    swc, swa, swb,
+    HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, LONG_IS_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[n, c, b, a] = sum_{i, j} x[n, c, b + i - KB//2, a + j - KA//2] * w[c, i, j] (+ bias[c]).
+
+    With ``FLIP`` the kernel is used rotated by 180 degrees, which turns this forward pass into
+    the input gradient (``x`` is then the output gradient). Grid:
+    ``(cdiv(N * LB, BLOCK_M), cdiv(LA, BLOCK_A), C)``.
+    """
+    pid_m = tl.program_id(0)
+    pid_a = tl.program_id(1)
+    c = tl.program_id(2).to(tl.int64)
+    PA = KA // 2
+    PB = KB // 2
+
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < N * LB
+    n = (m // LB).to(tl.int64)
+    b = m % LB
+    a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a0 = pid_a * BLOCK_A
+    # Input positions that meet the band of this output block, clipped to the image: the
+    # zero padding is never read, masked loads supply it.
+    k_lo = tl.maximum(a0 - PA, 0)
+    k_hi = tl.minimum(a0 + BLOCK_A + PA, LA)
+
+    x_base = x_ptr + c * sxc
+    w_base = w_ptr + c * swc
+    if LONG_IS_H:
+        acc = tl.zeros((BLOCK_A, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
+
+    for i in range(0, KB):
+        b_in = b + i - PB
+        line_ok = m_ok & (b_in >= 0) & (b_in < LB)
+        line_off = n * sxn + b_in * sxb
+        if FLIP:
+            tap_b = KB - 1 - i
+        else:
+            tap_b = i
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < k_hi
+            if LONG_IS_H:
+                # Toeplitz as the left operand: acc[a, m] += T[a, k] @ x[k, m].
+                xt = tl.load(x_base + k[:, None] * sxa + line_off[None, :],
+                             mask=k_ok[:, None] & line_ok[None, :], other=0.0)
+                d = k[None, :] - a[:, None] + PA
+            else:
+                # acc[m, a] += x[m, k] @ T[k, a].
+                xt = tl.load(x_base + line_off[:, None] + k[None, :] * sxa,
+                             mask=line_ok[:, None] & k_ok[None, :], other=0.0)
+                d = k[:, None] - a[None, :] + PA
+            if FLIP:
+                tap_a = KA - 1 - d
+            else:
+                tap_a = d
+            # The band: a gather from the channel's few hundred weights, which stay in L1.
+            t = tl.load(w_base + tap_b * swb + tap_a * swa, mask=(d >= 0) & (d < KA), other=0.0)
+            t = t.to(xt.dtype)
+            if DOT_UPCAST:
+                xt = xt.to(tl.float32)
+                t = t.to(tl.float32)
+            if LONG_IS_H:
+                acc = tl.dot(t, xt, acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(xt, t, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c).to(tl.float32)
+    y_base = y_ptr + c * syc
+    out_off = n * syn + b * syb
+    a_ok = a < LA
+    if LONG_IS_H:
+        tl.store(y_base + a[:, None] * sya + out_off[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=a_ok[:, None] & m_ok[None, :])
+    else:
+        tl.store(y_base + out_off[:, None] + a[None, :] * sya,
+                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & a_ok[None, :])
+
+
+def dwconv_wgrad_kernel(
+    x_ptr, dy_ptr, part_ptr, scratch_ptr,
+    N, C, LA, LB, KA, KB, N_KCHUNK, SPLIT_M,
+    sxn, sxc, sxa, sxb,
+    sdn, sdc, sda, sdb,
+    LONG_IS_H: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Partial weight gradients ``part[slot, c, i, j]`` whose sum over ``slot`` is dL/dw[c, i, j].
+
+    For kernel row ``i`` (short axis) the program forms ``G[k, a] = sum_m x[m + i - KB//2, k] *
+    dy[m, a]`` over its share of the lines ``m`` (a GEMM with M as the reduction), then sums
+    ``G`` along its diagonals: tap ``j = k - a + KA//2``. ``slot`` enumerates (output block,
+    input chunk, line split), so no two programs write the same element and the final sum is
+    deterministic. Grid: ``(C * KB, cdiv(LA, BLOCK_A) * N_KCHUNK, SPLIT_M)``.
+    """
+    pid_ci = tl.program_id(0)
+    pid_ak = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    c = (pid_ci // KB).to(tl.int64)
+    i = pid_ci % KB
+    a_blk = pid_ak // N_KCHUNK
+    k_chunk = pid_ak % N_KCHUNK
+    PA = KA // 2
+    PB = KB // 2
+
+    a0 = a_blk * BLOCK_A
+    k0 = a0 - PA + k_chunk * BLOCK_K
+    a = a0 + tl.arange(0, BLOCK_A)
+    k = k0 + tl.arange(0, BLOCK_K)
+    a_ok = a < LA
+    k_ok = (k >= 0) & (k < LA)
+
+    n_lines = N * LB
+    # A chunk entirely outside the image contributes nothing: give it an empty line range
+    # (its slot then receives zeros), which keeps the control flow uniform.
+    useful = (k0 + BLOCK_K > 0) & (k0 < LA)
+    m_start = tl.where(useful, pid_s * BLOCK_M, n_lines)
+
+    x_base = x_ptr + c * sxc
+    dy_base = dy_ptr + c * sdc
+    g = tl.zeros((BLOCK_K, BLOCK_A), dtype=tl.float32)
+    for m0 in range(m_start, n_lines, SPLIT_M * BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = m < n_lines
+        n = (m // LB).to(tl.int64)
+        b = m % LB
+        b_in = b + i - PB
+        line_ok = m_ok & (b_in >= 0) & (b_in < LB)
+        x_off = n * sxn + b_in * sxb
+        dy_off = n * sdn + b * sdb
+        if LONG_IS_H:
+            xt = tl.load(x_base + k[:, None] * sxa + x_off[None, :],
+                         mask=k_ok[:, None] & line_ok[None, :], other=0.0)
+            dyt = tl.load(dy_base + a[:, None] * sda + dy_off[None, :],
+                          mask=a_ok[:, None] & m_ok[None, :], other=0.0)
+            if DOT_UPCAST:
+                xt = xt.to(tl.float32)
+                dyt = dyt.to(tl.float32)
+            g = tl.dot(xt, tl.trans(dyt), g, input_precision=DOT_PRECISION)
+        else:
+            xt = tl.load(x_base + x_off[:, None] + k[None, :] * sxa,
+                         mask=line_ok[:, None] & k_ok[None, :], other=0.0)
+            dyt = tl.load(dy_base + dy_off[:, None] + a[None, :] * sda,
+                          mask=m_ok[:, None] & a_ok[None, :], other=0.0)
+            if DOT_UPCAST:
+                xt = xt.to(tl.float32)
+                dyt = dyt.to(tl.float32)
+            g = tl.dot(tl.trans(xt), dyt, g, input_precision=DOT_PRECISION)
+
+    # Diagonal sums of G through a per-program scratch tile: written once, then read back
+    # skewed (row e holds diagonal e), which costs one tile of L2 traffic instead of KA
+    # masked reductions over the whole tile.
+    pid_lin = (pid_ci.to(tl.int64) * tl.num_programs(1) + pid_ak) * SPLIT_M + pid_s
+    scratch = scratch_ptr + pid_lin * (BLOCK_K * BLOCK_A)
+    rk = tl.arange(0, BLOCK_K)
+    ra = tl.arange(0, BLOCK_A)
+    tl.store(scratch + rk[:, None] * BLOCK_A + ra[None, :], g)
+    tl.debug_barrier()
+    e = tl.arange(0, BLOCK_E)
+    kk = e[:, None] - (BLOCK_A - 1) + ra[None, :]
+    on_diag = (kk >= 0) & (kk < BLOCK_K)
+    diag = tl.load(scratch + kk * BLOCK_A + ra[None, :], mask=on_diag, other=0.0,
+                   cache_modifier=".cg")
+    dsum = tl.sum(diag, axis=1)
+    tap = e - (BLOCK_A - 1) + (k0 - a0) + PA
+    slot = pid_ak * SPLIT_M + pid_s
+    tl.store(part_ptr + ((slot * C + c) * KB + i) * KA + tap, dsum,
+             mask=(tap >= 0) & (tap < KA) & (e < BLOCK_K + BLOCK_A - 1))
+
+
+# Lazily compiled variants, keyed by "interpret" (see op.py).
+_COMPILED = {}
+
+
+def get_kernels(interpret):
+    """Return ``(fwd, wgrad)`` compiled for the GPU or wrapped for ``TRITON_INTERPRET=1``.
+
+    ``triton.jit`` decides between compiler and interpreter from the environment when it wraps
+    a function, so wrapping is deferred to the first launch in each mode: importing this
+    package (as ``SLaK.py`` does) must not freeze the choice before a test sets the variable.
+    """
+    if interpret not in _COMPILED:
+        _COMPILED[interpret] = (triton.jit(dwconv_fwd_kernel), triton.jit(dwconv_wgrad_kernel))
+    return _COMPILED[interpret]

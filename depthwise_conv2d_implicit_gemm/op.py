@@ -1,0 +1,341 @@
+"""``slak::`` custom ops around the Triton kernels: dispatch, launch heuristics, autograd, fake.
+
+Public entry point: ``depthwise_conv2d(x, weight, bias)``. It applies autocast the way
+``F.conv2d`` does and calls ``torch.ops.slak.dwconv2d``, whose autograd formula calls
+``slak::dwconv2d_grad_input`` and ``slak::dwconv2d_grad_weight``. All three have fake
+implementations, so ``torch.compile(fullgraph=True)`` traces forward and backward without
+graph breaks; the kernels themselves stay opaque to the compiler.
+
+Where the work runs:
+
+* CUDA tensors in float32/float16/bfloat16: the Triton kernels of ``kernels.py``.
+* CPU tensors: ``F.conv2d`` (the reference), unless ``TRITON_INTERPRET=1`` is set, in which
+  case the same Triton kernels run in Triton's interpreter (this is how CI tests them).
+* ``LARGE_KERNEL_CONV_IMPL=<folder>``: MegEngine's extension built by the original release
+  (``_depthwise_conv2d_implicit_gemm_C``), for comparisons; see ``_external_conv``.
+"""
+import importlib
+import os
+import sys
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .kernels import get_kernels
+from .reference import depthwise_conv2d_reference, depthwise_conv2d_reference_grads
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Kernel launches per kind, so tests can assert that the Triton path (not the fallback) ran.
+launch_counts = {"fwd": 0, "grad_input": 0, "grad_weight": 0}
+
+# Tile sizes forced by ``tile_override``; None means the heuristic of ``_tiles`` decides.
+_TILE_OVERRIDE = None
+
+
+@contextmanager
+def tile_override(**tiles):
+    """Force launch parameters (``block_m``, ``block_a``, ``block_m_wgrad``, ``num_warps``,
+    ``num_stages``) inside the ``with`` block; tests use tiny tiles so that small images span
+    several tiles, benchmarks use it to compare configurations."""
+    global _TILE_OVERRIDE
+    previous, _TILE_OVERRIDE = _TILE_OVERRIDE, dict(tiles)
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE = previous
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_triton(x):
+    return x.dtype in _TRITON_DTYPES and (x.is_cuda or (x.device.type == "cpu" and _interpret()))
+
+
+def _output_format(x):
+    """Memory format of every output: channels-last for channels-last inputs (like cuDNN),
+    contiguous otherwise. Shared by real and fake implementations, whose strides must agree."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _geometry(x, weight):
+    """Map NCHW onto the kernels' (long axis A, short axis B) geometry.
+
+    The Toeplitz product runs along the longer kernel side, so the loop over taps of the
+    shorter side stays short (5 for SLaK's (K, 5) and (5, K) branches)."""
+    kh, kw = weight.shape[-2:]
+    long_is_h = kh > kw
+    if long_is_h:   # A = H, B = W
+        return dict(long_is_h=True, LA=x.shape[2], LB=x.shape[3], KA=kh, KB=kw, a_dim=2, b_dim=3)
+    return dict(long_is_h=False, LA=x.shape[3], LB=x.shape[2], KA=kw, KB=kh, a_dim=3, b_dim=2)
+
+
+def _tiles(g, n_lines, dtype):
+    """Launch parameters: a small heuristic, documented because it is the whole tuning story.
+
+    * ``block_a`` (= ``block_k``): the long axis in one tile when it fits in 64 (the band of a
+      51-tap kernel over a 56-wide image then costs one 64x64 Toeplitz block per tap), else
+      64-wide tiles walking the band.
+    * ``block_m``: lines per program, so that one program's output tile holds about 8K
+      elements (enough tensor-core work per Toeplitz gather), between 64 and 256.
+    * ``block_m_wgrad``: the reduction chunk of the weight-gradient GEMM.
+    """
+    block_a = min(64, max(16, triton.next_power_of_2(g["LA"])))
+    block_m = min(256, max(64, 8192 // block_a))
+    block_m = min(block_m, max(16, triton.next_power_of_2(n_lines)))
+    t = dict(block_a=block_a, block_m=block_m, block_m_wgrad=64 if dtype != torch.float32 else 32,
+             num_warps=4 if block_m * block_a <= 8192 else 8, num_stages=2)
+    if _TILE_OVERRIDE:
+        t.update(_TILE_OVERRIDE)
+    return t
+
+
+def _dot_args(t):
+    """``DOT_PRECISION`` and ``DOT_UPCAST`` for operands like ``t`` (see kernels.py)."""
+    upcast = t.dtype == torch.bfloat16 and not t.is_cuda
+    # TF32 for float32 only where PyTorch would let cuDNN use it; the flag is read at call
+    # time, inside the opaque op, so compiled graphs follow it too.
+    if upcast or (t.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
+        return dict(DOT_PRECISION="ieee", DOT_UPCAST=upcast)
+    return dict(DOT_PRECISION="tf32", DOT_UPCAST=upcast)
+
+
+def _width_contiguous(t):
+    # The kernels read image lines along W; they accept any strides, but only unit stride
+    # along W gives coalesced loads, so other layouts (channels-last included) are copied.
+    return t if t.stride(3) == 1 else t.contiguous()
+
+
+def _launch_conv(x, weight, bias, flip, kind):
+    """Forward (``flip=False``) or input gradient (``flip=True``, ``x`` = output gradient)."""
+    out_format = _output_format(x)
+    x = _width_contiguous(x)
+    N, C, H, W = x.shape
+    y = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype)
+    g = _geometry(x, weight)
+    n_lines = N * g["LB"]
+    if y.numel() == 0:
+        return y.contiguous(memory_format=out_format)
+    t = _tiles(g, n_lines, x.dtype)
+    fwd, _ = get_kernels(_interpret() and not x.is_cuda)
+    a_dim, b_dim = g["a_dim"], g["b_dim"]
+    grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
+    fwd[grid](
+        x, weight, bias if bias is not None else weight, y,
+        N, g["LA"], g["LB"], g["KA"], g["KB"],
+        x.stride(0), x.stride(1), x.stride(a_dim), x.stride(b_dim),
+        y.stride(0), y.stride(1), y.stride(a_dim), y.stride(b_dim),
+        weight.stride(0), weight.stride(a_dim), weight.stride(b_dim),
+        HAS_BIAS=bias is not None, FLIP=flip, LONG_IS_H=g["long_is_h"],
+        **_dot_args(x),
+        BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"],
+        num_warps=t["num_warps"], num_stages=t["num_stages"])
+    launch_counts[kind] += 1
+    return y.contiguous(memory_format=out_format)
+
+
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _launch_grad_weight(grad, x, kh, kw):
+    """Weight gradient ``(C, 1, kh, kw)`` in float32 (the caller casts)."""
+    x = _width_contiguous(x)
+    grad = _width_contiguous(grad.to(x.dtype))
+    N, C, H, W = x.shape
+    g = _geometry(x, torch.empty((0, 0, kh, kw)))
+    LA, KA, KB = g["LA"], g["KA"], g["KB"]
+    n_lines = N * g["LB"]
+    t = _tiles(g, n_lines, x.dtype)
+    block_a = t["block_a"]
+    block_m = min(t["block_m_wgrad"], max(16, triton.next_power_of_2(n_lines)))
+    n_ablk = triton.cdiv(LA, block_a)
+    n_kchunk = triton.cdiv(block_a + 2 * (KA // 2), block_a)
+    programs = C * KB * n_ablk * n_kchunk
+    # Split the line reduction only when there are too few programs to fill the GPU, and
+    # keep at least four reduction steps per program to amortise its diagonal epilogue.
+    n_mtiles = triton.cdiv(n_lines, block_m)
+    split = max(1, min(triton.cdiv(2 * _num_sms(x.device), programs), n_mtiles // 4))
+    part = torch.zeros((n_ablk * n_kchunk * split, C, KB, KA), device=x.device, dtype=torch.float32)
+    if n_lines > 0:
+        scratch = torch.empty(programs * split * block_a * block_a, device=x.device,
+                              dtype=torch.float32)
+        _, wgrad = get_kernels(_interpret() and not x.is_cuda)
+        a_dim, b_dim = g["a_dim"], g["b_dim"]
+        wgrad[(C * KB, n_ablk * n_kchunk, split)](
+            x, grad, part, scratch,
+            N, C, LA, g["LB"], KA, KB, n_kchunk, split,
+            x.stride(0), x.stride(1), x.stride(a_dim), x.stride(b_dim),
+            grad.stride(0), grad.stride(1), grad.stride(a_dim), grad.stride(b_dim),
+            LONG_IS_H=g["long_is_h"], **_dot_args(x),
+            BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_K=block_a,
+            BLOCK_E=triton.next_power_of_2(2 * block_a),
+            num_warps=t["num_warps"] if block_a >= 64 else 4, num_stages=t["num_stages"])
+        launch_counts["grad_weight"] += 1
+    dw = part.sum(0)                       # (C, KB, KA)
+    if g["long_is_h"]:
+        dw = dw.transpose(1, 2)            # (C, kh, kw)
+    return dw.unsqueeze(1).contiguous()
+
+
+def _check(x, weight, bias):
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
+        raise ValueError(f"depthwise conv expects x (N, C, H, W) and weight (C, 1, kh, kw), got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    kh, kw = weight.shape[-2:]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel {(kh, kw)} must be odd on both axes for 'same' padding")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"input ({x.dtype}), weight ({weight.dtype}) and bias must share a dtype; "
+                        f"cast them, or run under autocast")
+
+
+@torch.library.custom_op("slak::dwconv2d", mutates_args=())
+def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Depthwise conv, stride 1, same padding: x ``(N, C, H, W)``, weight ``(C, 1, kh, kw)``,
+    bias ``(C,)`` or None -> ``(N, C, H, W)``."""
+    _check(x, weight, bias)
+    if _use_triton(x):
+        return _launch_conv(x, weight, bias, flip=False, kind="fwd")
+    return depthwise_conv2d_reference(x, weight, bias).contiguous(memory_format=_output_format(x))
+
+
+@dwconv2d.register_fake
+def _(x, weight, bias):
+    _check(x, weight, bias)
+    return torch.empty_like(x, memory_format=_output_format(x))
+
+
+@torch.library.custom_op("slak::dwconv2d_grad_input", mutates_args=())
+def dwconv2d_grad_input(grad: Tensor, weight: Tensor) -> Tensor:
+    """Input gradient ``(N, C, H, W)`` from the output gradient ``(N, C, H, W)``: the same
+    convolution with the kernel rotated by 180 degrees."""
+    if _use_triton(grad):
+        return _launch_conv(grad, weight.to(grad.dtype), None, flip=True, kind="grad_input")
+    dx, _, _ = torch.ops.aten.convolution_backward(
+        grad, grad, weight.to(grad.dtype), None, [1, 1], [weight.shape[2] // 2, weight.shape[3] // 2],
+        [1, 1], False, [0, 0], grad.shape[1], [True, False, False])
+    return dx.contiguous(memory_format=_output_format(grad))
+
+
+@dwconv2d_grad_input.register_fake
+def _(grad, weight):
+    return torch.empty_like(grad, memory_format=_output_format(grad))
+
+
+@torch.library.custom_op("slak::dwconv2d_grad_weight", mutates_args=())
+def dwconv2d_grad_weight(grad: Tensor, x: Tensor, kernel_h: int, kernel_w: int) -> Tensor:
+    """Weight gradient ``(C, 1, kernel_h, kernel_w)`` (dtype of ``x``) from the output
+    gradient and the input, both ``(N, C, H, W)``."""
+    if _use_triton(x):
+        return _launch_grad_weight(grad, x, kernel_h, kernel_w).to(x.dtype)
+    # Only the weight's shape matters for the weight gradient.
+    weight = x.new_zeros((x.shape[1], 1, kernel_h, kernel_w))
+    _, dw, _ = depthwise_conv2d_reference_grads(x, weight, None, grad.to(x.dtype))
+    return dw.contiguous()
+
+
+@dwconv2d_grad_weight.register_fake
+def _(grad, x, kernel_h, kernel_w):
+    return x.new_empty((x.shape[1], 1, kernel_h, kernel_w))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    dx = dwconv2d_grad_input(grad, weight) if need_x else None
+    dw = (dwconv2d_grad_weight(grad, x, weight.shape[2], weight.shape[3]).to(weight.dtype)
+          if need_w else None)
+    db = grad.sum((0, 2, 3)).to(weight.dtype) if (ctx.has_bias and need_b) else None
+    return dx, dw, db
+
+
+dwconv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# External MegEngine build (LARGE_KERNEL_CONV_IMPL), kept for side-by-side comparisons only.
+
+_EXTERNAL_MODULE = "_depthwise_conv2d_implicit_gemm_C"
+_external = None
+
+
+def _load_external(folder):
+    global _external
+    if _external is None:
+        sys.path.insert(0, folder)
+        try:
+            _external = importlib.import_module(_EXTERNAL_MODULE)
+        except ImportError as e:
+            raise ImportError(f"LARGE_KERNEL_CONV_IMPL={folder}: cannot import {_EXTERNAL_MODULE} "
+                              f"from there ({e}); build the original's extension into that "
+                              f"folder or unset the variable") from None
+    return _external
+
+
+class _ExternalConv(torch.autograd.Function):
+    """MegEngine's kernels: ``forward_<dt>(x, w)``, ``backward_data_<dt>(dy, w)``,
+    ``backward_filter_<dt>(dy, x, w)`` with ``<dt>`` in fp32/fp16, contiguous NCHW tensors."""
+
+    @staticmethod
+    def forward(ctx, x, weight, ext):
+        ctx.ext = ext
+        ctx.suffix = "fp16" if x.dtype == torch.float16 else "fp32"
+        x, weight = x.contiguous(), weight.contiguous()
+        ctx.save_for_backward(x, weight)
+        return getattr(ext, "forward_" + ctx.suffix)(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = getattr(ctx.ext, "backward_data_" + ctx.suffix)(grad, weight)
+        dw = getattr(ctx.ext, "backward_filter_" + ctx.suffix)(grad, x, weight)
+        return dx, dw, None
+
+
+def _external_conv(x, weight, bias, folder):
+    ext = _load_external(folder)
+    # The extension has float32 and float16 kernels only; bfloat16 runs through float32.
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float16) else torch.float32
+    y = _ExternalConv.apply(x.to(dtype), weight.to(dtype), ext).to(x.dtype)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+
+def depthwise_conv2d(x, weight, bias=None):
+    """Depthwise conv, stride 1, same padding, any odd ``(kh, kw)``; the drop-in ``F.conv2d``.
+
+    Args:
+        x: ``(N, C, H, W)``, any strides.
+        weight: ``(C, 1, kh, kw)``.
+        bias: ``(C,)`` or None.
+    Returns:
+        ``(N, C, H, W)``, channels-last when ``x`` is.
+    """
+    if x.is_cuda and torch.is_autocast_enabled("cuda") or (
+            x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+        # Autocast does not see custom ops; cast as it casts conv2d (all to the autocast dtype).
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    folder = os.environ.get("LARGE_KERNEL_CONV_IMPL")
+    if folder and x.is_cuda:
+        return _external_conv(x, weight, bias, folder)
+    return torch.ops.slak.dwconv2d(x, weight, bias)
