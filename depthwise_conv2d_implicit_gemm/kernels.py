@@ -22,9 +22,12 @@ Geometry shared by all kernels (the launcher in ``op.py`` maps NCHW onto it):
 * Weights are addressed as ``w[c, tap_b, tap_a]`` through strides, so no copy is needed to
   swap the kernel's axes.
 
-The three kernels are self-contained (no ``@triton.jit`` helpers) because they are compiled
-lazily in two modes, the GPU compiler and ``TRITON_INTERPRET=1`` (see ``op.py``), and helper
-functions would have to be built twice in lock-step.
+The kernels are self-contained because they are wrapped lazily in two modes, the GPU compiler
+and ``TRITON_INTERPRET=1`` (see ``get_kernels``), and Triton's interpreter cannot call
+functions that ``@triton.jit`` wrapped for the compiler. That includes the jit-defined parts of
+``triton.language`` whenever Triton was imported without the variable (as in a test run that
+sets it per test), hence ``tl.full`` instead of ``tl.zeros`` and ``tl.reduce`` with the
+standard sum combiner (which the interpreter maps to ``numpy.sum``) instead of ``tl.sum``.
 """
 import triton
 import triton.language as tl
@@ -66,11 +69,18 @@ def dwconv_fwd_kernel(
     x_base = x_ptr + c * sxc
     w_base = w_ptr + c * swc
     if LONG_IS_H:
-        acc = tl.zeros((BLOCK_A, BLOCK_M), dtype=tl.float32)
+        acc = tl.full((BLOCK_A, BLOCK_M), 0.0, tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32)
 
-    for i in range(0, KB):
+    # One flat loop over (tap of the short axis, chunk of the band) so that the compiler's
+    # software pipelining overlaps the loads of the next step with the current dot; with
+    # images up to 64 wide there is one chunk per tap and a nested loop would have a single
+    # trip.
+    n_chunks = (k_hi - k_lo + BLOCK_K - 1) // BLOCK_K
+    for step in range(0, KB * n_chunks):
+        i = step // n_chunks
+        k0 = k_lo + (step - i * n_chunks) * BLOCK_K
         b_in = b + i - PB
         line_ok = m_ok & (b_in >= 0) & (b_in < LB)
         line_off = n * sxn + b_in * sxb
@@ -78,33 +88,32 @@ def dwconv_fwd_kernel(
             tap_b = KB - 1 - i
         else:
             tap_b = i
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < k_hi
-            if LONG_IS_H:
-                # Toeplitz as the left operand: acc[a, m] += T[a, k] @ x[k, m].
-                xt = tl.load(x_base + k[:, None] * sxa + line_off[None, :],
-                             mask=k_ok[:, None] & line_ok[None, :], other=0.0)
-                d = k[None, :] - a[:, None] + PA
-            else:
-                # acc[m, a] += x[m, k] @ T[k, a].
-                xt = tl.load(x_base + line_off[:, None] + k[None, :] * sxa,
-                             mask=line_ok[:, None] & k_ok[None, :], other=0.0)
-                d = k[:, None] - a[None, :] + PA
-            if FLIP:
-                tap_a = KA - 1 - d
-            else:
-                tap_a = d
-            # The band: a gather from the channel's few hundred weights, which stay in L1.
-            t = tl.load(w_base + tap_b * swb + tap_a * swa, mask=(d >= 0) & (d < KA), other=0.0)
-            t = t.to(xt.dtype)
-            if DOT_UPCAST:
-                xt = xt.to(tl.float32)
-                t = t.to(tl.float32)
-            if LONG_IS_H:
-                acc = tl.dot(t, xt, acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(xt, t, acc, input_precision=DOT_PRECISION)
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        if LONG_IS_H:
+            # Toeplitz as the left operand: acc[a, m] += T[a, k] @ x[k, m].
+            xt = tl.load(x_base + k[:, None] * sxa + line_off[None, :],
+                         mask=k_ok[:, None] & line_ok[None, :], other=0.0)
+            d = k[None, :] - a[:, None] + PA
+        else:
+            # acc[m, a] += x[m, k] @ T[k, a].
+            xt = tl.load(x_base + line_off[:, None] + k[None, :] * sxa,
+                         mask=line_ok[:, None] & k_ok[None, :], other=0.0)
+            d = k[:, None] - a[None, :] + PA
+        if FLIP:
+            tap_a = KA - 1 - d
+        else:
+            tap_a = d
+        # The band: a gather from the channel's few hundred weights, which stay in L1.
+        t = tl.load(w_base + tap_b * swb + tap_a * swa, mask=(d >= 0) & (d < KA), other=0.0)
+        t = t.to(xt.dtype)
+        if DOT_UPCAST:
+            xt = xt.to(tl.float32)
+            t = t.to(tl.float32)
+        if LONG_IS_H:
+            acc = tl.dot(t, xt, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(xt, t, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c).to(tl.float32)
@@ -161,7 +170,7 @@ def dwconv_wgrad_kernel(
 
     x_base = x_ptr + c * sxc
     dy_base = dy_ptr + c * sdc
-    g = tl.zeros((BLOCK_K, BLOCK_A), dtype=tl.float32)
+    g = tl.full((BLOCK_K, BLOCK_A), 0.0, tl.float32)
     for m0 in range(m_start, n_lines, SPLIT_M * BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_ok = m < n_lines
@@ -204,7 +213,7 @@ def dwconv_wgrad_kernel(
     on_diag = (kk >= 0) & (kk < BLOCK_K)
     diag = tl.load(scratch + kk * BLOCK_A + ra[None, :], mask=on_diag, other=0.0,
                    cache_modifier=".cg")
-    dsum = tl.sum(diag, axis=1)
+    dsum = tl.reduce(diag, 1, tl.standard._sum_combine)
     tap = e - (BLOCK_A - 1) + (k0 - a0) + PA
     slot = pid_ak * SPLIT_M + pid_s
     tl.store(part_ptr + ((slot * C + c) * KB + i) * KA + tap, dsum,
@@ -223,5 +232,14 @@ def get_kernels(interpret):
     package (as ``SLaK.py`` does) must not freeze the choice before a test sets the variable.
     """
     if interpret not in _COMPILED:
-        _COMPILED[interpret] = (triton.jit(dwconv_fwd_kernel), triton.jit(dwconv_wgrad_kernel))
+        # Sizes and strides are not specialised on divisibility: the line offsets are
+        # unaligned anyway (shifted by taps), and one binary per tile configuration keeps
+        # compilation to a few dozen kernels for all SLaK shapes. Unit strides still are.
+        sizes = ["N", "C", "LA", "LB", "KA", "KB", "N_KCHUNK", "SPLIT_M"]
+        strides = [p + s for p in ("sx", "sy", "sd") for s in "ncb"] + ["swc", "swa", "swb"]
+        fwd = triton.jit(dwconv_fwd_kernel, do_not_specialize=[
+            a for a in sizes + strides if a in dwconv_fwd_kernel.__code__.co_varnames])
+        wgrad = triton.jit(dwconv_wgrad_kernel, do_not_specialize=[
+            a for a in sizes + strides if a in dwconv_wgrad_kernel.__code__.co_varnames])
+        _COMPILED[interpret] = (fwd, wgrad)
     return _COMPILED[interpret]

@@ -1,0 +1,207 @@
+"""Large-kernel depthwise convolution: the Triton kernels against a float64 ``F.conv2d``.
+
+On a machine without CUDA every test runs the real Triton kernels in Triton's interpreter
+(``TRITON_INTERPRET=1`` is set per test, so other test modules keep the plain CPU fallback);
+each numerical test asserts that kernels were launched, so a silent fallback cannot pass.
+With CUDA the same tests run the compiled kernels on the GPU.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, depthwise_conv2d
+from depthwise_conv2d_implicit_gemm import op as lk_op
+from depthwise_conv2d_implicit_gemm.reference import (depthwise_conv2d_reference,
+                                                      depthwise_conv2d_reference_grads)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# ||out - ref|| / ||ref|| limits of the issue (float32 without TF32, float16, bfloat16).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TOL_TF32 = 2e-3
+
+
+@pytest.fixture(autouse=True)
+def triton_path(monkeypatch):
+    """Run Triton on this machine (the interpreter on a CPU) in full float32 precision."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    yield
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check_against_reference(x, weight, bias, dtype, tol=None, tiles=None):
+    """Forward, input/weight/bias gradients of ``depthwise_conv2d`` vs float64 ``F.conv2d``.
+
+    ``x`` may be any view; the reference sees the same values rounded to ``dtype``."""
+    tol = tol or TOL[dtype]
+    x = x.to(dtype).requires_grad_()
+    w = weight.to(DEVICE, dtype).requires_grad_()
+    b = bias.to(DEVICE, dtype).requires_grad_() if bias is not None else None
+    launches = dict(lk_op.launch_counts)
+    with lk_op.tile_override(**(tiles or {})):
+        y = depthwise_conv2d(x, w, b)
+        gy = torch.randn(y.shape, device=DEVICE, dtype=torch.float64)
+        y.backward(gy.to(dtype))
+    assert all(lk_op.launch_counts[k] > launches[k] for k in launches), "Triton path did not run"
+    assert y.dtype == dtype and y.shape == x.shape
+
+    xr, wr = x.detach().double(), w.detach().double()
+    br = b.detach().double() if b is not None else None
+    yr = depthwise_conv2d_reference(xr, wr, br)
+    dxr, dwr, dbr = depthwise_conv2d_reference_grads(xr, wr, br, gy.to(dtype).double())
+    errors = {"y": rel_err(y, yr), "dx": rel_err(x.grad, dxr), "dw": rel_err(w.grad, dwr)}
+    if b is not None:
+        errors["db"] = rel_err(b.grad, dbr)
+    assert all(e < tol for e in errors.values()), f"{tuple(x.shape)} {tuple(w.shape)}: {errors}"
+    return y
+
+
+def random_cases(count, seed):
+    """Shapes from the issue's ranges: batch 1..3, channels 1..17, sizes 1..40 (non-square,
+    often smaller than the kernel), kernels (k, s) or (s, k) with k up to 51 and s in 1..7."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        k, s = rng.choice(range(1, 52, 2)), rng.choice(range(1, 8, 2))
+        kernel = (k, s) if rng.random() < 0.5 else (s, k)
+        cases.append(((rng.randint(1, 3), rng.randint(1, 17), rng.randint(1, 40),
+                       rng.randint(1, 40)), kernel, rng.random() < 0.5))
+    return cases
+
+
+EDGE_CASES = [
+    ((2, 5, 14, 14), (47, 5), False),    # SLaK stage-3 branch, kernel far larger than the image
+    ((1, 3, 7, 7), (5, 13), True),       # stage-4 branch
+    ((3, 4, 1, 1), (51, 3), True),       # one pixel
+    ((2, 3, 33, 40), (5, 5), False),     # the small branch
+    ((1, 2, 9, 24), (7, 7), True),       # square kernel
+    ((2, 17, 40, 3), (1, 51), False),    # single-row kernel, three-wide image
+]
+
+
+@pytest.mark.parametrize("shape,kernel,bias", EDGE_CASES + random_cases(8, seed=4))
+def test_float32_matches_reference(shape, kernel, bias):
+    torch.manual_seed(sum(shape) + sum(kernel))
+    x = torch.randn(shape, device=DEVICE)
+    check_against_reference(x, torch.randn(shape[1], 1, *kernel),
+                            torch.randn(shape[1]) if bias else None, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,kernel,bias", random_cases(3, seed=11) + [EDGE_CASES[0]])
+def test_half_precision_matches_reference(shape, kernel, bias, dtype):
+    torch.manual_seed(sum(shape) + sum(kernel))
+    x = torch.randn(shape, device=DEVICE)
+    check_against_reference(x, torch.randn(shape[1], 1, *kernel),
+                            torch.randn(shape[1]) if bias else None, dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="TF32 exists on the GPU only")
+def test_float32_tf32_matches_reference(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    x = torch.randn(2, 6, 28, 28, device=DEVICE)
+    check_against_reference(x, torch.randn(6, 1, 5, 49), None, torch.float32, tol=TOL_TF32)
+
+
+@pytest.mark.parametrize("kernel", [(5, 51), (51, 5), (5, 5)])
+def test_lines_longer_than_one_tile(kernel):
+    """16-wide tiles make a 40-pixel image span several output blocks and band chunks: the
+    code path of segmentation and 1024-pixel ERF inputs, at interpreter-friendly sizes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 37, 40, device=DEVICE)
+    check_against_reference(x, torch.randn(3, 1, *kernel), torch.randn(3), torch.float32,
+                            tiles=dict(block_m=16, block_a=16, block_m_wgrad=16))
+
+
+@pytest.mark.skipif(not CUDA, reason="too slow for the interpreter; the tiling it exercises "
+                                     "is covered by test_lines_longer_than_one_tile")
+@pytest.mark.parametrize("kernel", [(51, 5), (5, 51)])
+def test_large_image(kernel):
+    x = torch.randn(1, 3, 1024, 1024, device=DEVICE)
+    check_against_reference(x, torch.randn(3, 1, *kernel), None, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "channels_last"])
+def test_non_contiguous_inputs(layout):
+    torch.manual_seed(1)
+    base = torch.randn(2, 6, 30, 26, device=DEVICE)
+    x = {"sliced": base[:, ::2, 2:, 1:-2],
+         "transposed": base.transpose(2, 3),
+         "channels_last": base.contiguous(memory_format=torch.channels_last)}[layout]
+    assert not x.is_contiguous()
+    c = x.shape[1]
+    y = check_against_reference(x, torch.randn(c, 1, 5, 31), torch.randn(c), torch.float32)
+    if layout == "channels_last":   # like cuDNN, the output keeps the input's layout
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_module_is_a_drop_in_for_conv2d():
+    torch.manual_seed(2)
+    ours = DepthWiseConv2dImplicitGEMM(5, (13, 3), bias=True).to(DEVICE)
+    plain = nn.Conv2d(5, 5, (13, 3), padding=(6, 1), groups=5, bias=True).to(DEVICE)
+    plain.load_state_dict(ours.state_dict())
+    assert set(ours.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 5, 11, 17, device=DEVICE)
+    launches = lk_op.launch_counts["fwd"]
+    assert rel_err(ours(x), plain(x.double().float())) < 1e-5
+    assert lk_op.launch_counts["fwd"] > launches
+    with pytest.raises(ValueError, match="odd"):
+        DepthWiseConv2dImplicitGEMM(5, (4, 3))
+
+
+def test_autocast_casts_like_conv2d():
+    torch.manual_seed(3)
+    dtype = torch.float16 if CUDA else torch.bfloat16
+    conv = DepthWiseConv2dImplicitGEMM(4, (5, 21), bias=True).to(DEVICE)
+    x = torch.randn(2, 4, 12, 16, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=dtype):
+        y = conv(x)
+        ref = depthwise_conv2d_reference(x, conv.weight, conv.bias)
+    assert y.dtype == ref.dtype == dtype
+    assert rel_err(y, ref) < TOL[dtype]
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph():
+    """The custom ops trace without graph breaks, forward and backward (Inductor on the GPU;
+    on a CPU ``aot_eager`` exercises the same fake and autograd registrations)."""
+    torch.manual_seed(4)
+    conv = DepthWiseConv2dImplicitGEMM(3, (5, 17), bias=True).to(DEVICE)
+
+    def f(x):
+        return (conv(x) * 2).relu()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    x = torch.randn(2, 3, 10, 19, device=DEVICE, requires_grad=True)
+    launches = dict(lk_op.launch_counts)
+    y = compiled(x)
+    y.sum().backward()
+    assert all(lk_op.launch_counts[k] > launches[k] for k in launches)
+    x_ref = x.detach().clone().requires_grad_()
+    f(x_ref).sum().backward()
+    assert rel_err(y, f(x_ref)) < 1e-5 and rel_err(x.grad, x_ref.grad) < 1e-5
+
+
+def test_cpu_without_interpreter_uses_conv2d(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 2, 9, 9)
+    w = torch.randn(2, 1, 3, 11)
+    launches = dict(lk_op.launch_counts)
+    assert rel_err(depthwise_conv2d(x, w), depthwise_conv2d_reference(x, w)) < 1e-6
+    assert lk_op.launch_counts == launches
+
+
+def test_external_build_missing_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(lk_op, "_external", None)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    with pytest.raises(ImportError, match="LARGE_KERNEL_CONV_IMPL=.*unset the variable"):
+        lk_op._load_external(str(tmp_path))
