@@ -27,13 +27,13 @@ import timm
 from checkpoint import (latest_checkpoint, load_checkpoint, remove_old_checkpoints,
                         save_on_master)
 from datasets import build_dataset
+from distillation import (DISTILL_TYPES, STUDENT_OVERRIDES, FeatureDistillLoss, add_param_groups,
+                          build_distillation_loss, freeze)
 from distributed import get_rank, get_world_size, init_distributed_mode, is_main_process
 from engine import SupervisedLoss, evaluate, train_one_epoch
 from optim_factory import create_optimizer
 from utils import (ConfigError, TensorboardLogger, WandbLogger, cosine_scheduler,
                    seed_everything, str2bool)
-
-DISTILL_TYPES = ["None", "KD", "NKD", "FD", "KD_FD", "NKD_FD"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -198,12 +198,21 @@ def check_args(args):
         raise ConfigError("--only-L sparsifies the LoRA1/LoRA2 branches, which exist only with --Decom True")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no GPU is visible; pass --device cpu")
-    if args.resume and not args.distill_type and not os.path.isfile(args.resume):
-        raise ConfigError(f"--resume {args.resume}: file not found")
+    if args.resume and not os.path.isfile(args.resume):
+        what = "the teacher's checkpoint" if args.distill_type else "file"
+        raise ConfigError(f"--resume {args.resume}: {what} not found")
     if args.finetune and not os.path.isfile(args.finetune):
         raise ConfigError(f"--finetune {args.finetune}: file not found")
     if args.distill_type is not None:
-        raise ConfigError("--distill_type: distillation is not available yet in this version")
+        if args.distill_type != "None" and not args.resume:
+            raise ConfigError(f"--distill_type {args.distill_type} needs the teacher's weights: pass "
+                              f"--resume /path/to/teacher/checkpoint.pth")
+        if args.model_s not in SLaK.MODEL_DEPTHS_DIMS:
+            raise ConfigError(f"--model_s {args.model_s}: the student must be one of "
+                              f"{', '.join(SLaK.MODEL_DEPTHS_DIMS)} (built as a ConvNeXt)")
+        if args.distill_resume and not args.output_dir:
+            raise ConfigError("--distill_resume continues the student from --output_dir; pass "
+                              "--output_dir")
 
 
 def build_model(args, name, num_classes, **overrides):
@@ -238,6 +247,24 @@ def load_finetune_weights(model, args):
     result = model.load_state_dict(state_dict, strict=False)
     print(f"Fine-tuning from {args.finetune}: missing keys {result.missing_keys}, "
           f"unexpected keys {result.unexpected_keys}")
+
+
+def load_teacher(args, num_classes, device):
+    """The frozen teacher: ``--model`` with the model flags, weights from ``--resume``."""
+    teacher = build_model(args, args.model, num_classes)
+    state_dict = SLaK.checkpoint_filter_fn(load_checkpoint(args.resume))
+    try:
+        teacher.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ConfigError(f"--resume {args.resume} does not fit the teacher --model {args.model} "
+                          f"(--kernel_size/--width_factor/--Decom/--bn/--nb_classes) ({first[:200]}); "
+                          f"pass the flags the teacher was trained with") from None
+    print(f"Teacher {args.model} loaded from {args.resume}")
+    teacher.to(device)
+    if args.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return freeze(teacher)
 
 
 def build_loaders(args, dataset_train, dataset_val):
@@ -284,18 +311,36 @@ def main(args):
     data_loader_train, data_loader_val = build_loaders(
         args, dataset_train if dataset_train is not None else dataset_val, dataset_val)
 
-    model = build_model(args, args.model, nb_classes)
+    # In distillation mode the model trained, checkpointed, EMA'd and evaluated is the student;
+    # --resume holds the teacher's weights and --distill_resume continues the student.
+    distilling = args.distill_type is not None
+    teacher, feature_loss = None, None
+    if distilling:
+        model = build_model(args, args.model_s, nb_classes, **STUDENT_OVERRIDES)
+        if args.resume:
+            teacher = load_teacher(args, nb_classes, device)
+    else:
+        model = build_model(args, args.model, nb_classes)
     if args.finetune:
         load_finetune_weights(model, args)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"Model {args.model}: {n_parameters / 1e6:.2f}M parameters")
+    print(f"Model {args.model_s if distilling else args.model}: {n_parameters / 1e6:.2f}M parameters")
+    if distilling and args.distill_type.endswith("FD"):
+        # Trained and saved with the student (checkpoint key "distill"): the 1x1 projection from
+        # student to teacher width.
+        feature_loss = FeatureDistillLoss(model.num_features, teacher.num_features,
+                                          args.FDLoss_type).to(device)
 
-    if args.auto_resume and not args.resume and args.output_dir:
-        args.resume = latest_checkpoint(args.output_dir) or ""
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if distilling:
+        resume_path = (latest_checkpoint(args.output_dir) if args.distill_resume else None) or ""
+    else:
+        if args.auto_resume and not args.resume and args.output_dir:
+            args.resume = latest_checkpoint(args.output_dir) or ""
+        resume_path = args.resume
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
 
     if args.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -318,18 +363,22 @@ def main(args):
           f"accumulation x {get_world_size()} processes; {steps_per_epoch} updates per epoch")
 
     optimizer = create_optimizer(args, model_without_ddp)
+    if feature_loss is not None:
+        add_param_groups(optimizer, feature_loss, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     max_accuracy, max_accuracy_ema = 0.0, 0.0
     if checkpoint is not None:
         model_without_ddp.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint))
-        print(f"Resumed model weights from {args.resume}")
+        print(f"Resumed {'student' if distilling else 'model'} weights from {resume_path}")
+        if feature_loss is not None and "distill" in checkpoint:
+            feature_loss.load_state_dict(checkpoint["distill"])
         if model_ema is not None and "model_ema" in checkpoint:
             model_ema.module.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint["model_ema"]))
         if not args.eval and "optimizer" in checkpoint and "epoch" in checkpoint:
             try:
                 optimizer.load_state_dict(checkpoint["optimizer"])
             except ValueError as exc:  # e.g. the original release's differently grouped optimizer
-                raise ConfigError(f"--resume {args.resume}: its optimizer state does not match this "
+                raise ConfigError(f"--resume {resume_path}: its optimizer state does not match this "
                                   f"run's parameter groups ({exc}); use --finetune to start from its "
                                   f"weights with a fresh optimizer") from None
             if "scaler" in checkpoint and scaler.is_enabled():
@@ -338,6 +387,24 @@ def main(args):
             max_accuracy = checkpoint.get("max_accuracy", 0.0)
             max_accuracy_ema = checkpoint.get("max_accuracy_ema", 0.0)
             print(f"Resuming training at epoch {args.start_epoch}")
+
+    if args.distributed and feature_loss is not None and any(
+            p.requires_grad for p in feature_loss.parameters()):
+        # The projection trains beside the student, so its gradients are averaged across
+        # processes too; the bare module stays in feature_loss for the checkpoint.
+        feature_loss_ddp = nn.parallel.DistributedDataParallel(
+            feature_loss, device_ids=[args.gpu] if device.type == "cuda" else None)
+    else:
+        feature_loss_ddp = feature_loss
+
+    if teacher is not None and data_loader_val is not None:
+        teacher_stats = evaluate(data_loader_val, teacher, device, amp_dtype, args.channels_last)
+        print(f"Teacher accuracy on {len(dataset_val)} test images: {teacher_stats['acc1']:.2f}%")
+        student_stats = evaluate(data_loader_val, model, device, amp_dtype, args.channels_last)
+        print(f"Student accuracy on {len(dataset_val)} test images at the start: "
+              f"{student_stats['acc1']:.2f}%")
+        if args.eval:
+            return student_stats
 
     if args.eval:
         if data_loader_val is None:
@@ -358,7 +425,11 @@ def main(args):
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=nb_classes)
-    loss_fn = SupervisedLoss(build_criterion(args, mixup_active))
+    criterion = build_criterion(args, mixup_active)
+    if distilling:
+        loss_fn = build_distillation_loss(args, model_without_ddp, teacher, criterion, feature_loss_ddp)
+    else:
+        loss_fn = SupervisedLoss(criterion)
 
     lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch,
                                    warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps)
@@ -373,6 +444,8 @@ def main(args):
                  "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema}
         if model_ema is not None:
             state["model_ema"] = model_ema.module.state_dict()
+        if feature_loss is not None:
+            state["distill"] = feature_loss.state_dict()
         path = os.path.join(args.output_dir, name)
         save_on_master(state, path)
         return path

@@ -1,0 +1,262 @@
+"""Large-to-small kernel distillation (Huang et al., ICML 2023): a frozen SLaK teacher, a ConvNeXt
+student, and the losses between them.
+
+``main.py --distill_type {None,KD,NKD,FD,KD_FD,NKD_FD}`` trains the student ``--model_s`` with
+:class:`DistillationLoss`, which has the training loop's loss interface
+``loss_fn(model, samples, targets) -> (loss, student_logits)``: it runs the teacher without
+autograd, the student with it, and combines
+
+- ``KD``: :class:`KDLoss`, Hinton's distillation at temperature ``--T`` weighted by ``--alpha``
+  (or ``--hard``: half cross-entropy with the labels, half with the teacher's predicted class);
+- ``NKD``: :class:`NKDLoss`, normalized KD; it replaces the supervised loss, as in the original;
+- ``FD``: :class:`FeatureDistillLoss` between the last-stage feature maps, weighted by ``--lr_fd``
+  and added to the supervised loss (``FD``), to KD (``KD_FD``) or to NKD (``NKD_FD``);
+- ``None``: the supervised loss only (the student trained alone, as a baseline).
+
+Targets are class indices ``(N,)`` or, under Mixup/CutMix, class probabilities ``(N, C)``; the
+losses that need one class per image take the most probable one.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["DISTILL_TYPES", "STUDENT_OVERRIDES", "KDLoss", "NKDLoss", "FeatureDistillLoss",
+           "LastStageTap", "DistillationLoss", "freeze", "add_param_groups"]
+
+DISTILL_TYPES = ["None", "KD", "NKD", "FD", "KD_FD", "NKD_FD"]
+
+# The student is the SLaK family at ConvNeXt settings: 7x7 kernels everywhere, no small branch
+# (100 > 7), no decomposition, width 1 (the paper's ConvNeXt-T/S students).
+STUDENT_OVERRIDES = dict(kernel_size=[7, 7, 7, 7, 100], width_factor=1.0, Decom=False)
+
+
+def target_classes(target):
+    """``(N,)`` class indices from class indices or from ``(N, C)`` (mixed) class probabilities."""
+    return target.argmax(dim=1) if target.ndim == 2 else target
+
+
+class KDLoss(nn.Module):
+    """Knowledge distillation (Hinton et al., 2015).
+
+    Args:
+        temperature: softmax temperature T of both distributions.
+        alpha: weight of the distillation term; the supervised term gets ``1 - alpha``.
+        hard: distil the teacher's predicted class instead of its distribution.
+        criterion: supervised loss ``(logits, target) -> scalar``; default cross-entropy, which
+            takes class indices or class probabilities.
+
+    ``forward(student_logits (N, C), teacher_logits (N, C), target)`` returns a scalar:
+    ``alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * criterion(s, target)``
+    (KL averaged over the batch), or with ``hard``
+    ``0.5 * criterion(s, target) + 0.5 * CE(s, argmax t)``.
+    """
+
+    def __init__(self, temperature=1.0, alpha=1.0, hard=False, criterion=None):
+        super().__init__()
+        self.temperature, self.alpha, self.hard = float(temperature), float(alpha), hard
+        self.criterion = criterion if criterion is not None else F.cross_entropy
+
+    def forward(self, student_logits, teacher_logits, target):
+        student_logits, teacher_logits = student_logits.float(), teacher_logits.detach().float()
+        if self.hard:
+            return 0.5 * self.criterion(student_logits, target) + \
+                0.5 * F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
+        T = self.temperature
+        loss = self.alpha * T * T * F.kl_div(F.log_softmax(student_logits / T, dim=1),
+                                             F.log_softmax(teacher_logits / T, dim=1),
+                                             reduction="batchmean", log_target=True)
+        if self.alpha != 1.0:
+            loss = loss + (1.0 - self.alpha) * self.criterion(student_logits, target)
+        return loss
+
+
+class NKDLoss(nn.Module):
+    """Normalized KD (Yang et al., "Rethinking Knowledge Distillation via Cross-Entropy").
+
+    Args:
+        temperature: temperature T of the non-target distributions (``--T``).
+        gamma: weight of the non-target term.
+
+    ``forward(student_logits (N, C), teacher_logits (N, C), target)`` returns the batch mean of
+    ``-p_t[y] * log p_s[y]  -  gamma * T^2 * sum_{k != y} q_t[k] * log q_s[k]``, where ``y`` is the
+    target class, ``p`` the softmax at temperature 1 and ``q`` the softmax at temperature T over
+    the non-target classes only (renormalised without ``y``).
+    """
+
+    def __init__(self, temperature=1.0, gamma=1.0):
+        super().__init__()
+        self.temperature, self.gamma = float(temperature), float(gamma)
+
+    def forward(self, student_logits, teacher_logits, target):
+        student_logits, teacher_logits = student_logits.float(), teacher_logits.detach().float()
+        if student_logits.shape[1] < 2:
+            raise ValueError("NKD needs at least two classes")
+        label = target_classes(target).view(-1, 1)
+        log_p_student = F.log_softmax(student_logits, dim=1).gather(1, label)
+        p_teacher = F.softmax(teacher_logits, dim=1).gather(1, label)
+        target_term = -(p_teacher * log_p_student).mean()
+
+        # Dropping the target logit (-inf) renormalises the softmax over the other classes.
+        is_target = torch.zeros_like(student_logits, dtype=torch.bool).scatter_(1, label, True)
+        T = self.temperature
+        log_q_student = F.log_softmax(student_logits.masked_fill(is_target, float("-inf")) / T, dim=1)
+        q_teacher = F.softmax(teacher_logits.masked_fill(is_target, float("-inf")) / T, dim=1)
+        # 0 * log 0 at the target position is defined as 0 (masked before the product).
+        non_target_term = -(q_teacher * log_q_student.masked_fill(is_target, 0.0)).sum(dim=1).mean()
+        return target_term + self.gamma * T * T * non_target_term
+
+
+class FeatureDistillLoss(nn.Module):
+    """Feature distillation between the last-stage maps, through a trainable 1x1 projection.
+
+    Args:
+        student_channels: channels of the student's map.
+        teacher_channels: channels of the teacher's map; when they differ, a 1x1 convolution
+            (``projector``, trained with the student and saved with it) maps student to teacher
+            width, otherwise ``projector`` is the identity.
+        loss_type: ``"SmoothL1"`` (Huber with ``beta``) or ``"MSE"``.
+        beta: SmoothL1 threshold between the quadratic and the linear part.
+
+    ``forward(student_features (N, Cs, H, W), teacher_features (N, Ct, H, W), target=None)``
+    returns the element mean of the loss between ``projector(student)`` and the teacher map
+    (``target`` is unused; it keeps the losses' common signature).
+    """
+
+    def __init__(self, student_channels, teacher_channels, loss_type="SmoothL1", beta=2.0):
+        super().__init__()
+        if loss_type not in ("SmoothL1", "MSE"):
+            raise ValueError(f"loss_type {loss_type!r}: use 'SmoothL1' or 'MSE'")
+        self.loss_type, self.beta = loss_type, float(beta)
+        self.projector = nn.Conv2d(student_channels, teacher_channels, kernel_size=1) \
+            if student_channels != teacher_channels else nn.Identity()
+
+    def forward(self, student_features, teacher_features, target=None):
+        projected = self.projector(student_features).float()
+        teacher_features = teacher_features.detach().float()
+        if projected.shape != teacher_features.shape:
+            raise ValueError(f"feature distillation compares maps of the same shape; the projected "
+                             f"student map is {tuple(projected.shape)} and the teacher's "
+                             f"{tuple(teacher_features.shape)}")
+        if self.loss_type == "MSE":
+            return F.mse_loss(projected, teacher_features)
+        return F.smooth_l1_loss(projected, teacher_features, beta=self.beta)
+
+
+class LastStageTap:
+    """Keeps the output of ``model.stages[-1]`` (the map FD compares) from forwards run inside
+    ``with tap:``, so the student can be called through DDP or ``torch.compile`` as ``model(x)``.
+    """
+
+    def __init__(self, model):
+        self.output, self.active = None, False
+        self.handle = model.stages[-1].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        if self.active:
+            self.output = output
+
+    def __enter__(self):
+        self.active, self.output = True, None
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+    def take(self):
+        """The kept map (the reference is dropped here, so it lives only as long as the caller's)."""
+        output, self.output = self.output, None
+        if output is None:
+            raise RuntimeError("no last-stage output was recorded; run the model inside `with tap:`")
+        return output
+
+
+def freeze(model):
+    """Eval mode and no parameter gradients, for the teacher; returns ``model``."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def add_param_groups(optimizer, module, weight_decay):
+    """Add ``module``'s trainable parameters to ``optimizer`` (weights decayed, biases not) with
+    the keys the training loop's schedule reads (``lr_scale``, ``scheduled_weight_decay``)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for group_params, decay in (([p for p in params if p.ndim > 1], weight_decay),
+                                ([p for p in params if p.ndim <= 1], 0.0)):
+        if group_params:
+            optimizer.add_param_group({"params": group_params, "weight_decay": decay,
+                                       "lr_scale": 1.0, "scheduled_weight_decay": decay > 0})
+
+
+class DistillationLoss:
+    """The training loss in distillation mode: ``(model, samples, targets) -> (loss, logits)``.
+
+    Args:
+        distill_type: one of :data:`DISTILL_TYPES`.
+        student: the bare student (``model`` may be it or its DDP/compiled wrapper).
+        teacher: the frozen teacher, or None for ``"None"``.
+        criterion: the student's supervised loss ``(logits, target) -> scalar``.
+        logit_loss: :class:`KDLoss` or :class:`NKDLoss` for ``*KD*`` types, else None.
+        feature_loss: :class:`FeatureDistillLoss` (or a DDP wrapper of it) for ``*FD`` types.
+        feature_weight: weight of the feature loss (``--lr_fd``).
+
+    The teacher runs under ``torch.no_grad`` (no activations kept for backward); the returned
+    logits are the student's.
+    """
+
+    def __init__(self, distill_type, student, teacher, criterion, logit_loss=None,
+                 feature_loss=None, feature_weight=1.0):
+        if distill_type not in DISTILL_TYPES:
+            raise ValueError(f"distill_type {distill_type!r}: use one of {DISTILL_TYPES}")
+        uses_teacher = distill_type != "None"
+        if uses_teacher and teacher is None:
+            raise ValueError(f"distill_type {distill_type} needs a teacher")
+        if ("KD" in distill_type) != (logit_loss is not None):
+            raise ValueError(f"distill_type {distill_type}: logit_loss must be given exactly for KD/NKD")
+        if distill_type.endswith("FD") != (feature_loss is not None):
+            raise ValueError(f"distill_type {distill_type}: feature_loss must be given exactly for *FD")
+        self.distill_type, self.criterion = distill_type, criterion
+        self.teacher = freeze(teacher) if uses_teacher else None
+        self.logit_loss, self.feature_loss, self.feature_weight = logit_loss, feature_loss, feature_weight
+        self.student_tap = self.teacher_tap = None
+        if feature_loss is not None:
+            self.student_tap, self.teacher_tap = LastStageTap(student), LastStageTap(teacher)
+
+    def __call__(self, model, samples, targets):
+        if self.teacher is None:
+            logits = model(samples)
+            return self.criterion(logits, targets), logits
+        with torch.no_grad():
+            if self.teacher_tap is None:
+                teacher_logits = self.teacher(samples)
+            else:
+                with self.teacher_tap:
+                    teacher_logits = self.teacher(samples)
+                teacher_features = self.teacher_tap.take()
+        if self.student_tap is None:
+            logits = model(samples)
+        else:
+            with self.student_tap:
+                logits = model(samples)
+            student_features = self.student_tap.take()
+
+        if self.logit_loss is not None:
+            loss = self.logit_loss(logits, teacher_logits, targets)
+        else:
+            loss = self.criterion(logits, targets)
+        if self.feature_loss is not None:
+            loss = loss + self.feature_weight * self.feature_loss(student_features, teacher_features,
+                                                                  targets)
+        return loss, logits
+
+
+def build_distillation_loss(args, student, teacher, criterion, feature_loss=None):
+    """:class:`DistillationLoss` from main.py's flags (``feature_loss`` built beforehand, since
+    its projection must be in the optimizer and the checkpoint)."""
+    logit_loss = None
+    if args.distill_type.startswith("KD"):
+        logit_loss = KDLoss(args.T, args.alpha, args.hard, criterion)
+    elif args.distill_type.startswith("NKD"):
+        logit_loss = NKDLoss(args.T)
+    return DistillationLoss(args.distill_type, student, teacher, criterion, logit_loss,
+                            feature_loss, args.lr_fd)
