@@ -206,3 +206,33 @@ def test_51_kernels_have_a_larger_erf_than_7_kernels():
         area[kernels[0]] = next(row["area_ratio"] for row in table if row["threshold"] == 0.5)
     # Measured: about 0.39 against 0.20.
     assert area["51"] > 1.5 * area["7"], area
+
+
+def test_official_convnext_checkpoint_loads_into_the_convnext_layout(tmp_path):
+    """facebookresearch/ConvNeXt names its 7x7 convolution ``dwconv`` (biased, no BatchNorm)."""
+    args = visualize_erf.get_args_parser().parse_args(
+        ["--model", "ConvNeXt", "--data_path", ".", "--width_factor", "0.25", "--depths", "1", "1",
+         "1", "1"])
+    import timm
+
+    import SLaK  # noqa: F401  (registers SLaK_tiny with timm)
+
+    torch.manual_seed(0)
+    deploy = timm.create_model("SLaK_tiny", kernel_size=[7, 7, 7, 7, 100], width_factor=0.25,
+                               depths=[1, 1, 1, 1], deploy=True)
+    official = {k.replace(".large_kernel.lkb_origin.conv.", ".dwconv."): v
+                for k, v in deploy.state_dict().items()}
+    assert any(".dwconv.bias" in k for k in official)
+    torch.save(official, tmp_path / "convnext.pth")
+    args.weights = str(tmp_path / "convnext.pth")
+    model = visualize_erf.build_model(args).eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x), deploy.eval().forward_stages(x)[-1])
+
+
+def test_resnet_last_feature_map_with_random_init():
+    args = visualize_erf.get_args_parser().parse_args(
+        ["--model", "resnet101", "--data_path", ".", "--random_init"])
+    model = visualize_erf.build_model(args).eval()
+    erf = visualize_erf.compute_erf(model, torch.randn(1, 3, 96, 96))
+    assert erf.shape == (96, 96) and erf.max() > 0
