@@ -144,13 +144,11 @@ def _load_into(model, state_dict, what):
 def _resnet(name, weights_path, random_init):
     import torchvision
 
-    model = getattr(torchvision.models, name)(weights=None)
     if weights_path:
         from SLaK import checkpoint_filter_fn
-        _load_into(model, checkpoint_filter_fn(_load_checkpoint(weights_path)), name)
-        print(f"{name}: loaded --weights {weights_path}")
+        state_dict, source = checkpoint_filter_fn(_load_checkpoint(weights_path)), "--weights"
     elif random_init:
-        print(f"{name}: randomly initialised (--random_init); the ERF is not that of a trained model")
+        state_dict, source = None, None
     else:
         # torchvision's own download cache; never download here, so that offline runs say why.
         enum = getattr(torchvision.models, {"resnet101": "ResNet101_Weights",
@@ -162,8 +160,14 @@ def _resnet(name, weights_path, random_init):
             raise ERFError(f"{name}: torchvision's ImageNet weights are not in {cache} and are not "
                            f"downloaded here; pass --weights FILE (e.g. {enum.IMAGENET1K_V1.url}), "
                            f"put that file in {cache}, or use --random_init")
-        model.load_state_dict(torch.load(found, map_location="cpu", weights_only=True))
-        print(f"{name}: loaded torchvision weights {found}")
+        state_dict, source = torch.load(found, map_location="cpu", weights_only=True), "torchvision weights"
+        weights_path = found
+    model = getattr(torchvision.models, name)(weights=None)
+    if state_dict is None:
+        print(f"{name}: randomly initialised (--random_init); the ERF is not that of a trained model")
+    else:
+        _load_into(model, state_dict, name)
+        print(f"{name}: loaded {source} {weights_path}")
     # Everything up to (not including) the global pooling and the classifier.
     return nn.Sequential(*list(model.children())[:-2])
 

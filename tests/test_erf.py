@@ -234,5 +234,5 @@ def test_resnet_last_feature_map_with_random_init():
     args = visualize_erf.get_args_parser().parse_args(
         ["--model", "resnet101", "--data_path", ".", "--random_init"])
     model = visualize_erf.build_model(args).eval()
-    erf = visualize_erf.compute_erf(model, torch.randn(1, 3, 96, 96))
-    assert erf.shape == (96, 96) and erf.max() > 0
+    erf = visualize_erf.compute_erf(model, torch.randn(1, 3, 64, 64))
+    assert erf.shape == (64, 64) and erf.max() > 0
