@@ -1,0 +1,87 @@
+# UperNet with a SLaK-T backbone (51x51 kernels, decomposed, width x1.3) on ADE20K, 512x512 crops,
+# 160k iterations of 16 images (4 GPUs x 4). The data pipeline, runtime and schedule skeleton are
+# MMSegmentation's own base configs (resolved from the installed package through `mmseg::`).
+_base_ = [
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+]
+# Registers type='SLaK' and the layer-decay constructor; needs this repository on PYTHONPATH
+# (segmentation/train.py and segmentation/test.py put it there).
+custom_imports = dict(imports=['segmentation.slak'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+# An ImageNet checkpoint of SLaK.py's model (main.py writes {'model': state_dict, ...}); the
+# classifier is dropped on load. Leave None to train from scratch.
+checkpoint_file = None
+
+model = dict(
+    type='EncoderDecoder',
+    data_preprocessor=dict(
+        type='SegDataPreProcessor',
+        mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375],
+        bgr_to_rgb=True,
+        pad_val=0,
+        seg_pad_val=255,
+        size=crop_size),
+    backbone=dict(
+        type='SLaK',
+        in_chans=3,
+        depths=[3, 3, 9, 3],
+        dims=[96, 192, 384, 768],
+        width_factor=1.3,
+        kernel_size=[51, 49, 47, 13, 5],
+        Decom=True,
+        sparse=True,
+        drop_path_rate=0.4,
+        layer_scale_init_value=1.0,
+        out_indices=[0, 1, 2, 3],
+        pretrained=checkpoint_file),
+    decode_head=dict(
+        type='UPerHead',
+        in_channels=[124, 249, 499, 998],  # int(d * 1.3) for the backbone dims
+        in_index=[0, 1, 2, 3],
+        pool_scales=(1, 2, 3, 6),
+        channels=512,
+        dropout_ratio=0.1,
+        num_classes=150,
+        norm_cfg=norm_cfg,
+        align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    auxiliary_head=dict(
+        type='FCNHead',
+        in_channels=499,  # stage 2 of the backbone
+        in_index=2,
+        channels=256,
+        num_convs=1,
+        concat_input=False,
+        dropout_ratio=0.1,
+        num_classes=150,
+        norm_cfg=norm_cfg,
+        align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
+    train_cfg=dict(),
+    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(341, 341)))
+
+# AdamW with stage-wise learning-rate decay (0.9 per stage from the head down), mixed precision.
+optim_wrapper = dict(
+    _delete_=True,
+    type='AmpOptimWrapper',
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    constructor='SLaKLayerDecayOptimizerConstructor',
+    paramwise_cfg=dict(decay_rate=0.9, decay_type='stage_wise', num_layers=6),
+    loss_scale='dynamic')
+
+max_iters = 160000
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
+    dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=1500, end=max_iters),
+]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=16000)
+default_hooks = dict(checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=16000))
+
+train_dataloader = dict(batch_size=4)
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader
