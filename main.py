@@ -336,6 +336,9 @@ def main(args):
 
     if distilling:
         resume_path = (latest_checkpoint(args.output_dir) if args.distill_resume else None) or ""
+        if not args.distill_resume and latest_checkpoint(args.output_dir):
+            print(f"Note: {args.output_dir} holds checkpoints that this run will not continue from "
+                  f"(and may replace); pass --distill_resume to continue the student")
     else:
         if args.auto_resume and not args.resume and args.output_dir:
             args.resume = latest_checkpoint(args.output_dir) or ""
@@ -378,7 +381,8 @@ def main(args):
             try:
                 optimizer.load_state_dict(checkpoint["optimizer"])
             except ValueError as exc:  # e.g. the original release's differently grouped optimizer
-                raise ConfigError(f"--resume {resume_path}: its optimizer state does not match this "
+                raise ConfigError(f"{'--distill_resume' if distilling else '--resume'} {resume_path}: "
+                                  f"its optimizer state does not match this "
                                   f"run's parameter groups ({exc}); use --finetune to start from its "
                                   f"weights with a fresh optimizer") from None
             if "scaler" in checkpoint and scaler.is_enabled():
