@@ -13,7 +13,10 @@ per-training-step totals (each stage's three branches times its number of blocks
 convolutions for SLaK-T). ``--step`` also times one whole step's 54 convolutions back to back
 (separate tensors per block, as in training), which includes launch overheads.
 
-    python benchmarks/lk_conv.py --batch 64 --models T --check --step --json-out lk.jsonl
+``--profile`` adds, for ours, the GPU time of the kernels alone (torch.profiler), i.e. the
+cost once launch overheads are hidden by CUDA graphs or ``torch.compile``.
+
+    python benchmarks/lk_conv.py --batch 64 --models T --check --step --profile --json-out lk.jsonl
 """
 import argparse
 import json
@@ -74,6 +77,28 @@ def time_case(impl, n, c, size, kernel, dtype):
     return bench(fwd), bench(fwd_bwd, (x, w))
 
 
+def profile_case(n, c, size, kernel, dtype, iters=5):
+    """GPU time per kernel (microseconds per forward+backward) of ours, from the profiler:
+    what the convolution costs once launch overheads are hidden (CUDA graphs, compile)."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(n, c, size, size, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.randn(c, 1, *kernel, device="cuda", dtype=dtype) * 0.05).requires_grad_()
+    gy = torch.randn(n, c, size, size, device="cuda", dtype=dtype)
+    for _ in range(2):
+        depthwise_conv2d(x, w).backward(gy)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            depthwise_conv2d(x, w).backward(gy)
+        torch.cuda.synchronize()
+    kernels = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            name = evt.name[:48]
+            kernels[name] = kernels.get(name, 0.0) + evt.time_range.elapsed_us() / iters
+    return kernels
+
+
 def check_case(c, size, kernel, dtype):
     """Relative errors (forward, input grad, weight grad) at batch 2 against float64 cuDNN."""
     x = torch.randn(2, c, size, size, device="cuda", dtype=torch.float64)
@@ -115,6 +140,8 @@ def main():
     p.add_argument("--no-cudnn", action="store_true", help="time our kernels only")
     p.add_argument("--check", action="store_true", help="also check accuracy at batch 2")
     p.add_argument("--step", action="store_true", help="also time whole steps back to back")
+    p.add_argument("--profile", action="store_true",
+                   help="also report ours' GPU time per kernel (profiler), without launch gaps")
     p.add_argument("--variants", nargs="*", default=[],
                    help="extra launch configurations to time for ours, as JSON dicts for "
                         "op.tile_override, e.g. '{\"num_stages\": 3}'")
@@ -156,6 +183,12 @@ def main():
                     for pas, ms in (("fwd", f_ms), ("fwdbwd", fb_ms)):
                         key = (model, dt_name, name, pas)
                         totals[key] = totals.get(key, 0.0) + ms * blocks
+                if args.profile:
+                    kernels = profile_case(args.batch, c, size, kernel, dtype)
+                    rec["ours_gpu_kernels_us"] = kernels
+                    rec["ours_gpu_fwdbwd_ms"] = sum(kernels.values()) / 1e3
+                    key = (model, dt_name, "ours", "gpu")
+                    totals[key] = totals.get(key, 0.0) + rec["ours_gpu_fwdbwd_ms"] * blocks
                 if "cudnn_fwd_ms" in rec:
                     rec["speedup_fwd"] = rec["cudnn_fwd_ms"] / rec["ours_fwd_ms"]
                     rec["speedup_fwdbwd"] = rec["cudnn_fwdbwd_ms"] / rec["ours_fwdbwd_ms"]
@@ -172,7 +205,8 @@ def main():
     print(f"\nPer-step totals, ms (sum over the 3 branches x blocks; batch {args.batch}, "
           f"{env['device']}, torch {env['torch']}, cuDNN {env['cudnn']}, triton {env['triton']})")
     names = sorted({k[2] for k in totals}, key=lambda s: (s != "cudnn", s))
-    passes = ["fwd", "fwdbwd"] + (["step"] if args.step else [])
+    passes = ["fwd", "fwdbwd"] + (["step"] if args.step else []) + (
+        ["gpu"] if args.profile else [])
     header = "model  dtype " + "".join(f"{n + ' ' + p:>26}" for n in names for p in passes)
     print(header)
     for model in args.models:

@@ -129,21 +129,25 @@ def dwconv_fwd_kernel(
 
 
 def dwconv_wgrad_kernel(
-    x_ptr, dy_ptr, part_ptr, scratch_ptr,
-    N, C, LA, LB, KA, KB, N_KCHUNK, SPLIT_M,
+    x_ptr, dy_ptr, dw_ptr, scratch_ptr,
+    N, LA, LB, KA, KB, N_KCHUNK, SPLIT_M,
     sxn, sxc, sxa, sxb,
     sdn, sdc, sda, sdb,
+    swslot, swc, swi, swj,
     LONG_IS_H: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    KA_PAD: tl.constexpr,
 ):
-    """Partial weight gradients ``part[slot, c, i, j]`` whose sum over ``slot`` is dL/dw[c, i, j].
+    """Weight gradient, or partial ones: ``dw[slot, c, i, j]`` summed over ``slot`` is
+    dL/dw[c, i, j] (tap ``i`` of the short axis, ``j`` of the long one; any strides).
 
-    For kernel row ``i`` (short axis) the program forms ``G[k, a] = sum_m x[m + i - KB//2, k] *
-    dy[m, a]`` over its share of the lines ``m`` (a GEMM with M as the reduction), then sums
+    For kernel row ``i`` the program forms ``G[k, a] = sum_m x[m + i - KB//2, k] * dy[m, a]``
+    over its share of the lines ``m`` (a GEMM whose reduction runs over the lines), then sums
     ``G`` along its diagonals: tap ``j = k - a + KA//2``. ``slot`` enumerates (output block,
-    input chunk, line split), so no two programs write the same element and the final sum is
-    deterministic. Grid: ``(C * KB, cdiv(LA, BLOCK_A) * N_KCHUNK, SPLIT_M)``.
+    band chunk, line split); every program writes all ``KA`` taps of its own slot (zeros where
+    its chunk holds none), so no element is written twice, nothing needs zero-filling, and the
+    final sum over slots is deterministic. Grid: ``(C * KB, cdiv(LA, BLOCK_A) * N_KCHUNK,
+    SPLIT_M)``.
     """
     pid_ci = tl.program_id(0)
     pid_ak = tl.program_id(1)
@@ -155,18 +159,21 @@ def dwconv_wgrad_kernel(
     PA = KA // 2
     PB = KB // 2
 
+    # As in the forward pass only input positions inside both the band and the image are
+    # visited: for images up to 64 wide that is one chunk, whatever the kernel length.
     a0 = a_blk * BLOCK_A
-    k0 = a0 - PA + k_chunk * BLOCK_K
+    k_lo = tl.maximum(a0 - PA, 0)
+    k_hi = tl.minimum(a0 + BLOCK_A + PA, LA)
+    k0 = k_lo + k_chunk * BLOCK_K
     a = a0 + tl.arange(0, BLOCK_A)
     k = k0 + tl.arange(0, BLOCK_K)
     a_ok = a < LA
-    k_ok = (k >= 0) & (k < LA)
+    k_ok = k < k_hi
 
     n_lines = N * LB
-    # A chunk entirely outside the image contributes nothing: give it an empty line range
-    # (its slot then receives zeros), which keeps the control flow uniform.
-    useful = (k0 + BLOCK_K > 0) & (k0 < LA)
-    m_start = tl.where(useful, pid_s * BLOCK_M, n_lines)
+    # A chunk past the band gets an empty line range (its slot receives zeros), which keeps
+    # the control flow uniform.
+    m_start = tl.where(k0 < k_hi, pid_s * BLOCK_M, n_lines)
 
     x_base = x_ptr + c * sxc
     dy_base = dy_ptr + c * sdc
@@ -200,24 +207,22 @@ def dwconv_wgrad_kernel(
             g = tl.dot(tl.trans(xt), dyt, g, input_precision=DOT_PRECISION)
 
     # Diagonal sums of G through a per-program scratch tile: written once, then read back
-    # skewed (row e holds diagonal e), which costs one tile of L2 traffic instead of KA
-    # masked reductions over the whole tile.
+    # skewed so that row j holds the diagonal of tap j, which costs one tile of L1/L2 traffic
+    # instead of KA masked reductions over the whole tile.
     pid_lin = (pid_ci.to(tl.int64) * tl.num_programs(1) + pid_ak) * SPLIT_M + pid_s
     scratch = scratch_ptr + pid_lin * (BLOCK_K * BLOCK_A)
     rk = tl.arange(0, BLOCK_K)
     ra = tl.arange(0, BLOCK_A)
     tl.store(scratch + rk[:, None] * BLOCK_A + ra[None, :], g)
     tl.debug_barrier()
-    e = tl.arange(0, BLOCK_E)
-    kk = e[:, None] - (BLOCK_A - 1) + ra[None, :]
-    on_diag = (kk >= 0) & (kk < BLOCK_K)
-    diag = tl.load(scratch + kk * BLOCK_A + ra[None, :], mask=on_diag, other=0.0,
-                   cache_modifier=".cg")
+    j = tl.arange(0, KA_PAD)
+    kk = j[:, None] - PA - (k0 - a0) + ra[None, :]      # G row holding tap j in column ra
+    diag = tl.load(scratch + kk * BLOCK_A + ra[None, :], mask=(kk >= 0) & (kk < BLOCK_K),
+                   other=0.0, cache_modifier=".cg")
     dsum = tl.reduce(diag, 1, tl.standard._sum_combine)
-    tap = e - (BLOCK_A - 1) + (k0 - a0) + PA
     slot = pid_ak * SPLIT_M + pid_s
-    tl.store(part_ptr + ((slot * C + c) * KB + i) * KA + tap, dsum,
-             mask=(tap >= 0) & (tap < KA) & (e < BLOCK_K + BLOCK_A - 1))
+    tl.store(dw_ptr + slot * swslot + c * swc + i * swi + j * swj,
+             dsum.to(dw_ptr.dtype.element_ty), mask=j < KA)
 
 
 # Lazily compiled variants, keyed by "interpret" (see op.py).
@@ -236,7 +241,8 @@ def get_kernels(interpret):
         # unaligned anyway (shifted by taps), and one binary per tile configuration keeps
         # compilation to a few dozen kernels for all SLaK shapes. Unit strides still are.
         sizes = ["N", "C", "LA", "LB", "KA", "KB", "N_KCHUNK", "SPLIT_M"]
-        strides = [p + s for p in ("sx", "sy", "sd") for s in "ncb"] + ["swc", "swa", "swb"]
+        strides = [p + s for p in ("sx", "sy", "sd") for s in "ncb"] + [
+            "swc", "swa", "swb", "swslot", "swi", "swj"]
         fwd = triton.jit(dwconv_fwd_kernel, do_not_specialize=[
             a for a in sizes + strides if a in dwconv_fwd_kernel.__code__.co_varnames])
         wgrad = triton.jit(dwconv_wgrad_kernel, do_not_specialize=[

@@ -83,15 +83,18 @@ def _tiles(g, n_lines, dtype):
     * ``block_a`` (= ``block_k``): the long axis in one tile when it fits in 64 (the band of a
       51-tap kernel over a 56-wide image then costs one 64x64 Toeplitz block per tap), else
       64-wide tiles walking the band.
-    * ``block_m``: lines per program, so that one program's output tile holds about 8K
-      elements (enough tensor-core work per Toeplitz gather), between 64 and 256.
+    * ``block_m``: lines per program, so that one program's output tile holds 8K elements
+      (enough tensor-core work per Toeplitz gather) for 32- and 64-wide tiles, 2K for 16-wide
+      ones (7- and 14-pixel maps, where more, smaller programs measured faster).
+    * ``num_warps``: 8 for 8K-element tiles, so that a thread holds 32 accumulators; with 4
+      the stage-1 and stage-2 shapes ran 1.5-3x slower on an H100 (BENCHMARKS.md).
     * ``block_m_wgrad``: the reduction chunk of the weight-gradient GEMM.
     """
     block_a = min(64, max(16, triton.next_power_of_2(g["LA"])))
-    block_m = min(256, max(64, 8192 // block_a))
+    block_m = 8192 // block_a if block_a >= 32 else 128
     block_m = min(block_m, max(16, triton.next_power_of_2(n_lines)))
     t = dict(block_a=block_a, block_m=block_m, block_m_wgrad=64 if dtype != torch.float32 else 32,
-             num_warps=4 if block_m * block_a <= 8192 else 8, num_stages=2)
+             num_warps=8 if block_m * block_a >= 8192 else 4, num_stages=2)
     if _TILE_OVERRIDE:
         t.update(_TILE_OVERRIDE)
     return t
@@ -148,7 +151,7 @@ def _num_sms(device):
 
 
 def _launch_grad_weight(grad, x, kh, kw):
-    """Weight gradient ``(C, 1, kh, kw)`` in float32 (the caller casts)."""
+    """Weight gradient ``(C, 1, kh, kw)`` in the dtype of ``x``."""
     x = _width_contiguous(x)
     grad = _width_contiguous(grad.to(x.dtype))
     N, C, H, W = x.shape
@@ -159,32 +162,38 @@ def _launch_grad_weight(grad, x, kh, kw):
     block_a = t["block_a"]
     block_m = min(t["block_m_wgrad"], max(16, triton.next_power_of_2(n_lines)))
     n_ablk = triton.cdiv(LA, block_a)
-    n_kchunk = triton.cdiv(block_a + 2 * (KA // 2), block_a)
+    # Chunks of the band clipped to the image (see the kernel): at most this many per block.
+    n_kchunk = triton.cdiv(min(block_a + 2 * (KA // 2), LA), block_a)
     programs = C * KB * n_ablk * n_kchunk
     # Split the line reduction only when there are too few programs to fill the GPU, and
     # keep at least four reduction steps per program to amortise its diagonal epilogue.
-    n_mtiles = triton.cdiv(n_lines, block_m)
+    n_mtiles = triton.cdiv(max(n_lines, 1), block_m)
     split = max(1, min(triton.cdiv(2 * _num_sms(x.device), programs), n_mtiles // 4))
-    part = torch.zeros((n_ablk * n_kchunk * split, C, KB, KA), device=x.device, dtype=torch.float32)
-    if n_lines > 0:
-        scratch = torch.empty(programs * split * block_a * block_a, device=x.device,
-                              dtype=torch.float32)
-        _, wgrad = get_kernels(_interpret() and not x.is_cuda)
-        a_dim, b_dim = g["a_dim"], g["b_dim"]
-        wgrad[(C * KB, n_ablk * n_kchunk, split)](
-            x, grad, part, scratch,
-            N, C, LA, g["LB"], KA, KB, n_kchunk, split,
-            x.stride(0), x.stride(1), x.stride(a_dim), x.stride(b_dim),
-            grad.stride(0), grad.stride(1), grad.stride(a_dim), grad.stride(b_dim),
-            LONG_IS_H=g["long_is_h"], **_dot_args(x),
-            BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_K=block_a,
-            BLOCK_E=triton.next_power_of_2(2 * block_a),
-            num_warps=t["num_warps"] if block_a >= 64 else 4, num_stages=t["num_stages"])
-        launch_counts["grad_weight"] += 1
-    dw = part.sum(0)                       # (C, KB, KA)
-    if g["long_is_h"]:
-        dw = dw.transpose(1, 2)            # (C, kh, kw)
-    return dw.unsqueeze(1).contiguous()
+    n_slots = n_ablk * n_kchunk * split
+    if n_slots == 1:   # the common case (images up to 64 wide): the kernel writes dw itself
+        dw = torch.empty((C, 1, kh, kw), device=x.device, dtype=x.dtype)
+        out = dw.unsqueeze(0)
+    else:
+        out = torch.empty((n_slots, C, 1, kh, kw), device=x.device, dtype=torch.float32)
+    if n_lines == 0:
+        return torch.zeros((C, 1, kh, kw), device=x.device, dtype=x.dtype)
+    # Kernel taps (i, j) are (short, long) axis; the weight's last two dims are (kh, kw).
+    s_i, s_j = (out.stride(4), out.stride(3)) if g["long_is_h"] else (out.stride(3), out.stride(4))
+    scratch = torch.empty(programs * split * block_a * block_a, device=x.device,
+                          dtype=torch.float32)
+    _, wgrad = get_kernels(_interpret() and not x.is_cuda)
+    a_dim, b_dim = g["a_dim"], g["b_dim"]
+    wgrad[(C * KB, n_ablk * n_kchunk, split)](
+        x, grad, out, scratch,
+        N, LA, g["LB"], KA, KB, n_kchunk, split,
+        x.stride(0), x.stride(1), x.stride(a_dim), x.stride(b_dim),
+        grad.stride(0), grad.stride(1), grad.stride(a_dim), grad.stride(b_dim),
+        out.stride(0), out.stride(1), s_i, s_j,
+        LONG_IS_H=g["long_is_h"], **_dot_args(x),
+        BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_K=block_a,
+        KA_PAD=triton.next_power_of_2(KA), num_warps=4, num_stages=t["num_stages"])
+    launch_counts["grad_weight"] += 1
+    return dw if n_slots == 1 else out.sum(0).to(x.dtype)
 
 
 def _check(x, weight, bias):
@@ -237,7 +246,7 @@ def dwconv2d_grad_weight(grad: Tensor, x: Tensor, kernel_h: int, kernel_w: int) 
     """Weight gradient ``(C, 1, kernel_h, kernel_w)`` (dtype of ``x``) from the output
     gradient and the input, both ``(N, C, H, W)``."""
     if _use_triton(x):
-        return _launch_grad_weight(grad, x, kernel_h, kernel_w).to(x.dtype)
+        return _launch_grad_weight(grad, x, kernel_h, kernel_w)
     # Only the weight's shape matters for the weight gradient.
     weight = x.new_zeros((x.shape[1], 1, kernel_h, kernel_w))
     _, dw, _ = depthwise_conv2d_reference_grads(x, weight, None, grad.to(x.dtype))
