@@ -1,0 +1,483 @@
+"""Dynamic sparse training: masks, initial densities, prune/regrow, and their bookkeeping.
+
+``Masking`` keeps one bool mask per sparsified weight, keyed by the parameter's name in
+``model.state_dict()``. Which weights: every 2-D and 4-D parameter (conv and linear weights), or
+with ``only_L`` only the large-kernel branch convolutions (``LoRA1``/``LoRA2``, and
+``lkb_origin`` for models built without ``Decom``). A layer whose density ends at >= 0.99 is
+left dense and gets no mask.
+
+Life cycle (as ``main.py``/``engine.py`` drive it)::
+
+    masking = Masking(model, optimizer, args, total_steps)
+    masking.init(images, targets, criterion)     # or masking.load_masks(ckpt["masks"])
+    for each optimizer step:
+        scaler.step(optimizer); ...
+        stats = masking.step()                   # dict on adaptation steps, else None
+        ema.update(model); masking.mask_ema(ema.module)
+
+``step()`` re-applies the masks to the weights and to the optimizer state of the same shape
+(AdamW moments, SGD momentum) after every optimizer step, whatever the precision and also when a
+fp16 ``GradScaler`` skipped the step. Every ``update_frequency`` steps (unless ``fix``) each
+layer loses the ``prune_rate`` fraction of its active weights with the smallest magnitude and
+regrows as many (``random``: uniformly at random, ``gradient``: largest |grad| of the step just
+taken, ``momentum``: largest |running mean of the gradient|); regrown weights and their optimizer
+state start at zero. ``prune_rate`` follows a cosine decay from ``args.prune_rate`` to 0 over
+``total_steps``.
+
+Distributed training: all randomness comes from one generator seeded with ``args.seed`` (the
+same on every rank) and the decisions use weights and gradients that DDP keeps identical, so
+every rank computes the same masks; as a safety net rank 0's result is broadcast once per mask
+decision (once at init and once per adaptation, one packed uint8 tensor), never per step.
+
+The prune and grow rules are small pure functions (tensors in, mask out) in ``PRUNE`` and
+``GROWTH``, selected by ``args.prune`` and ``args.growth``.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Masking", "PRUNE", "GROWTH", "magnitude_prune", "random_growth", "gradient_growth",
+           "momentum_growth", "erk_densities", "fit_densities", "sparsifiable", "DENSE_THRESHOLD"]
+
+# A layer whose density would end at or above this is kept dense (no mask).
+DENSE_THRESHOLD = 0.99
+_LARGE_KERNEL_BRANCHES = ("LoRA1", "LoRA2", "lkb_origin")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure prune / grow rules: (tensors, mask, count) -> new mask. They never modify their inputs.
+# --------------------------------------------------------------------------------------------
+
+def _drop_smallest(score, mask, n):
+    """``mask`` without the ``n`` active entries of smallest ``score``."""
+    new = mask.clone()
+    if n <= 0:
+        return new
+    flat = score.detach().flatten().float().masked_fill(~mask.flatten(), float("inf"))
+    idx = torch.topk(flat, n, largest=False, sorted=False).indices
+    new.view(-1)[idx] = False
+    return new
+
+
+def _add_largest(score, mask, n):
+    """``mask`` plus the ``n`` inactive entries of largest ``score``."""
+    new = mask.clone()
+    if n <= 0:
+        return new
+    flat = score.detach().flatten().float().masked_fill(mask.flatten(), float("-inf"))
+    idx = torch.topk(flat, n, largest=True, sorted=False).indices
+    new.view(-1)[idx] = True
+    return new
+
+
+def magnitude_prune(weight, mask, n):
+    """Deactivate the ``n`` active weights of smallest magnitude."""
+    return _drop_smallest(weight.abs(), mask, n)
+
+
+def random_growth(mask, n, *, generator, **_):
+    """Activate ``n`` inactive entries chosen uniformly at random (from ``generator``)."""
+    score = torch.rand(mask.shape, generator=generator, device=mask.device)
+    return _add_largest(score, mask, n)
+
+
+def gradient_growth(mask, n, *, grad, **_):
+    """Activate the ``n`` inactive entries with the largest |gradient|."""
+    return _add_largest(grad.abs(), mask, n)
+
+
+def momentum_growth(mask, n, *, momentum, **_):
+    """Activate the ``n`` inactive entries with the largest |gradient momentum|."""
+    return _add_largest(momentum.abs(), mask, n)
+
+
+PRUNE = {"magnitude": magnitude_prune}
+GROWTH = {"random": random_growth, "gradient": gradient_growth, "momentum": momentum_growth}
+
+
+# --------------------------------------------------------------------------------------------
+# Layer densities
+# --------------------------------------------------------------------------------------------
+
+def sparsifiable(model, only_L=False):
+    """``{name: parameter}`` of the weights that may be sparsified, in ``state_dict`` order."""
+    names = set(model.state_dict().keys())
+    chosen = {}
+    for name, p in model.named_parameters():
+        if name not in names or p.dim() not in (2, 4):
+            continue
+        if only_L and not (name.endswith(".conv.weight")
+                           and any(f".{b}." in f".{name}" for b in _LARGE_KERNEL_BRANCHES)):
+            continue
+        chosen[name] = p
+    return chosen
+
+
+def fit_densities(raw, sizes, target, threshold=DENSE_THRESHOLD):
+    """Scale per-layer densities so that their size-weighted mean is ``target``.
+
+    Layers whose scaled density reaches ``threshold`` become dense (1.0) and the others are
+    rescaled, repeated until consistent. ``raw`` and ``sizes`` are dicts keyed by layer name.
+    """
+    budget = target * sum(sizes.values())
+    dense = set()
+    while True:
+        free = [k for k in raw if k not in dense]
+        left = budget - sum(sizes[k] for k in dense)
+        weight = sum(raw[k] * sizes[k] for k in free)
+        scale = left / weight if weight > 0 else 0.0
+        newly = {k for k in free if raw[k] * scale >= threshold}
+        if not newly or left <= 0:
+            break
+        dense |= newly
+    return {k: 1.0 if k in dense else max(0.0, min(1.0, raw[k] * scale)) for k in raw}
+
+
+def erk_densities(shapes, target):
+    """Erdős–Rényi-Kernel densities: proportional to ``sum(shape) / prod(shape)``."""
+    raw = {k: sum(s) / math.prod(s) for k, s in shapes.items()}
+    sizes = {k: math.prod(s) for k, s in shapes.items()}
+    return fit_densities(raw, sizes, target)
+
+
+def _random_mask(shape, density, generator, device):
+    """A mask with exactly ``round(density * numel)`` entries on, drawn at random."""
+    numel = math.prod(shape)
+    k = int(round(density * numel))
+    score = torch.rand(numel, generator=generator, device=device)
+    mask = torch.zeros(numel, dtype=torch.bool, device=device)
+    if k > 0:
+        mask[torch.topk(score, k, sorted=False).indices] = True
+    return mask.view(shape)
+
+
+def _is_dist():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_main():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _optimizer_state_tensors(optimizer, param):
+    """Tensors of ``optimizer``'s state for ``param`` shaped like it (moments, momentum)."""
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    return [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
+
+
+class Masking:
+    """Masks and dynamic sparse training for ``model``; see the module docstring.
+
+    Args:
+        model: the unwrapped ``nn.Module`` (not the DDP wrapper).
+        optimizer: the optimizer over its parameters (its state is masked too).
+        args: namespace with ``sparsity``, ``sparse_init``, ``growth``, ``prune``, ``prune_rate``,
+            ``update_frequency``, ``fix``, ``only_L``, ``redistribution``, ``verbose``, ``seed``.
+        total_steps: optimizer steps of the whole run (the prune-rate cosine decay's length).
+    """
+
+    def __init__(self, model, optimizer, args, total_steps):
+        self.model, self.optimizer = model, optimizer
+        self.density = 1.0 - float(args.sparsity)
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+        self.sparse_init = args.sparse_init
+        self.growth, self.prune = args.growth, getattr(args, "prune", "magnitude")
+        if self.growth not in GROWTH:
+            raise ValueError(f"--growth {self.growth}: choose one of {sorted(GROWTH)}")
+        if self.prune not in PRUNE:
+            raise ValueError(f"--prune {self.prune}: choose one of {sorted(PRUNE)}")
+        if getattr(args, "redistribution", "none") not in ("none", None):
+            raise ValueError(f"--redistribution {args.redistribution}: only 'none' is supported")
+        self.prune_rate = float(args.prune_rate)
+        self.update_frequency = max(1, int(args.update_frequency))
+        self.fix = bool(getattr(args, "fix", False))
+        self.verbose = bool(getattr(args, "verbose", False))
+        self.total_steps = max(1, int(total_steps))
+        self.params = sparsifiable(model, bool(getattr(args, "only_L", False)))
+        if not self.params:
+            raise ValueError("no weights to sparsify in this model (with --only-L: no "
+                             "LoRA1/LoRA2/lkb_origin convolutions)")
+        self.masks = {}
+        self.ever_active = {}
+        self.steps = 0
+        self.pending = False  # an adaptation postponed because its step had no gradient
+        device = next(iter(self.params.values())).device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(int(getattr(args, "seed", 0)) * 1_000_003 + 12345)
+        # Gradient and momentum growth read gradients just before the optimizer consumes them.
+        self._grads = {}
+        self._momentum = {}
+        self._grown = {}  # positions regrown at the last adaptation, for mask_ema
+        self._momentum_beta = 0.9
+        self._hook = None
+        if optimizer is not None and self.growth in ("gradient", "momentum") and not self.fix:
+            group = optimizer.param_groups[0]
+            if "betas" in group:
+                self._momentum_beta = float(group["betas"][0])
+            elif group.get("momentum"):
+                self._momentum_beta = float(group["momentum"])
+            self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    # ---------------------------------------------------------------------------- schedule
+    def current_prune_rate(self, step=None):
+        """The cosine-decayed prune rate at optimizer step ``step`` (default: now)."""
+        t = min(self.steps if step is None else step, self.total_steps)
+        return 0.5 * self.prune_rate * (1.0 + math.cos(math.pi * t / self.total_steps))
+
+    def _adapts_at(self, step):
+        return not self.fix and step % self.update_frequency == 0 and step < self.total_steps
+
+    # ---------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def init(self, images=None, targets=None, criterion=None):
+        """Build masks (``args.sparse_init``), zero masked weights, print the density report.
+
+        ``snip`` needs one batch and ``criterion(model(images), targets)``; ``resume`` takes the
+        non-zero pattern of the current weights. Returns the report as a dict of scalars.
+        """
+        shapes = {k: tuple(p.shape) for k, p in self.params.items()}
+        sizes = {k: p.numel() for k, p in self.params.items()}
+        mode = self.sparse_init
+        if mode == "resume":
+            masks = {k: p.detach() != 0 for k, p in self.params.items()}
+            masks = {k: m for k, m in masks.items()
+                     if m.sum().item() < DENSE_THRESHOLD * m.numel()}
+            self.masks = self._sync(masks)
+        else:
+            if mode == "uniform":
+                densities = fit_densities({k: 1.0 for k in shapes}, sizes, self.density)
+            elif mode == "ERK":
+                densities = erk_densities(shapes, self.density)
+            elif mode == "snip":
+                if images is None or criterion is None:
+                    raise ValueError("--sparse_init snip needs a batch and a criterion")
+                densities = fit_densities(self._snip_densities(images, targets, criterion),
+                                          sizes, self.density)
+            else:
+                raise ValueError(f"--sparse_init {mode}: choose snip, ERK, uniform or resume")
+            masks = {}
+            for k, p in self.params.items():
+                # Draw for every layer (dense ones too) so the generator advances identically.
+                mask = _random_mask(p.shape, densities[k], self.generator, p.device)
+                if densities[k] < DENSE_THRESHOLD:
+                    masks[k] = mask
+            self.masks = self._sync(masks)
+        self.ever_active = {k: m.clone() for k, m in self.masks.items()}
+        self.apply_masks()
+        stats = self.stats()
+        self._report("init " + mode, stats)
+        return stats
+
+    def _snip_densities(self, images, targets, criterion):
+        """Per-layer share of the globally top-``density`` SNIP saliencies |w * dL/dw|."""
+        model = self.model
+        buffers = {k: b.clone() for k, b in model.named_buffers()}  # keep BN statistics as they were
+        with torch.enable_grad():
+            loss = criterion(model(images), targets)
+            names = list(self.params)
+            grads = torch.autograd.grad(loss, [self.params[k] for k in names], allow_unused=True)
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
+        scores = {k: (self.params[k].detach() * g).abs().flatten().float() if g is not None
+                  else torch.zeros(self.params[k].numel(), device=self.params[k].device)
+                  for k, g in zip(names, grads)}
+        flat = torch.cat(list(scores.values()))
+        n_keep = int(round(self.density * flat.numel()))
+        if n_keep >= flat.numel():
+            return {k: 1.0 for k in scores}
+        threshold = torch.topk(flat, n_keep, sorted=True).values[-1]
+        raw = {k: (s >= threshold).float().mean().item() for k, s in scores.items()}
+        if _is_dist():  # one batch per rank would give each rank other densities: take rank 0's
+            vec = torch.tensor([raw[k] for k in names], dtype=torch.float64, device=flat.device)
+            dist.broadcast(vec, src=0)
+            raw = dict(zip(names, vec.tolist()))
+        return raw
+
+    # ---------------------------------------------------------------------------- masks
+    def _sync(self, masks, extra=None):
+        """Make every rank hold rank 0's masks (one broadcast of one packed uint8 tensor).
+
+        ``extra`` is an optional second dict of masks with the same keys, packed as bit 1.
+        """
+        if not _is_dist() or not masks:
+            return masks if extra is None else (masks, extra)
+        names = list(masks)
+        packed = torch.cat([masks[k].flatten().to(torch.uint8) for k in names])
+        if extra is not None:
+            packed |= torch.cat([extra[k].flatten().to(torch.uint8) for k in names]) << 1
+        dist.broadcast(packed, src=0)
+        out, out_extra, offset = {}, {}, 0
+        for k in names:
+            n = masks[k].numel()
+            chunk = packed[offset:offset + n].view(masks[k].shape)
+            out[k] = (chunk & 1).bool()
+            out_extra[k] = (chunk & 2).bool()
+            offset += n
+        return out if extra is None else (out, out_extra)
+
+    @torch.no_grad()
+    def apply_masks(self):
+        """Zero the masked-out weights and their optimizer state (moments, momentum)."""
+        for k, mask in self.masks.items():
+            p = self.params[k]
+            p.mul_(mask)
+            for t in _optimizer_state_tensors(self.optimizer, p):
+                t.mul_(mask)
+
+    @torch.no_grad()
+    def load_masks(self, masks):
+        """Restore masks saved by a checkpoint (``checkpoint['masks']``) and zero masked weights."""
+        unknown = sorted(set(masks) - set(self.params))
+        if unknown:
+            raise ValueError(f"checkpoint masks name weights this run does not sparsify: "
+                             f"{unknown[:5]}; use the same --model/--only-L as the run that wrote it")
+        loaded = {}
+        for k, m in masks.items():
+            p = self.params[k]
+            if tuple(m.shape) != tuple(p.shape):
+                raise ValueError(f"checkpoint mask {k} has shape {tuple(m.shape)}, the weight "
+                                 f"{tuple(p.shape)}")
+            loaded[k] = m.to(device=p.device, dtype=torch.bool)
+        self.masks = loaded
+        self.ever_active = {k: m.clone() for k, m in loaded.items()}
+        self.apply_masks()
+        self._report("masks restored", self.stats())
+
+    # ---------------------------------------------------------------------------- training
+    def _before_optimizer_step(self, optimizer, args, kwargs):
+        """Optimizer pre-step hook: keep what gradient/momentum growth needs (grads unscaled)."""
+        if not self.masks:
+            return
+        with torch.no_grad():
+            if self.growth == "momentum":
+                beta = self._momentum_beta
+                for k in self.masks:
+                    g = self.params[k].grad
+                    if g is None:
+                        continue
+                    buf = self._momentum.get(k)
+                    if buf is None:
+                        self._momentum[k] = g.detach().float().mul(1 - beta)
+                    else:
+                        buf.mul_(beta).add_(g.detach().float(), alpha=1 - beta)
+            elif self.growth == "gradient" and (self.pending or self._adapts_at(self.steps + 1)):
+                self._grads = {k: self.params[k].grad.detach().clone() for k in self.masks
+                               if self.params[k].grad is not None}
+
+    def step(self):
+        """Call after every optimizer step; returns adaptation stats on adaptation steps."""
+        self.steps += 1
+        if not self.masks:
+            return None
+        adapt = self.pending or self._adapts_at(self.steps)
+        if adapt and self.growth == "gradient" and not self._grads:
+            # The step had no gradients (fp16 overflow: the scaler skipped it); adapt next step.
+            grads = {k: self.params[k].grad for k in self.masks if self.params[k].grad is not None}
+            if not grads:
+                self.pending = True
+                self.apply_masks()
+                return None
+            self._grads = {k: g.detach().clone() for k, g in grads.items()}
+        if not adapt:
+            self.apply_masks()
+            return None
+        self.pending = False
+        self._adapt()
+        self._grads = {}
+        stats = self.stats()
+        self._report(f"step {self.steps}", stats)
+        return stats
+
+    @torch.no_grad()
+    def _adapt(self):
+        rate = self.current_prune_rate()
+        prune_fn, grow_fn = PRUNE[self.prune], GROWTH[self.growth]
+        kept, new = {}, {}
+        for k, mask in self.masks.items():
+            p = self.params[k]
+            n = int(round(rate * mask.sum().item()))
+            kept[k] = prune_fn(p, mask, n)
+            new[k] = grow_fn(kept[k], n, generator=self.generator, grad=self._grads.get(k),
+                             momentum=self._momentum.get(k))
+        new, kept = self._sync(new, kept)
+        self._grown = {}
+        for k in self.masks:
+            p = self.params[k]
+            # Everything not surviving the prune restarts at zero (regrown entries included).
+            p.mul_(kept[k])
+            for t in _optimizer_state_tensors(self.optimizer, p):
+                t.mul_(kept[k])
+            self._grown[k] = new[k] & ~kept[k]
+            self.masks[k] = new[k]
+            self.ever_active[k] |= new[k]
+        self.apply_masks()
+
+    @torch.no_grad()
+    def mask_ema(self, ema_module):
+        """Zero pruned entries of an EMA copy; entries regrown since the last call take the weight."""
+        ema = dict(ema_module.named_parameters())
+        for k, mask in self.masks.items():
+            e = ema.get(k)
+            if e is None:
+                continue
+            m = mask.to(e.device)
+            e.mul_(m)
+            grown = self._grown.get(k)
+            if grown is not None:
+                g = grown.to(e.device)
+                e.copy_(torch.where(g, self.params[k].detach().to(e.device, e.dtype), e))
+        self._grown = {}
+
+    # ---------------------------------------------------------------------------- reports
+    def layer_densities(self):
+        """``{name: density}`` of every sparsifiable weight (1.0 for dense ones)."""
+        return {k: (self.masks[k].sum().item() / p.numel() if k in self.masks else 1.0)
+                for k, p in self.params.items()}
+
+    def stats(self):
+        """Overall density, the prune rate now, the share of masked weights ever active."""
+        total = sum(p.numel() for p in self.params.values())
+        active = sum((self.masks[k].sum().item() if k in self.masks else p.numel())
+                     for k, p in self.params.items())
+        masked_total = sum(m.numel() for m in self.masks.values())
+        ever = sum(m.sum().item() for m in self.ever_active.values())
+        out = {"density": active / total, "prune_rate": self.current_prune_rate(),
+               "ever_active": ever / masked_total if masked_total else 1.0,
+               "sparse_layers": float(len(self.masks))}
+        if self.verbose:
+            out.update({f"density/{k}": d for k, d in self.layer_densities().items()})
+        return out
+
+    def _report(self, when, stats):
+        if not _is_main():
+            return
+        print(f"[sparse] {when}: density {stats['density']:.4f} (target {self.density:.4f}), "
+              f"prune rate {stats['prune_rate']:.4f}, ever active {stats['ever_active']:.4f}, "
+              f"{len(self.masks)}/{len(self.params)} layers sparse", flush=True)
+        if self.verbose:
+            for k, d in self.layer_densities().items():
+                print(f"[sparse]   {k:60s} {tuple(self.params[k].shape)!s:22s} density {d:.4f}",
+                      flush=True)
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self):
+        """Everything but the masks: step counter, ever-active masks, RNG and growth state."""
+        return {"steps": self.steps, "pending": self.pending,
+                "ever_active": {k: m.clone() for k, m in self.ever_active.items()},
+                "generator": self.generator.get_state(),
+                "momentum": {k: v.clone() for k, v in self._momentum.items()},
+                "total_steps": self.total_steps, "prune_rate": self.prune_rate,
+                "update_frequency": self.update_frequency}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+        self.pending = bool(state.get("pending", False))
+        for k, m in state.get("ever_active", {}).items():
+            if k in self.params:
+                self.ever_active[k] = m.to(device=self.params[k].device, dtype=torch.bool)
+        if "generator" in state:
+            self.generator.set_state(state["generator"].cpu())
+        self._momentum = {k: v.to(self.params[k].device) for k, v in state.get("momentum", {}).items()
+                          if k in self.params}

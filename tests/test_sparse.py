@@ -1,0 +1,377 @@
+"""Dynamic sparsity (sparse_core.Masking) and FLOPs_counter.py, on tiny CPU models."""
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import SLaK
+import sparse_core
+from conftest import REPO, cli_env
+
+TARGET = 0.6  # density for --sparsity 0.4
+
+
+def tiny_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    kwargs.setdefault("kernel_size", [13, 11, 9, 7, 3])
+    kwargs.setdefault("Decom", True)
+    return SLaK.SLaK(depths=[1, 1, 1, 1], dims=[8, 16, 32, 64], num_classes=4,
+                     layer_scale_init_value=1.0, **kwargs)
+
+
+def sparse_args(**kwargs):
+    defaults = dict(sparsity=1 - TARGET, sparse_init="uniform", growth="random", prune="magnitude",
+                    prune_rate=0.3, update_frequency=2, fix=False, only_L=False,
+                    redistribution="none", verbose=False, seed=0)
+    defaults.update(kwargs)
+    return argparse.Namespace(**defaults)
+
+
+def batch(seed, n=4, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def make(seed=0, total_steps=100, model_kwargs=None, **kwargs):
+    model = tiny_model(seed, **(model_kwargs or {}))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    masking = sparse_core.Masking(model, optimizer, sparse_args(**kwargs), total_steps)
+    images, targets = batch(1000 + seed)
+    masking.init(images, targets, nn.CrossEntropyLoss())
+    return model, optimizer, masking
+
+
+def assert_masked(model, optimizer, masking):
+    params = dict(model.named_parameters())
+    for name, mask in masking.masks.items():
+        assert mask.dtype == torch.bool
+        p = params[name]
+        assert torch.all(p[~mask] == 0), name
+        for t in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(t) and t.shape == p.shape:
+                assert torch.all(t[~mask] == 0), name
+
+
+def train(model, optimizer, masking, steps, amp_dtype=None, scaler=None, seed=0, check=True,
+          ema=None, overflow_at=()):
+    """Engine-like loop: autocast forward, (scaled) backward, step, zero_grad, masking.step()."""
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    criterion = nn.CrossEntropyLoss()
+    all_stats = []
+    for i in range(steps):
+        images, targets = batch(seed * 1000 + i)
+        with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss = criterion(model(images), targets)
+        if i in overflow_at:
+            loss = loss * float("inf")  # the fp16 scaler must skip this step
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        stats = masking.step()
+        all_stats.append(stats)
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.mul_(0.9).add_(p, alpha=0.1)
+            masking.mask_ema(ema)
+        if check:
+            assert_masked(model, optimizer, masking)
+    return all_stats
+
+
+# ------------------------------------------------------------------------------------ init
+@pytest.mark.parametrize("mode", ["snip", "ERK", "uniform"])
+def test_init_density_within_half_percent(mode):
+    model, optimizer, masking = make(sparse_init=mode)
+    params = sparse_core.sparsifiable(model)
+    total = sum(p.numel() for p in params.values())
+    active = sum((p != 0).sum().item() for p in params.values())
+    assert abs(active / total - TARGET) < 0.005
+    assert abs(masking.stats()["density"] - TARGET) < 0.005
+    assert masking.masks, "some layers must be sparse"
+    for name, d in masking.layer_densities().items():
+        assert (name in masking.masks) == (d < sparse_core.DENSE_THRESHOLD)
+    assert all(m.dtype == torch.bool for m in masking.masks.values())
+    assert_masked(model, optimizer, masking)
+    # 2-D and 4-D weights only; names as in the state dict.
+    assert set(params) <= set(model.state_dict())
+    assert all(p.dim() in (2, 4) for p in params.values())
+
+
+def test_snip_does_not_touch_bn_statistics_or_grads():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    masking = sparse_core.Masking(model, None, sparse_args(sparse_init="snip"), 10)
+    masking.init(*batch(0), nn.CrossEntropyLoss())
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_only_L_masks_only_large_kernel_branches():
+    model, _, masking = make(sparse_init="ERK", only_L=True)
+    assert masking.params and all((".LoRA1.conv." in k or ".LoRA2.conv." in k)
+                                  for k in masking.params)
+    assert abs(masking.stats()["density"] - TARGET) < 0.005
+
+
+def test_resume_init_from_zeros():
+    model, _, masking = make(sparse_init="snip")
+    fresh = tiny_model(seed=5)
+    fresh.load_state_dict(model.state_dict())  # a checkpoint with weights only, no masks
+    resumed = sparse_core.Masking(fresh, None, sparse_args(sparse_init="resume"), 100)
+    resumed.init()
+    assert set(resumed.masks) == set(masking.masks)
+    assert all(torch.equal(resumed.masks[k], masking.masks[k]) for k in masking.masks)
+    assert abs(resumed.stats()["density"] - TARGET) < 0.005
+    # A dense checkpoint has nothing to mask.
+    dense = sparse_core.Masking(tiny_model(), None, sparse_args(sparse_init="resume"), 100)
+    dense.init()
+    assert dense.masks == {} and dense.stats()["density"] == 1.0
+
+
+def test_fit_densities_keeps_budget_and_dense_threshold():
+    sizes = {"a": 100, "b": 1000, "c": 10000}
+    d = sparse_core.fit_densities({"a": 50.0, "b": 1.0, "c": 0.5}, sizes, 0.5)
+    assert d["a"] == 1.0
+    assert abs(sum(d[k] * sizes[k] for k in sizes) / sum(sizes.values()) - 0.5) < 1e-9
+
+
+# ------------------------------------------------------------------------------ prune / grow
+def test_prune_and_grow_rules():
+    weight = torch.tensor([0.5, -0.1, 0.0, 2.0, -0.3, 0.0])
+    mask = torch.tensor([True, True, False, True, True, False])
+    pruned = sparse_core.magnitude_prune(weight, mask, 2)
+    assert pruned.tolist() == [True, False, False, True, False, False]
+    assert mask.tolist() == [True, True, False, True, True, False]  # input untouched
+    grad = torch.tensor([9.0, 9.0, 1.0, 9.0, 3.0, -2.0])
+    assert sparse_core.gradient_growth(pruned, 2, grad=grad).tolist() == \
+        [True, True, False, True, True, False]  # inactive |grad| 9, 1, 3, 2: take 9 and 3
+    grown = sparse_core.random_growth(pruned, 3, generator=torch.Generator().manual_seed(0))
+    assert grown.sum() == 5 and torch.all(grown[pruned])
+
+
+@pytest.mark.parametrize("growth", ["random", "gradient", "momentum"])
+def test_adaptation_keeps_layer_counts_and_zeroes_regrown(growth):
+    model, optimizer, masking = make(growth=growth, update_frequency=3)
+    counts = {k: m.sum().item() for k, m in masking.masks.items()}
+    before = {k: m.clone() for k, m in masking.masks.items()}
+    stats = train(model, optimizer, masking, 2)
+    assert stats == [None, None]
+    snapshot = {k: v.detach().clone() for k, v in model.named_parameters()}
+    stats = train(model, optimizer, masking, 1, seed=7)[0]
+    assert set(stats) >= {"density", "prune_rate", "ever_active"}
+    assert abs(stats["density"] - TARGET) < 0.005
+    assert {k: m.sum().item() for k, m in masking.masks.items()} == counts
+    changed = sum((masking.masks[k] != before[k]).sum().item() for k in counts)
+    assert changed > 0
+    assert stats["ever_active"] > TARGET
+    params = dict(model.named_parameters())
+    for k, mask in masking.masks.items():
+        grown = mask & ~before[k]
+        assert torch.all(params[k][grown] == 0)  # regrown weights start at zero
+        for t in optimizer.state[params[k]].values():
+            if torch.is_tensor(t) and t.shape == mask.shape:
+                assert torch.all(t[grown] == 0)
+    assert snapshot  # (weights were trained before)
+
+
+def test_prune_rate_cosine_decay_and_fix():
+    _, _, masking = make(total_steps=100, prune_rate=0.5)
+    assert masking.current_prune_rate(0) == pytest.approx(0.5)
+    assert masking.current_prune_rate(50) == pytest.approx(0.25)
+    assert masking.current_prune_rate(100) == pytest.approx(0.0)
+    model, optimizer, fixed = make(fix=True, update_frequency=1)
+    before = {k: m.clone() for k, m in fixed.masks.items()}
+    assert train(model, optimizer, fixed, 3) == [None] * 3
+    assert all(torch.equal(before[k], fixed.masks[k]) for k in before)
+
+
+# ------------------------------------------------------------------------------ precision
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_pruned_weights_stay_zero(precision):
+    model, optimizer, masking = make(update_frequency=2, growth="gradient")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=precision == "fp16")
+    stats, skipped = [], []
+    for i in range(5):
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        # fp16: step 2 overflows, the scaler skips it (train() checks the masks after every step).
+        stats += train(model, optimizer, masking, 1, amp_dtype, scaler, seed=i,
+                       overflow_at=(0,) if precision == "fp16" and i == 1 else ())
+        skipped.append(scaler.is_enabled() and scaler.get_scale() < scale)
+    if precision == "fp16":
+        assert skipped[1]
+    # Adaptation every 2 steps; one due on a skipped step (no gradients) moves to the next step.
+    expected, pending = [], False
+    for t, skip in enumerate(skipped, start=1):
+        due = pending or t % 2 == 0
+        pending = due and skip
+        expected.append(due and not skip)
+    assert [s is not None for s in stats] == expected
+
+
+# ------------------------------------------------------------------------------ state / EMA
+def test_state_dict_round_trip_continues_identically(tmp_path):
+    model, optimizer, masking = make(update_frequency=2, growth="momentum")
+    train(model, optimizer, masking, 3)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "masks": masking.masks, "sparse_state": masking.state_dict()}, path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(m.dtype == torch.bool for m in ckpt["masks"].values())
+
+    model2 = tiny_model(seed=9)
+    model2.load_state_dict(ckpt["model"])
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-2, weight_decay=0.05)
+    optimizer2.load_state_dict(ckpt["optimizer"])
+    masking2 = sparse_core.Masking(model2, optimizer2, sparse_args(update_frequency=2,
+                                                                    growth="momentum"), 100)
+    masking2.load_masks(ckpt["masks"])
+    masking2.load_state_dict(ckpt["sparse_state"])
+    assert masking2.steps == 3
+
+    train(model, optimizer, masking, 4, seed=3)
+    train(model2, optimizer2, masking2, 4, seed=3)
+    assert all(torch.equal(masking.masks[k], masking2.masks[k]) for k in masking.masks)
+    assert all(torch.equal(masking.ever_active[k], masking2.ever_active[k]) for k in masking.masks)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_random_growth_is_seeded():
+    runs = []
+    for _ in range(2):
+        model, optimizer, masking = make(update_frequency=2)
+        train(model, optimizer, masking, 4, check=False)
+        runs.append(masking.masks)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_ema_respects_masks():
+    model, optimizer, masking = make(update_frequency=2)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for e in ema.parameters():
+            e.add_(1.0)  # an EMA far from the weights: pruned entries must still end at zero
+    masking.mask_ema(ema)
+    before = {k: m.clone() for k, m in masking.masks.items()}
+    train(model, optimizer, masking, 2, ema=ema)
+    ema_params, params = dict(ema.named_parameters()), dict(model.named_parameters())
+    for k, mask in masking.masks.items():
+        assert torch.all(ema_params[k][~mask] == 0)
+        grown = mask & ~before[k]
+        assert torch.equal(ema_params[k][grown], params[k][grown])
+
+
+# ------------------------------------------------------------------------------ DDP (gloo)
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        calls = []
+        originals = {n: getattr(torch.distributed, n) for n in ("broadcast", "all_reduce")}
+
+        def counting(name):
+            def wrapper(*args, **kwargs):
+                calls.append(name)
+                return originals[name](*args, **kwargs)
+            return wrapper
+
+        for name in originals:
+            setattr(torch.distributed, name, counting(name))
+        model = tiny_model(seed=0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+        masking = sparse_core.Masking(model, optimizer, sparse_args(sparse_init="snip",
+                                                                     update_frequency=2), 100)
+        masking.init(*batch(100 + rank), nn.CrossEntropyLoss())  # a different batch per rank
+        init_calls = len(calls)
+        per_step, adapted = [], []
+        criterion = nn.CrossEntropyLoss()
+        for i in range(7):
+            images, targets = batch(10 * i + rank)
+            loss = criterion(ddp(images), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n = len(calls)
+            adapted.append(masking.step() is not None)
+            per_step.append(len(calls) - n)
+        torch.save({"masks": masking.masks, "per_step": per_step, "adapted": adapted,
+                    "init_calls": init_calls,
+                    "weights": {k: v.clone() for k, v in model.state_dict().items()}},
+                   os.path.join(out_dir, f"rank{rank}.pth"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_masks_identical_without_per_step_collectives(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pth", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pth", weights_only=True)
+    assert r0["adapted"] == [False, True, False, True, False, True, False]
+    for r in (r0, r1):
+        # One broadcast per mask decision (SNIP densities + masks at init, then one per
+        # adaptation), none on the other steps.
+        assert r["init_calls"] == 2
+        assert r["per_step"] == [1 if a else 0 for a in r["adapted"]]
+    assert set(r0["masks"]) == set(r1["masks"])
+    assert all(torch.equal(r0["masks"][k], r1["masks"][k]) for k in r0["masks"])
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k])
+               for k in r0["weights"] if "running" not in k and "num_batches" not in k)
+
+
+# ------------------------------------------------------------------------------ FLOPs counter
+def flops_counter(*args):
+    result = subprocess.run([sys.executable, str(REPO / "FLOPs_counter.py"), *map(str, args)],
+                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+SLAK_T = ["--model", "SLaK_tiny", "--width_factor", "1.3", "--kernel_size", 51, 49, 47, 13, 5,
+          "--Decom", "True", "--sparse", "--sparsity", "0.4", "--sparse_init", "snip"]
+
+
+@pytest.mark.parametrize("args,params_m,gmacs", [
+    (["--model", "SLaK_tiny", "--kernel_size", 7, 7, 7, 7, 100], 29, 4.5),  # ConvNeXt L2S-T
+    (SLAK_T, 30, 5.0),
+])
+def test_flops_counter_reproduces_readme_table(args, params_m, gmacs):
+    out = flops_counter(*args)
+    assert abs(out["params_M"] / params_m - 1) < 0.02, out
+    assert abs(out["gmacs"] / gmacs - 1) < 0.02, out
+
+
+def test_flops_counter_counts_checkpoint_masks_or_zeros(tmp_path):
+    model, _, masking = make(sparse_init="ERK")
+    common = ["--model", "SLaK_tiny", "--width_factor", "1", "--kernel_size", 13, 11, 9, 7, 3,
+              "--Decom", "true", "--input_size", 32, "--nb_classes", 4]
+    # The counter builds SLaK_tiny; give it a matching (full-depth) model's checkpoint.
+    import timm
+    torch.manual_seed(0)
+    full = timm.create_model("SLaK_tiny", kernel_size=[13, 11, 9, 7, 3], width_factor=1.0,
+                             Decom=True, num_classes=4)
+    fm = sparse_core.Masking(full, None, sparse_args(sparse_init="uniform"), 1)
+    fm.init()
+    torch.save({"model": full.state_dict(), "masks": fm.masks}, tmp_path / "with_masks.pth")
+    torch.save({"model": full.state_dict()}, tmp_path / "zeros.pth")
+    dense = flops_counter(*common)
+    with_masks = flops_counter(*common, "--resume", tmp_path / "with_masks.pth")
+    zeros = flops_counter(*common, "--resume", tmp_path / "zeros.pth")
+    assert with_masks == zeros
+    assert with_masks["params_M"] < 0.65 * dense["params_M"]
+    assert with_masks["gmacs"] == pytest.approx(0.6 * dense["gmacs"], rel=0.01)
+    assert model is not None and masking.masks
