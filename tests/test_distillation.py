@@ -179,6 +179,15 @@ def test_distillation_step_trains_only_the_student(distill_type):
         assert feature_loss.projector.weight.grad.abs().sum() > 0
 
 
+def test_distill_type_none_is_supervised_training_of_the_student():
+    teacher, student = small_teacher_and_student()
+    student.eval()
+    samples, targets = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    loss, logits = DistillationLoss("None", student, teacher, F.cross_entropy)(student, samples, targets)
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(F.cross_entropy(student(samples), targets).item(), rel=1e-6)
+
+
 def test_feature_distillation_term_is_weighted_by_lr_fd():
     teacher, student = small_teacher_and_student()
     freeze(teacher)
