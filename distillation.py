@@ -199,13 +199,14 @@ class DistillationLoss:
         logit_loss: :class:`KDLoss` or :class:`NKDLoss` for ``*KD*`` types, else None.
         feature_loss: :class:`FeatureDistillLoss` (or a DDP wrapper of it) for ``*FD`` types.
         feature_weight: weight of the feature loss (``--lr_fd``).
+        compile_teacher: run the teacher through ``torch.compile`` (``--compile true``).
 
     The teacher runs under ``torch.no_grad`` (no activations kept for backward); the returned
     logits are the student's.
     """
 
     def __init__(self, distill_type, student, teacher, criterion, logit_loss=None,
-                 feature_loss=None, feature_weight=1.0):
+                 feature_loss=None, feature_weight=1.0, compile_teacher=False):
         if distill_type not in DISTILL_TYPES:
             raise ValueError(f"distill_type {distill_type!r}: use one of {DISTILL_TYPES}")
         uses_teacher = distill_type != "None"
@@ -217,6 +218,8 @@ class DistillationLoss:
             raise ValueError(f"distill_type {distill_type}: feature_loss must be given exactly for *FD")
         self.distill_type, self.criterion = distill_type, criterion
         self.teacher = freeze(teacher) if uses_teacher else None
+        self.run_teacher = torch.compile(self.teacher) if uses_teacher and compile_teacher \
+            else self.teacher
         self.logit_loss, self.feature_loss, self.feature_weight = logit_loss, feature_loss, feature_weight
         self.student_tap = self.teacher_tap = None
         if feature_loss is not None:
@@ -228,10 +231,10 @@ class DistillationLoss:
             return self.criterion(logits, targets), logits
         with torch.no_grad():
             if self.teacher_tap is None:
-                teacher_logits = self.teacher(samples)
+                teacher_logits = self.run_teacher(samples)
             else:
                 with self.teacher_tap:
-                    teacher_logits = self.teacher(samples)
+                    teacher_logits = self.run_teacher(samples)
                 teacher_features = self.teacher_tap.take()
         if self.student_tap is None:
             logits = model(samples)
@@ -259,4 +262,4 @@ def build_distillation_loss(args, student, teacher, criterion, feature_loss=None
     elif args.distill_type.startswith("NKD"):
         logit_loss = NKDLoss(args.T)
     return DistillationLoss(args.distill_type, student, teacher, criterion, logit_loss,
-                            feature_loss, args.lr_fd)
+                            feature_loss, args.lr_fd, compile_teacher=args.compile)
