@@ -136,6 +136,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--models", nargs="+", default=["T"], choices=sorted(MODELS))
+    p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--no-cudnn", action="store_true", help="time our kernels only")
     p.add_argument("--check", action="store_true", help="also check accuracy at batch 2")
@@ -169,6 +170,8 @@ def main():
         for dt_name in args.dtypes:
             dtype = DTYPES[dt_name]
             for stage, c, size, kernel, blocks in cases(model):
+                if stage not in args.stages:
+                    continue
                 rec = {"model": f"SLaK-{model}", "stage": stage, "channels": c, "size": size,
                        "kernel": list(kernel), "blocks": blocks, "dtype": dt_name,
                        "batch": args.batch}

@@ -1,10 +1,11 @@
 """``slak::`` custom ops around the Triton kernels: dispatch, launch heuristics, autograd, fake.
 
 Public entry point: ``depthwise_conv2d(x, weight, bias)``. It applies autocast the way
-``F.conv2d`` does and calls ``torch.ops.slak.dwconv2d``, whose autograd formula calls
-``slak::dwconv2d_grad_input`` and ``slak::dwconv2d_grad_weight``. All three have fake
-implementations, so ``torch.compile(fullgraph=True)`` traces forward and backward without
-graph breaks; the kernels themselves stay opaque to the compiler.
+``F.conv2d`` does. Under ``torch.compile`` it calls ``torch.ops.slak.dwconv2d``, whose autograd
+formula calls ``slak::dwconv2d_grad_input`` and ``slak::dwconv2d_grad_weight``; all three have
+fake implementations, so ``torch.compile(fullgraph=True)`` traces forward and backward without
+graph breaks, the kernels themselves staying opaque to the compiler. Eager calls go through an
+``autograd.Function`` running the same three computations with less dispatch overhead.
 
 Where the work runs:
 
@@ -14,6 +15,7 @@ Where the work runs:
 * ``LARGE_KERNEL_CONV_IMPL=<folder>``: MegEngine's extension built by the original release
   (``_depthwise_conv2d_implicit_gemm_C``), for comparisons; see ``_external_conv``.
 """
+import functools
 import importlib
 import os
 import sys
@@ -31,6 +33,9 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Kernel launches per kind, so tests can assert that the Triton path (not the fallback) ran.
 launch_counts = {"fwd": 0, "grad_input": 0, "grad_weight": 0}
+
+# The compiled kernel of the last launch of each kind (register/spill reports in diagnostics).
+last_kernel = {}
 
 # Tile sizes forced by ``tile_override``; None means the heuristic of ``_tiles`` decides.
 _TILE_OVERRIDE = None
@@ -130,7 +135,7 @@ def _launch_conv(x, weight, bias, flip, kind):
     fwd, _ = get_kernels(_interpret() and not x.is_cuda)
     a_dim, b_dim = g["a_dim"], g["b_dim"]
     grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
-    fwd[grid](
+    last_kernel[kind] = fwd[grid](
         x, weight, bias if bias is not None else weight, y,
         N, g["LA"], g["LB"], g["KA"], g["KB"],
         x.stride(0), x.stride(1), x.stride(a_dim), x.stride(b_dim),
@@ -144,6 +149,7 @@ def _launch_conv(x, weight, bias, flip, kind):
     return y.contiguous(memory_format=out_format)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -183,7 +189,7 @@ def _launch_grad_weight(grad, x, kh, kw):
                           dtype=torch.float32)
     _, wgrad = get_kernels(_interpret() and not x.is_cuda)
     a_dim, b_dim = g["a_dim"], g["b_dim"]
-    wgrad[(C * KB, n_ablk * n_kchunk, split)](
+    last_kernel["grad_weight"] = wgrad[(C * KB, n_ablk * n_kchunk, split)](
         x, grad, out, scratch,
         N, LA, g["LB"], KA, KB, n_kchunk, split,
         x.stride(0), x.stride(1), x.stride(a_dim), x.stride(b_dim),
@@ -208,24 +214,18 @@ def _check(x, weight, bias):
                         f"cast them, or run under autocast")
 
 
-@torch.library.custom_op("slak::dwconv2d", mutates_args=())
-def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Depthwise conv, stride 1, same padding: x ``(N, C, H, W)``, weight ``(C, 1, kh, kw)``,
-    bias ``(C,)`` or None -> ``(N, C, H, W)``."""
+# The three computations, shared by the custom ops (traced by torch.compile) and by the eager
+# autograd.Function below.
+
+def conv_forward(x, weight, bias):
+    """x ``(N, C, H, W)``, weight ``(C, 1, kh, kw)``, bias ``(C,)`` or None -> ``(N, C, H, W)``."""
     _check(x, weight, bias)
     if _use_triton(x):
         return _launch_conv(x, weight, bias, flip=False, kind="fwd")
     return depthwise_conv2d_reference(x, weight, bias).contiguous(memory_format=_output_format(x))
 
 
-@dwconv2d.register_fake
-def _(x, weight, bias):
-    _check(x, weight, bias)
-    return torch.empty_like(x, memory_format=_output_format(x))
-
-
-@torch.library.custom_op("slak::dwconv2d_grad_input", mutates_args=())
-def dwconv2d_grad_input(grad: Tensor, weight: Tensor) -> Tensor:
+def conv_grad_input(grad, weight):
     """Input gradient ``(N, C, H, W)`` from the output gradient ``(N, C, H, W)``: the same
     convolution with the kernel rotated by 180 degrees."""
     if _use_triton(grad):
@@ -236,13 +236,7 @@ def dwconv2d_grad_input(grad: Tensor, weight: Tensor) -> Tensor:
     return dx.contiguous(memory_format=_output_format(grad))
 
 
-@dwconv2d_grad_input.register_fake
-def _(grad, weight):
-    return torch.empty_like(grad, memory_format=_output_format(grad))
-
-
-@torch.library.custom_op("slak::dwconv2d_grad_weight", mutates_args=())
-def dwconv2d_grad_weight(grad: Tensor, x: Tensor, kernel_h: int, kernel_w: int) -> Tensor:
+def conv_grad_weight(grad, x, kernel_h, kernel_w):
     """Weight gradient ``(C, 1, kernel_h, kernel_w)`` (dtype of ``x``) from the output
     gradient and the input, both ``(N, C, H, W)``."""
     if _use_triton(x):
@@ -251,6 +245,44 @@ def dwconv2d_grad_weight(grad: Tensor, x: Tensor, kernel_h: int, kernel_w: int) 
     weight = x.new_zeros((x.shape[1], 1, kernel_h, kernel_w))
     _, dw, _ = depthwise_conv2d_reference_grads(x, weight, None, grad.to(x.dtype))
     return dw.contiguous()
+
+
+def _backward_impl(grad, x, weight, has_bias, needs, grad_input, grad_weight):
+    need_x, need_w, need_b = needs
+    dx = grad_input(grad, weight) if need_x else None
+    dw = grad_weight(grad, x, weight.shape[2], weight.shape[3]).to(weight.dtype) if need_w else None
+    db = grad.sum((0, 2, 3)).to(weight.dtype) if (has_bias and need_b) else None
+    return dx, dw, db
+
+
+@torch.library.custom_op("slak::dwconv2d", mutates_args=())
+def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Depthwise conv, stride 1, same padding: x ``(N, C, H, W)``, weight ``(C, 1, kh, kw)``,
+    bias ``(C,)`` or None -> ``(N, C, H, W)``."""
+    return conv_forward(x, weight, bias)
+
+
+@dwconv2d.register_fake
+def _(x, weight, bias):
+    _check(x, weight, bias)
+    return torch.empty_like(x, memory_format=_output_format(x))
+
+
+@torch.library.custom_op("slak::dwconv2d_grad_input", mutates_args=())
+def dwconv2d_grad_input(grad: Tensor, weight: Tensor) -> Tensor:
+    """See ``conv_grad_input``."""
+    return conv_grad_input(grad, weight)
+
+
+@dwconv2d_grad_input.register_fake
+def _(grad, weight):
+    return torch.empty_like(grad, memory_format=_output_format(grad))
+
+
+@torch.library.custom_op("slak::dwconv2d_grad_weight", mutates_args=())
+def dwconv2d_grad_weight(grad: Tensor, x: Tensor, kernel_h: int, kernel_w: int) -> Tensor:
+    """See ``conv_grad_weight``."""
+    return conv_grad_weight(grad, x, kernel_h, kernel_w)
 
 
 @dwconv2d_grad_weight.register_fake
@@ -266,15 +298,29 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad
-    dx = dwconv2d_grad_input(grad, weight) if need_x else None
-    dw = (dwconv2d_grad_weight(grad, x, weight.shape[2], weight.shape[3]).to(weight.dtype)
-          if need_w else None)
-    db = grad.sum((0, 2, 3)).to(weight.dtype) if (ctx.has_bias and need_b) else None
-    return dx, dw, db
+    return _backward_impl(grad, x, weight, ctx.has_bias, ctx.needs_input_grad,
+                          dwconv2d_grad_input, dwconv2d_grad_weight)
 
 
 dwconv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerConv(torch.autograd.Function):
+    """The same op for eager mode: a custom op's dispatch costs about 0.3 ms of CPU per
+    forward+backward on the benchmark machine, more than the GPU time of a small SLaK
+    stage, so eager calls skip it (the kernels and formulas are the ones above)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return _backward_impl(grad, x, weight, ctx.has_bias, ctx.needs_input_grad,
+                              conv_grad_input, conv_grad_weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,4 +393,6 @@ def depthwise_conv2d(x, weight, bias=None):
     folder = os.environ.get("LARGE_KERNEL_CONV_IMPL")
     if folder and x.is_cuda:
         return _external_conv(x, weight, bias, folder)
-    return torch.ops.slak.dwconv2d(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return torch.ops.slak.dwconv2d(x, weight, bias)
+    return _EagerConv.apply(x, weight, bias)
