@@ -189,7 +189,8 @@ def test_cli_end_to_end_on_photographs(tmp_path):
 
 
 def test_51_kernels_have_a_larger_erf_than_7_kernels():
-    """Random SLaK-T (width 0.25) with layer scale 1, same seed: 51-class kernels reach further."""
+    """Random SLaK (width 0.25, depths 1 1 3 1), layer scale 1, same seed: 51-class kernels reach
+    further than 7x7 ones."""
     transform = visualize_erf.image_transform(256)
     from PIL import Image
 
@@ -199,12 +200,13 @@ def test_51_kernels_have_a_larger_erf_than_7_kernels():
     for kernels in (["51", "49", "47", "13", "5"], ["7", "7", "7", "7", "5"]):
         args = visualize_erf.get_args_parser().parse_args(
             ["--model", "SLaK", "--data_path", ".", "--kernel_size", *kernels, "--Decom", "false",
-             "--width_factor", "0.25", "--layer_scale_init_value", "1"])
+             "--width_factor", "0.25", "--depths", "1", "1", "3", "1",
+             "--layer_scale_init_value", "1"])
         torch.manual_seed(0)
         model = visualize_erf.build_model(args).eval()
         table = analyze_erf.area_table(visualize_erf.compute_erf(model, images))
         area[kernels[0]] = next(row["area_ratio"] for row in table if row["threshold"] == 0.5)
-    # Measured: about 0.39 against 0.20.
+    # Measured: 0.26 against 0.12 (seeds 1 and 2: 0.28 against 0.11 and 0.10).
     assert area["51"] > 1.5 * area["7"], area
 
 
