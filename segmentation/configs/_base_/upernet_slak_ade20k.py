@@ -1,11 +1,7 @@
 # UperNet with a SLaK-T backbone (51x51 kernels, decomposed, width x1.3) on ADE20K, 512x512 crops,
-# 160k iterations of 16 images (4 GPUs x 4). The data pipeline, runtime and schedule skeleton are
-# MMSegmentation's own base configs (resolved from the installed package through `mmseg::`).
-_base_ = [
-    'mmseg::_base_/datasets/ade20k.py',
-    'mmseg::_base_/default_runtime.py',
-    'mmseg::_base_/schedules/schedule_160k.py',
-]
+# 160k iterations of 16 images (4 GPUs x 4). Self-contained: MMSegmentation 1.x only has to be
+# installed (no `mmseg::` base configs, whose lookup in mmengine 0.10 needs pkg_resources).
+default_scope = 'mmseg'
 # Registers type='SLaK' and the layer-decay constructor; needs this repository on PYTHONPATH
 # (segmentation/train.py and segmentation/test.py put it there).
 custom_imports = dict(imports=['segmentation.slak'], allow_failed_imports=False)
@@ -67,7 +63,6 @@ model = dict(
 
 # AdamW with stage-wise learning-rate decay (0.9 per stage from the head down), mixed precision.
 optim_wrapper = dict(
-    _delete_=True,
     type='AmpOptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     constructor='SLaKLayerDecayOptimizerConstructor',
@@ -80,8 +75,62 @@ param_scheduler = [
     dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=1500, end=max_iters),
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=16000)
-default_hooks = dict(checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=16000))
 
-train_dataloader = dict(batch_size=4)
-val_dataloader = dict(batch_size=1)
+# ADE20K: 150 classes, label 0 ("other") ignored; random rescale to 0.5-2x of 2048x512, crop,
+# flip and photometric distortion for training; single-scale 2048x512 for evaluation.
+dataset_type = 'ADE20KDataset'
+data_root = 'data/ade/ADEChallengeData2016'
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(2048, 512), keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label=True),  # after Resize: scored at full size
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=4,
+    persistent_workers=True,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(type=dataset_type, data_root=data_root,
+                 data_prefix=dict(img_path='images/training',
+                                  seg_map_path='annotations/training'),
+                 pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=4,
+    persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type=dataset_type, data_root=data_root,
+                 data_prefix=dict(img_path='images/validation',
+                                  seg_map_path='annotations/validation'),
+                 pipeline=test_pipeline))
 test_dataloader = val_dataloader
+val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+test_evaluator = val_evaluator
+
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=16000),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    visualization=dict(type='SegVisualizationHook'))
+env_cfg = dict(cudnn_benchmark=True, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='nccl'))
+vis_backends = [dict(type='LocalVisBackend')]
+visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')
+log_processor = dict(by_epoch=False)
+log_level = 'INFO'
+load_from = None
+resume = False
