@@ -281,13 +281,14 @@ def get_args_parser():
                         help="resnets: use random weights instead of torchvision's")
     group = parser.add_argument_group("SLaK and ConvNeXt (SLaK-T layout)")
     group.add_argument("--kernel_size", type=int, nargs=5, default=None,
+                       metavar=("K1", "K2", "K3", "K4", "SMALL"),
                        help="K1 K2 K3 K4 small; default 51 49 47 13 5 (SLaK), 7 7 7 7 100 (ConvNeXt)")
     group.add_argument("--width_factor", type=float, default=None,
                        help="stage width multiplier; default 1.3 (SLaK), 1.0 (ConvNeXt)")
-    group.add_argument("--Decom", type=_bool, nargs="?", const=True, default=None,
+    group.add_argument("--Decom", type=_bool, nargs="?", const=True, default=None, metavar="BOOL",
                        help="decompose K x K kernels into K x s + s x K; default true (SLaK), "
                             "false (ConvNeXt)")
-    group.add_argument("--depths", type=int, nargs=4, default=None,
+    group.add_argument("--depths", type=int, nargs=4, default=None, metavar="D",
                        help="blocks per stage; default SLaK-T's 3 3 9 3")
     group.add_argument("--layer_scale_init_value", type=float, default=1e-6,
                        help="initial layer scale, for random init only (1 makes blocks contribute)")
