@@ -265,7 +265,8 @@ def test_readme_distillation_command_runs_saves_and_resumes(tmp_path, teacher_mo
     student.load_state_dict(saved["model_ema"])
     assert not any("LoRA" in key for key in saved["model"]) and "distill" not in saved
 
-    second = run_main(*shrink(README_COMMANDS[teacher_model], teacher, out, epochs=2))
+    second = run_main(*shrink(README_COMMANDS[teacher_model], teacher, out, epochs=2),
+                      "--synthetic_train_size", "32")  # a shorter second epoch: 4 iterations
     assert f"Resumed student weights from {out / 'checkpoint-0.pth'}" in second.stdout
     assert "Resuming training at epoch 1" in second.stdout
     logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
