@@ -405,8 +405,8 @@ def main(args):
         teacher_stats = evaluate(data_loader_val, teacher, device, amp_dtype, args.channels_last)
         print(f"Teacher accuracy on {len(dataset_val)} test images: {teacher_stats['acc1']:.2f}%")
         student_stats = evaluate(data_loader_val, model, device, amp_dtype, args.channels_last)
-        print(f"Student accuracy on {len(dataset_val)} test images at the start: "
-              f"{student_stats['acc1']:.2f}%")
+        print(f"Student accuracy on {len(dataset_val)} test images"
+              f"{'' if args.eval else ' at the start'}: {student_stats['acc1']:.2f}%")
         if args.eval:
             return student_stats
 
