@@ -8,6 +8,7 @@ plus the teacher's inference) is ``python benchmarks/distill_memory.py`` on a GP
 import json
 import math
 import shlex
+import sys
 
 import pytest
 import torch
@@ -276,7 +277,8 @@ def test_readme_distillation_command_runs_saves_and_resumes(tmp_path, teacher_mo
 
 def test_feature_distillation_across_widths_through_main(tmp_path):
     """NKD_FD from a SLaK-T width 1.3 teacher (a bare state dict, as the original released) into a
-    ConvNeXt-T width 1.0 student; the 1x1 projection is trained, saved and resumed."""
+    ConvNeXt-T width 1.0 student; the 1x1 projection is trained, saved, and resumed by two torchrun
+    processes (gloo), which average its gradients as they do the student's."""
     torch.manual_seed(0)
     teacher = SLaK.SLaK(depths=SLaK.MODEL_DEPTHS_DIMS["SLaK_tiny"][0], num_classes=10,
                         kernel_size=TEACHER_KERNELS, width_factor=1.3, Decom=True)
@@ -293,8 +295,10 @@ def test_feature_distillation_across_widths_through_main(tmp_path):
     assert first["distill"]["projector.weight"].shape == (998, 768, 1, 1)
     assert len(first["optimizer"]["param_groups"]) == 4  # student (decay, no decay), projector x2
 
-    second = run_main(*command, "--epochs", "2")
-    assert "Resuming training at epoch 1" in second.stdout
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(29500 + hash(str(tmp_path)) % 1000)]
+    second = run_main(*command, "--epochs", "2", launcher=torchrun)
+    assert "Resuming training at epoch 1" in second.stdout and "2 processes" in second.stdout
     resumed = torch.load(out / "checkpoint-1.pth", map_location="cpu", weights_only=True)
     moved = (resumed["distill"]["projector.weight"] - first["distill"]["projector.weight"]).abs()
     assert 0 < moved.max() < 0.01  # trained on from the saved projection, not re-initialised
