@@ -19,6 +19,9 @@ Geometry shared by all kernels (the launcher in ``op.py`` maps NCHW onto it):
 * ``DOT_UPCAST`` feeds ``tl.dot`` float32 copies of its operands. Only the interpreter sets it,
   for bfloat16: its ``tl.dot`` multiplies the raw uint16 storage of bfloat16 values (Triton 3.8).
   Products of bfloat16 values are exact in float32, so the result is what tensor cores give.
+* ``INDEX_64``: element offsets in 64 bits, only for tensors that need them. 32-bit offsets
+  halve the registers that the tiles' address tensors take (the 8-warp forward kernel hit the
+  255-register limit with 64-bit ones, leaving one block per SM).
 * Weights are addressed as ``w[c, tap_b, tap_a]`` through strides, so no copy is needed to
   swap the kernel's axes.
 
@@ -40,7 +43,7 @@ def dwconv_fwd_kernel(
     syn, syc, sya, syb,
     swc, swa, swb,
     HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, LONG_IS_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[n, c, b, a] = sum_{i, j} x[n, c, b + i - KB//2, a + j - KA//2] * w[c, i, j] (+ bias[c]).
@@ -51,14 +54,17 @@ def dwconv_fwd_kernel(
     """
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
-    c = tl.program_id(2).to(tl.int64)
+    c = tl.program_id(2)
     PA = KA // 2
     PB = KB // 2
 
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < N * LB
-    n = (m // LB).to(tl.int64)
+    n = m // LB
     b = m % LB
+    if INDEX_64:
+        c = c.to(tl.int64)
+        n = n.to(tl.int64)
     a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     a0 = pid_a * BLOCK_A
     # Input positions that meet the band of this output block, clipped to the image: the
@@ -135,6 +141,7 @@ def dwconv_wgrad_kernel(
     sdn, sdc, sda, sdb,
     swslot, swc, swi, swj,
     LONG_IS_H: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
     KA_PAD: tl.constexpr,
 ):
@@ -152,7 +159,9 @@ def dwconv_wgrad_kernel(
     pid_ci = tl.program_id(0)
     pid_ak = tl.program_id(1)
     pid_s = tl.program_id(2)
-    c = (pid_ci // KB).to(tl.int64)
+    c = pid_ci // KB
+    if INDEX_64:
+        c = c.to(tl.int64)
     i = pid_ci % KB
     a_blk = pid_ak // N_KCHUNK
     k_chunk = pid_ak % N_KCHUNK
@@ -181,7 +190,9 @@ def dwconv_wgrad_kernel(
     for m0 in range(m_start, n_lines, SPLIT_M * BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_ok = m < n_lines
-        n = (m // LB).to(tl.int64)
+        n = m // LB
+        if INDEX_64:
+            n = n.to(tl.int64)
         b = m % LB
         b_in = b + i - PB
         line_ok = m_ok & (b_in >= 0) & (b_in < LB)

@@ -94,12 +94,15 @@ def _tiles(g, n_lines, dtype):
     * ``num_warps``: 8 for 8K-element tiles, so that a thread holds 32 accumulators; with 4
       the stage-1 and stage-2 shapes ran 1.5-3x slower on an H100 (BENCHMARKS.md).
     * ``block_m_wgrad``: the reduction chunk of the weight-gradient GEMM.
+    * ``num_stages=1``: the loads are scalar (tap-shifted lines have no provable alignment),
+      so Triton cannot pipeline them through asynchronous copies; deeper pipelining only
+      keeps more loads in registers, and one stage measured 5-8% faster than two.
     """
     block_a = min(64, max(16, triton.next_power_of_2(g["LA"])))
     block_m = 8192 // block_a if block_a >= 32 else 128
     block_m = min(block_m, max(16, triton.next_power_of_2(n_lines)))
     t = dict(block_a=block_a, block_m=block_m, block_m_wgrad=64 if dtype != torch.float32 else 32,
-             num_warps=8 if block_m * block_a >= 8192 else 4, num_stages=2)
+             num_warps=8 if block_m * block_a >= 8192 else 4, num_stages=1)
     if _TILE_OVERRIDE:
         t.update(_TILE_OVERRIDE)
     return t
@@ -113,6 +116,12 @@ def _dot_args(t):
     if upcast or (t.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
         return dict(DOT_PRECISION="ieee", DOT_UPCAST=upcast)
     return dict(DOT_PRECISION="tf32", DOT_UPCAST=upcast)
+
+
+def _needs_index_64(*tensors):
+    """Whether some element offset (sum of (size - 1) * stride) reaches 2**31."""
+    return any(sum((n - 1) * s for n, s in zip(t.shape, t.stride())) >= 2 ** 31 - 1
+               for t in tensors)
 
 
 def _width_contiguous(t):
@@ -142,7 +151,7 @@ def _launch_conv(x, weight, bias, flip, kind):
         y.stride(0), y.stride(1), y.stride(a_dim), y.stride(b_dim),
         weight.stride(0), weight.stride(a_dim), weight.stride(b_dim),
         HAS_BIAS=bias is not None, FLIP=flip, LONG_IS_H=g["long_is_h"],
-        **_dot_args(x),
+        **_dot_args(x), INDEX_64=_needs_index_64(x, y),
         BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"],
         num_warps=t["num_warps"], num_stages=t["num_stages"])
     launch_counts[kind] += 1
@@ -195,7 +204,7 @@ def _launch_grad_weight(grad, x, kh, kw):
         x.stride(0), x.stride(1), x.stride(a_dim), x.stride(b_dim),
         grad.stride(0), grad.stride(1), grad.stride(a_dim), grad.stride(b_dim),
         out.stride(0), out.stride(1), s_i, s_j,
-        LONG_IS_H=g["long_is_h"], **_dot_args(x),
+        LONG_IS_H=g["long_is_h"], **_dot_args(x), INDEX_64=_needs_index_64(x, grad),
         BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_K=block_a,
         KA_PAD=triton.next_power_of_2(KA), num_warps=4, num_stages=t["num_stages"])
     launch_counts["grad_weight"] += 1

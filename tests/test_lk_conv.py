@@ -205,3 +205,12 @@ def test_external_build_missing_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.path", list(__import__("sys").path))
     with pytest.raises(ImportError, match="LARGE_KERNEL_CONV_IMPL=.*unset the variable"):
         lk_op._load_external(str(tmp_path))
+
+
+def test_64_bit_offsets(monkeypatch):
+    """The 64-bit addressing variant (for tensors of 2**31 elements or more, which no test
+    can allocate) computes the same thing."""
+    monkeypatch.setattr(lk_op, "_needs_index_64", lambda *tensors: True)
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 11, 20, device=DEVICE)
+    check_against_reference(x, torch.randn(3, 1, 5, 23), torch.randn(3), torch.float32)
