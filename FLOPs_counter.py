@@ -61,7 +61,7 @@ def get_args_parser():
     p.add_argument("--nb_classes", default=1000, type=int)
     p.add_argument("--resume", default="", type=str, help="checkpoint whose masks (or zeros) to count")
     p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--snip_batch", default=2, type=int, help="random images for SNIP")
+    p.add_argument("--snip_batch", default=8, type=int, help="random images for SNIP")
     return p
 
 
@@ -82,6 +82,9 @@ def build_masks(model, args):
     masking = sparse_core.Masking(model, None, ns, total_steps=1)
     generator = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.snip_batch, 3, args.input_size, args.input_size, generator=generator)
+    # Channels-last: the CPU's depthwise weight gradient is ~20x faster in that layout.
+    model.to(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, args.nb_classes, (args.snip_batch,), generator=generator)
     masking.init(images, targets, nn.CrossEntropyLoss())
     return masking.masks
