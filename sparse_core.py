@@ -320,11 +320,14 @@ class Masking:
     @torch.no_grad()
     def apply_masks(self):
         """Zero the masked-out weights and their optimizer state (moments, momentum)."""
+        tensors, masks = [], []
         for k, mask in self.masks.items():
             p = self.params[k]
-            p.mul_(mask)
-            for t in _optimizer_state_tensors(self.optimizer, p):
-                t.mul_(mask)
+            for t in [p] + _optimizer_state_tensors(self.optimizer, p):
+                tensors.append(t)
+                masks.append(mask)
+        if tensors:
+            torch._foreach_mul_(tensors, masks)  # one fused call where the device allows
 
     @torch.no_grad()
     def load_masks(self, masks):
@@ -478,6 +481,9 @@ class Masking:
             if k in self.params:
                 self.ever_active[k] = m.to(device=self.params[k].device, dtype=torch.bool)
         if "generator" in state:
-            self.generator.set_state(state["generator"].cpu())
+            try:
+                self.generator.set_state(state["generator"].cpu())
+            except (RuntimeError, ValueError):  # saved on another device type (CPU <-> CUDA)
+                self.generator.manual_seed(int(state["generator"].sum().item()) + self.steps)
         self._momentum = {k: v.to(self.params[k].device) for k, v in state.get("momentum", {}).items()
                           if k in self.params}
