@@ -22,11 +22,17 @@ import sys
 from contextlib import contextmanager
 from typing import Optional
 
+import warnings
+
 import torch
-import triton
 from torch import Tensor
 
-from .kernels import get_kernels
+try:
+    import triton
+
+    from .kernels import get_kernels
+except ImportError:   # CPU-only torch builds come without Triton: F.conv2d everywhere
+    triton = None
 from .reference import depthwise_conv2d_reference, depthwise_conv2d_reference_grads
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,6 +65,11 @@ def _interpret():
 
 
 def _use_triton(x):
+    if triton is None:
+        if x.is_cuda:
+            warnings.warn("Triton is not installed: DepthWiseConv2dImplicitGEMM falls back to "
+                          "the much slower F.conv2d; install triton to use its kernels")
+        return False
     return x.dtype in _TRITON_DTYPES and (x.is_cuda or (x.device.type == "cpu" and _interpret()))
 
 
@@ -92,11 +103,12 @@ def _tiles(g, n_lines, dtype):
       (enough tensor-core work per Toeplitz gather) for 32- and 64-wide tiles, 2K for 16-wide
       ones (7- and 14-pixel maps, where more, smaller programs measured faster).
     * ``num_warps``: 8 for 8K-element tiles, so that a thread holds 32 accumulators; with 4
-      the stage-1 and stage-2 shapes ran 1.5-3x slower on an H100 (BENCHMARKS.md).
+      the stage-1 and stage-2 forward passes ran 1.8-2.8x slower on an H100 (BENCHMARKS.md).
     * ``block_m_wgrad``: the reduction chunk of the weight-gradient GEMM.
     * ``num_stages=1``: the loads are scalar (tap-shifted lines have no provable alignment),
       so Triton cannot pipeline them through asynchronous copies; deeper pipelining only
-      keeps more loads in registers, and one stage measured 5-8% faster than two.
+      keeps more loads in registers. One stage measured as fast as two, up to 5% faster in
+      forward passes (BENCHMARKS.md).
     """
     block_a = min(64, max(16, triton.next_power_of_2(g["LA"])))
     block_m = 8192 // block_a if block_a >= 32 else 128

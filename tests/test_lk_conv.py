@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+pytest.importorskip("triton", reason="the kernels under test are Triton kernels")
+
 from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, depthwise_conv2d
 from depthwise_conv2d_implicit_gemm import op as lk_op
 from depthwise_conv2d_implicit_gemm.reference import (depthwise_conv2d_reference,
