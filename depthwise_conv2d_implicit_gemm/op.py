@@ -19,10 +19,9 @@ import functools
 import importlib
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Optional
-
-import warnings
 
 import torch
 from torch import Tensor
