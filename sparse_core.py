@@ -152,6 +152,13 @@ def _random_mask(shape, density, generator, device):
     return mask.view(shape)
 
 
+def _sums(masks):
+    """``[int(m.sum())]`` for a list of masks with a single host synchronisation."""
+    if not masks:
+        return []
+    return [int(v) for v in torch.stack([m.sum() for m in masks]).tolist()]
+
+
 def _is_dist():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -200,6 +207,7 @@ class Masking:
             raise ValueError("no weights to sparsify in this model (with --only-L: no "
                              "LoRA1/LoRA2/lkb_origin convolutions)")
         self.masks = {}
+        self._active = {}
         self.ever_active = {}
         self.steps = 0
         self.pending = False  # an adaptation postponed because its step had no gradient
@@ -212,6 +220,7 @@ class Masking:
         self._grown = {}  # positions regrown at the last adaptation, for mask_ema
         self._momentum_beta = 0.9
         self._hook = None
+        self._use_graph, self._graph, self._graph_key = True, None, None
         if optimizer is not None and self.growth in ("gradient", "momentum") and not self.fix:
             group = optimizer.param_groups[0]
             if "betas" in group:
@@ -265,6 +274,7 @@ class Masking:
                     masks[k] = mask
             self.masks = self._sync(masks)
         self.ever_active = {k: m.clone() for k, m in self.masks.items()}
+        self._count_active()
         self.apply_masks()
         stats = self.stats()
         self._report("init " + mode, stats)
@@ -317,17 +327,57 @@ class Masking:
             offset += n
         return out if extra is None else (out, out_extra)
 
+    def _count_active(self):
+        """Cache each mask's active count (adaptation keeps it): one host sync, not one per layer."""
+        names = list(self.masks)
+        counts = _sums([self.masks[k] for k in names])
+        self._active = dict(zip(names, counts))
+
     @torch.no_grad()
     def apply_masks(self):
-        """Zero the masked-out weights and their optimizer state (moments, momentum)."""
+        """Zero the masked-out weights and their optimizer state (moments, momentum).
+
+        On CUDA the ~3 multiplications per sparse weight are replayed as one CUDA graph (a few
+        hundred tiny kernels would otherwise cost more in launches than in work); the graph is
+        recorded again whenever a tensor behind it changes (new optimizer state, new masks).
+        """
         tensors, masks = [], []
         for k, mask in self.masks.items():
             p = self.params[k]
             for t in [p] + _optimizer_state_tensors(self.optimizer, p):
                 tensors.append(t)
                 masks.append(mask)
-        if tensors:
-            torch._foreach_mul_(tensors, masks)  # one fused call where the device allows
+        if not tensors:
+            return
+        if self._use_graph and tensors[0].is_cuda and not torch.cuda.is_current_stream_capturing():
+            key = tuple(t.data_ptr() for t in tensors) + tuple(m.data_ptr() for m in masks)
+            if self._graph is None or key != self._graph_key:
+                self._graph = self._record(tensors, masks)
+                self._graph_key = key
+            if self._graph is not None:
+                self._graph.replay()
+                return
+        torch._foreach_mul_(tensors, masks)
+
+    def _record(self, tensors, masks):
+        """A CUDA graph of ``t.mul_(m)`` for all pairs, or None (then eager from now on)."""
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the capture, as CUDA graphs need
+                torch._foreach_mul_(tensors, masks)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                for t, m in zip(tensors, masks):
+                    t.mul_(m)
+            return graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure: fall back to eager
+            self._use_graph = False
+            if _is_main():
+                print(f"[sparse] CUDA graph for re-masking unavailable ({exc}); eager re-masking",
+                      flush=True)
+            return None
 
     @torch.no_grad()
     def load_masks(self, masks):
@@ -345,6 +395,7 @@ class Masking:
             loaded[k] = m.to(device=p.device, dtype=torch.bool)
         self.masks = loaded
         self.ever_active = {k: m.clone() for k, m in loaded.items()}
+        self._count_active()
         self.apply_masks()
         self._report("masks restored", self.stats())
 
@@ -400,7 +451,7 @@ class Masking:
         kept, new = {}, {}
         for k, mask in self.masks.items():
             p = self.params[k]
-            n = int(round(rate * mask.sum().item()))
+            n = int(round(rate * self._active[k]))
             kept[k] = prune_fn(p, mask, n)
             new[k] = grow_fn(kept[k], n, generator=self.generator, grad=self._grads.get(k),
                              momentum=self._momentum.get(k))
@@ -413,7 +464,7 @@ class Masking:
             for t in _optimizer_state_tensors(self.optimizer, p):
                 t.mul_(kept[k])
             self._grown[k] = new[k] & ~kept[k]
-            self.masks[k] = new[k]
+            self.masks[k].copy_(new[k])  # in place: the re-masking CUDA graph reads this tensor
             self.ever_active[k] |= new[k]
         self.apply_masks()
 
@@ -436,16 +487,16 @@ class Masking:
     # ---------------------------------------------------------------------------- reports
     def layer_densities(self):
         """``{name: density}`` of every sparsifiable weight (1.0 for dense ones)."""
-        return {k: (self.masks[k].sum().item() / p.numel() if k in self.masks else 1.0)
+        return {k: (self._active[k] / p.numel() if k in self.masks else 1.0)
                 for k, p in self.params.items()}
 
     def stats(self):
         """Overall density, the prune rate now, the share of masked weights ever active."""
         total = sum(p.numel() for p in self.params.values())
-        active = sum((self.masks[k].sum().item() if k in self.masks else p.numel())
+        active = sum((self._active[k] if k in self.masks else p.numel())
                      for k, p in self.params.items())
         masked_total = sum(m.numel() for m in self.masks.values())
-        ever = sum(m.sum().item() for m in self.ever_active.values())
+        ever = sum(_sums(list(self.ever_active.values())))
         out = {"density": active / total, "prune_rate": self.current_prune_rate(),
                "ever_active": ever / masked_total if masked_total else 1.0,
                "sparse_layers": float(len(self.masks))}
