@@ -377,3 +377,78 @@ def test_flops_counter_counts_checkpoint_masks_or_zeros(tmp_path):
     masked_out = sum((~m).sum().item() for m in masking.masks.values())
     assert with_masks["params_M"] == pytest.approx((dense_params - masked_out) / 1e6, abs=1e-3)
     assert with_masks["gmacs"] == pytest.approx(TARGET * dense_macs / 1e9, rel=0.01, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------ main.py --sparse
+def _main_wires_sparsity():
+    return "sparse_core" in (REPO / "main.py").read_text()
+
+
+needs_sparse_cli = pytest.mark.skipif(not _main_wires_sparsity(),
+                                      reason="main.py does not build sparse_core.Masking yet")
+SPARSE_CLI = ["--model", "SLaK_tiny", "--width_factor", "0.25", "--Decom", "true",
+              "--kernel_size", "13", "11", "9", "7", "3",
+              "--data_set", "synthetic", "--device", "cpu", "--input_size", "32", "--nb_classes", "4",
+              "--num_workers", "0", "--pin_mem", "false", "--warmup_epochs", "0", "--lr", "2e-3",
+              "--drop_path", "0", "--synthetic_val_size", "64", "--disable_eval", "true",
+              "--sparse", "--sparsity", "0.4", "--prune_rate", "0.3", "--growth", "random"]
+
+
+def _ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _run_main(*args):
+    from conftest import run_main
+    return run_main(*args)
+
+
+@needs_sparse_cli
+def test_cli_sparse_auto_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    import signal
+    import time
+    common = [*SPARSE_CLI, "--sparse_init", "snip", "-u", "3", "--epochs", "3", "--batch_size", "16",
+              "--synthetic_train_size", "128", "--model_ema", "true", "--model_ema_decay", "0.9"]
+    result = _run_main(*common, "--output_dir", tmp_path / "full")
+    assert "density" in result.stdout
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(REPO / "main.py"), *map(str, common),
+                                "--output_dir", str(interrupted)], cwd=REPO, env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint-0.pth").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "checkpoint-2.pth").exists()
+    _run_main(*common, "--output_dir", interrupted, "--auto_resume", "true")
+    full, resumed = _ckpt(tmp_path / "full" / "checkpoint-2.pth"), _ckpt(interrupted / "checkpoint-2.pth")
+    assert full["masks"].keys() == resumed["masks"].keys() and full["masks"]
+    assert all(m.dtype == torch.bool for m in full["masks"].values())
+    assert all(torch.equal(full["masks"][k], resumed["masks"][k]) for k in full["masks"])
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key]), key
+    assert full["sparse_state"]["steps"] == resumed["sparse_state"]["steps"] == 24
+    for k, m in full["masks"].items():
+        assert torch.all(full["model"][k][~m] == 0) and torch.all(full["model_ema"][k][~m] == 0)
+
+
+@needs_sparse_cli
+def test_cli_checkpoint_without_masks_resumes_with_sparse_init_resume(tmp_path):
+    common = [*SPARSE_CLI, "-u", "4", "--batch_size", "16", "--synthetic_train_size", "64"]
+    _run_main(*common, "--sparse_init", "ERK", "--epochs", "1", "--output_dir", tmp_path / "a")
+    ckpt = _ckpt(tmp_path / "a" / "checkpoint-0.pth")
+    masks = ckpt.pop("masks")
+    ckpt.pop("sparse_state", None)
+    torch.save(ckpt, tmp_path / "old.pth")  # as the original release saved them: weights only
+    result = _run_main(*common, "--sparse_init", "resume", "--epochs", "2", "--resume",
+                       tmp_path / "old.pth", "--output_dir", tmp_path / "b")
+    assert "init resume" in result.stdout
+    resumed = _ckpt(tmp_path / "b" / "checkpoint-1.pth")
+    assert resumed["masks"].keys() == masks.keys()
+    active = sum(m.sum().item() for m in resumed["masks"].values())
+    assert active == sum(m.sum().item() for m in masks.values())  # adaptation keeps the counts
+    for k, m in resumed["masks"].items():
+        assert torch.all(resumed["model"][k][~m] == 0)
