@@ -279,13 +279,16 @@ def _ddp_worker(rank, world, port, out_dir):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        calls = []
+        calls, changed = [], []
         originals = {n: getattr(torch.distributed, n) for n in ("broadcast", "all_reduce")}
 
         def counting(name):
-            def wrapper(*args, **kwargs):
+            def wrapper(tensor, *args, **kwargs):
                 calls.append(name)
-                return originals[name](*args, **kwargs)
+                before = tensor.clone()
+                out = originals[name](tensor, *args, **kwargs)
+                changed.append(not torch.equal(before, tensor))  # did rank 0 overrule this rank?
+                return out
             return wrapper
 
         for name in originals:
@@ -309,7 +312,7 @@ def _ddp_worker(rank, world, port, out_dir):
             adapted.append(masking.step() is not None)
             per_step.append(len(calls) - n)
         torch.save({"masks": masking.masks, "per_step": per_step, "adapted": adapted,
-                    "init_calls": init_calls,
+                    "init_calls": init_calls, "changed": changed,
                     "weights": {k: v.clone() for k, v in model.state_dict().items()}},
                    os.path.join(out_dir, f"rank{rank}.pth"))
     finally:
@@ -330,6 +333,9 @@ def test_ddp_masks_identical_without_per_step_collectives(tmp_path):
         # adaptation), none on the other steps.
         assert r["init_calls"] == 2
         assert r["per_step"] == [1 if a else 0 for a in r["adapted"]]
+    # The broadcasts are a safety net: after the SNIP densities (each rank saw another batch),
+    # the shared seeded generator and DDP-identical weights already gave rank 1 rank 0's masks.
+    assert r1["changed"][0] and not any(r1["changed"][1:])
     assert set(r0["masks"]) == set(r1["masks"])
     assert all(torch.equal(r0["masks"][k], r1["masks"][k]) for k in r0["masks"])
     assert all(torch.equal(r0["weights"][k], r1["weights"][k])
