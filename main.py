@@ -23,6 +23,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler
 
 import SLaK  # noqa: F401 - registers the SLaK family in timm
+import sparse_core
 import timm
 from checkpoint import (latest_checkpoint, load_checkpoint, remove_old_checkpoints,
                         save_on_master)
@@ -441,6 +442,23 @@ def main(args):
     wd_schedule = cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
 
     masking = None
+    if args.sparse:
+        masking = sparse_core.Masking(model_without_ddp, optimizer, args, args.epochs * steps_per_epoch)
+        if checkpoint is not None and checkpoint.get("masks"):
+            masking.load_masks(checkpoint["masks"])
+            if "sparse_state" in checkpoint:
+                masking.load_state_dict(checkpoint["sparse_state"])
+        else:
+            images, targets = None, None
+            if args.sparse_init == "snip":  # SNIP scores one training batch (before mixup)
+                images, targets = next(iter(data_loader_train))
+                images, targets = images.to(device), targets.to(device)
+                if args.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+            masking.init(images, targets, nn.CrossEntropyLoss())
+            masking.steps = args.start_epoch * steps_per_epoch  # continue the prune-rate schedule
+        if model_ema is not None:
+            masking.mask_ema(model_ema.module)
 
     def save(name, epoch):
         state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
@@ -450,6 +468,9 @@ def main(args):
             state["model_ema"] = model_ema.module.state_dict()
         if feature_loss is not None:
             state["distill"] = feature_loss.state_dict()
+        if masking is not None:
+            state["masks"] = masking.masks
+            state["sparse_state"] = masking.state_dict()
         path = os.path.join(args.output_dir, name)
         save_on_master(state, path)
         return path
