@@ -458,3 +458,20 @@ def test_cli_checkpoint_without_masks_resumes_with_sparse_init_resume(tmp_path):
     assert active == sum(m.sum().item() for m in masks.values())  # adaptation keeps the counts
     for k, m in resumed["masks"].items():
         assert torch.all(resumed["model"][k][~m] == 0)
+
+
+@needs_sparse_cli
+def test_cli_two_process_gloo_fp16_sparse_training(tmp_path):
+    from conftest import run_main
+    out = tmp_path / "out"
+    result = run_main(*SPARSE_CLI, "--sparse_init", "snip", "-u", "2", "--growth", "gradient",
+                      "--use_amp", "true", "--amp_dtype", "float16", "--model_ema", "true",
+                      "--epochs", "1", "--batch_size", "8", "--synthetic_train_size", "64",
+                      "--output_dir", out,
+                      launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                "--master_port", str(29500 + hash(str(tmp_path)) % 1000)])
+    assert result.stdout.count("[sparse] init snip") == 1  # rank 0 alone reports
+    ckpt = _ckpt(out / "checkpoint-0.pth")
+    assert ckpt["sparse_state"]["steps"] == 4 and ckpt["masks"]
+    for k, m in ckpt["masks"].items():
+        assert torch.all(ckpt["model"][k][~m] == 0) and torch.all(ckpt["model_ema"][k][~m] == 0)
