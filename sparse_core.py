@@ -221,6 +221,7 @@ class Masking:
         self._momentum_beta = 0.9
         self._hook = None
         self._use_graph, self._graph, self._graph_key = True, None, None
+        self._ema_dirty = True  # masks changed since the last mask_ema
         if optimizer is not None and self.growth in ("gradient", "momentum") and not self.fix:
             group = optimizer.param_groups[0]
             if "betas" in group:
@@ -275,6 +276,7 @@ class Masking:
             self.masks = self._sync(masks)
         self.ever_active = {k: m.clone() for k, m in self.masks.items()}
         self._count_active()
+        self._ema_dirty = True
         self.apply_masks()
         stats = self.stats()
         self._report("init " + mode, stats)
@@ -396,6 +398,7 @@ class Masking:
         self.masks = loaded
         self.ever_active = {k: m.clone() for k, m in loaded.items()}
         self._count_active()
+        self._ema_dirty = True
         self.apply_masks()
         self._report("masks restored", self.stats())
 
@@ -470,7 +473,15 @@ class Masking:
 
     @torch.no_grad()
     def mask_ema(self, ema_module):
-        """Zero pruned entries of an EMA copy; entries regrown since the last call take the weight."""
+        """Zero pruned entries of an EMA copy; entries regrown since the last call take the weight.
+
+        An EMA update mixes the EMA with the masked weights, so entries that are zero in both stay
+        exactly zero: the work is done only when the masks changed since the last call (init,
+        restore, adaptation) and, as a safety net, every ``update_frequency`` steps.
+        """
+        if not (self._ema_dirty or self._grown or self.steps % self.update_frequency == 0):
+            return
+        self._ema_dirty = False
         ema = dict(ema_module.named_parameters())
         for k, mask in self.masks.items():
             e = ema.get(k)

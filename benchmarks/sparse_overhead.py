@@ -48,6 +48,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--model_ema", action="store_true", help="timm ModelEmaV3 updated every step")
     p.add_argument("--breakdown", action="store_true",
                    help="also time masking.apply_masks() and one adaptation in isolation")
     return p.parse_args()
@@ -71,7 +72,7 @@ def build(args, sparse, device):
     return model, optimizer, masking
 
 
-def run_steps(model, optimizer, masking, images, targets, n, amp_dtype, scaler):
+def run_steps(model, optimizer, masking, images, targets, n, amp_dtype, scaler, ema=None):
     criterion = nn.CrossEntropyLoss()
     for _ in range(n):
         with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -82,6 +83,10 @@ def run_steps(model, optimizer, masking, images, targets, n, amp_dtype, scaler):
         optimizer.zero_grad(set_to_none=True)
         if masking is not None:
             masking.step()
+        if ema is not None:
+            ema.update(model)
+            if masking is not None:
+                masking.mask_ema(ema.module)
 
 
 def main():
@@ -96,9 +101,17 @@ def main():
     targets = torch.randint(0, 1000, (args.batch,), device=device)
     times = {"dense": [], "sparse": []}
     setups = {mode: build(args, mode == "sparse", device) for mode in times}
+    emas = {}
+    for mode, (model, _, masking) in setups.items():
+        if args.model_ema:
+            from timm.utils import ModelEmaV3
+            emas[mode] = ModelEmaV3(model, decay=0.9999)
+            if masking is not None:
+                masking.mask_ema(emas[mode].module)
     scaler = torch.amp.GradScaler("cuda", enabled=args.dtype == "fp16")
     for mode, (model, optimizer, masking) in setups.items():
-        run_steps(model, optimizer, masking, images, targets, args.warmup, amp_dtype, scaler)
+        run_steps(model, optimizer, masking, images, targets, args.warmup, amp_dtype, scaler,
+                  emas.get(mode))
         if masking is not None:
             masking.steps = 0  # timed steps then include adaptations at steps u, 2u, ...
     torch.cuda.synchronize()
@@ -106,7 +119,8 @@ def main():
         for mode, (model, optimizer, masking) in setups.items():
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            run_steps(model, optimizer, masking, images, targets, args.steps, amp_dtype, scaler)
+            run_steps(model, optimizer, masking, images, targets, args.steps, amp_dtype, scaler,
+                      emas.get(mode))
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) / args.steps * 1e3
             times[mode].append(ms)
@@ -124,7 +138,7 @@ def main():
             print(json.dumps({name: round((time.perf_counter() - t0) / n * 1e3, 3)}), flush=True)
     dense, sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
     print(json.dumps({"model": args.model, "batch": args.batch, "dtype": args.dtype,
-                      "u": args.update_frequency, "growth": args.growth,
+                      "u": args.update_frequency, "growth": args.growth, "model_ema": args.model_ema,
                       "gpu": torch.cuda.get_device_name(), "dense_ms": round(dense, 3),
                       "sparse_ms": round(sparse, 3),
                       "overhead_pct": round(100 * (sparse - dense) / dense, 2)}), flush=True)
