@@ -1,4 +1,4 @@
-"""Training-step throughput of SLaK-T against its baselines, side by side in one process.
+r"""Training-step throughput of SLaK-T against its baselines, side by side in one process.
 
 Step mode (default) times forward + backward + AdamW step on random 224x224 batches, for every
 combination of the chosen models, precisions, channels-last and torch.compile settings:
@@ -11,16 +11,25 @@ Models: ``slak`` (SLaK-T, width 1.3, 51 49 47 13 5, Decom, our large-kernel conv
 ``slak_cudnn`` (the same network with its large-kernel convolutions through cuDNN, ``F.conv2d``),
 ``convnext_timm`` (timm's ``convnext_tiny``).
 
-End-to-end mode runs ``main.py`` on the synthetic data for a number of iterations, so that data
-loading, logging, EMA and sparsity are included, and reports images per second of the epoch:
+End-to-end mode runs ``main.py`` on the synthetic data for ``--iters`` optimizer steps, so that
+data loading, logging, EMA and sparsity are included. The model is SLaK-T (width 1.3, 51 49 47 13 5,
+Decom) at 224x224 unless flags after ``--``, which go to ``main.py`` last, say otherwise:
 
-    python benchmarks/train_throughput.py --end_to_end --iters 200 --batch 64 -- --compile true ...
+    python benchmarks/train_throughput.py --end_to_end --iters 200 --batch 64 -- --compile true \
+        --use_amp true --amp_dtype bfloat16 --channels_last true --sparse -u 100
 
-Each case prints one JSON line; a summary table comes last.
+It prints one JSON line with ``img_per_s_epoch`` (the whole epoch, first-step compilation
+included) and ``img_per_s_steady`` (the iterations after the first logged window, from the
+progress lines and the epoch's total time; see :func:`parse_main_log`). ``--device cpu`` runs the
+same on the CPU, as a smoke test of this script (e.g. with ``-- --input_size 32 --width_factor
+0.25``).
+
+Step mode prints one JSON line per case and a summary table; both modes end with a JSON line
+naming the device and versions.
 """
 import argparse
 import json
-import os
+import platform
 import re
 import subprocess
 import sys
@@ -118,27 +127,81 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
     return result
 
 
+# Progress lines of utils.MetricLogger.log_every for training, e.g.
+#   Epoch: [0]  [ 10/200]  eta: 0:00:31  lr: ...  loss: ...  time: 0.1571  data: 0.0008  max mem: ...
+# where "time" is the mean duration of the last WINDOW iterations (utils.SmoothedValue's default
+# window), and the epoch's closing line
+#   Epoch: [0] Total time: 0:00:32 (0.1603 s / it)
+PROGRESS_LINE = re.compile(r"^Epoch: \[\d+\]\s+\[\s*(\d+)/(\d+)\].*\btime: ([\d.]+)\s+data: ", re.M)
+TOTAL_LINE = re.compile(r"^Epoch: \[\d+\] Total time: \S+ \(([\d.]+) s / it\)", re.M)
+
+
+def parse_main_log(stdout, window=None):
+    """Seconds per training iteration from main.py's output of one epoch.
+
+    Returns ``(epoch, steady, warmup_iters)``: ``epoch`` is the closing line's mean over every
+    iteration; ``steady`` the mean over the iterations after the first ``warmup_iters``. Those are
+    iterations 0..k of the last progress line (index k) whose window still holds every iteration
+    so far (k + 1 <= window), so its "time" times k + 1 is their exact total, and ``steady`` is
+    (epoch total - that) / (iterations - k - 1): periodic costs (sparse adaptations, EMA, logging)
+    included, compilation and warm-up excluded. Zero "time" values (iterations shorter than the
+    4 printed decimals) are harmless. With a single iteration ``steady`` is the epoch figure.
+    Raises ``ValueError`` when the output holds no complete training epoch.
+    """
+    if window is None:
+        from utils import SmoothedValue
+        window = SmoothedValue().deque.maxlen
+    total_match = TOTAL_LINE.search(stdout)
+    progress = [(int(i), int(n), float(t)) for i, n, t in PROGRESS_LINE.findall(stdout)]
+    if total_match is None or not progress:
+        raise ValueError("no complete training epoch in main.py's output (no progress line or no "
+                         "'Epoch: [..] Total time' line)")
+    epoch = float(total_match.group(1))
+    total = progress[0][1]
+    if epoch <= 0:
+        raise ValueError(f"main.py reports {epoch} s per iteration")
+    first = [(i, t) for i, n, t in progress if n == total and i + 1 <= window and i < total - 1]
+    if not first:
+        return epoch, epoch, 0
+    k, mean_first = max(first)
+    rest = epoch * total - (k + 1) * mean_first
+    if rest <= 0:  # rounding of a very short run: nothing measurable after the warm-up
+        return epoch, epoch, 0
+    return epoch, rest / (total - k - 1), k + 1
+
+
 def end_to_end(args, extra):
-    """Run main.py for ``iters`` optimizer steps on synthetic data; images/s of the whole epoch."""
+    """Run main.py for ``iters`` optimizer steps on synthetic data; images/s of the epoch."""
     out = Path(args.output_dir)
-    command = [sys.executable, str(REPO / "main.py"), "--data_set", "synthetic", "--device", "cuda",
-               "--input_size", "224", "--nb_classes", "1000", "--epochs", "1", "--warmup_steps", "10",
-               "--batch_size", str(args.batch), "--synthetic_train_size", str(args.batch * args.iters),
-               "--disable_eval", "true", "--save_ckpt", "false", "--auto_resume", "false",
-               "--output_dir", str(out), "--num_workers", str(args.num_workers), *extra]
+    update_freq = argparse.ArgumentParser(add_help=False)
+    update_freq.add_argument("--update_freq", type=int, default=1)
+    micro_batches = args.iters * max(1, update_freq.parse_known_args(extra)[0].update_freq)
+    command = [sys.executable, str(REPO / "main.py"), "--data_set", "synthetic",
+               "--device", args.device, "--input_size", "224", "--nb_classes", "1000",
+               "--model", "SLaK_tiny", "--width_factor", "1.3", "--Decom", "true",
+               "--kernel_size", *map(str, SLAK_T["kernel_size"]), "--drop_path", "0.1",
+               "--epochs", "1", "--warmup_steps", "10", "--batch_size", str(args.batch),
+               "--synthetic_train_size", str(args.batch * micro_batches), "--disable_eval", "true",
+               "--save_ckpt", "false", "--auto_resume", "false", "--output_dir", str(out),
+               "--num_workers", str(args.num_workers), "--pin_mem", str(args.device != "cpu"),
+               *extra]
     start = time.time()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     wall = time.time() - start
     if result.returncode != 0:
-        print(result.stdout[-3000:], result.stderr[-3000:])
-        raise SystemExit(f"main.py failed ({result.returncode})")
-    # "epoch": the whole epoch, first-step compilation included; "steady": the progress line's
-    # window average over the last iterations.
-    seconds_per_it = float(re.search(r"Total time: \S+ \(([\d.]+) s / it\)", result.stdout).group(1))
-    window = [float(t) for t in re.findall(r"Epoch: \[0\].*?time: ([\d.]+)", result.stdout)]
-    row = dict(mode="end_to_end", command=" ".join(command[1:]), wall_s=round(wall, 1),
-               img_per_s_epoch=round(args.batch / seconds_per_it, 1),
-               img_per_s_steady=round(args.batch / window[-1], 1))
+        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n", file=sys.stderr)
+        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
+        raise SystemExit(f"error: main.py failed (exit {result.returncode}): {last}\n"
+                         f"command: {' '.join(command)}")
+    try:
+        epoch, steady, warmup = parse_main_log(result.stdout)
+    except ValueError as exc:
+        print(result.stdout[-3000:], file=sys.stderr)
+        raise SystemExit(f"error: {exc}\ncommand: {' '.join(command)}") from None
+    batch = args.batch  # images per iteration (one micro-batch of one process)
+    row = dict(mode="end_to_end", device=args.device, command=" ".join(command[1:]),
+               wall_s=round(wall, 1), iterations=micro_batches, warmup_iterations=warmup,
+               img_per_s_epoch=round(batch / epoch, 1), img_per_s_steady=round(batch / steady, 1))
     print(json.dumps(row), flush=True)
     return row
 
@@ -159,9 +222,14 @@ def main():
     parser.add_argument("--iters", type=int, default=200, help="end-to-end: optimizer steps")
     parser.add_argument("--num_workers", type=int, default=12)
     parser.add_argument("--output_dir", default="/tmp/slak_e2e")
+    parser.add_argument("--device", default="cuda",
+                        help="end-to-end: main.py's --device (cpu for a smoke test); step mode: cuda only")
     args, extra = parser.parse_known_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU: this benchmark times GPU training steps")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA GPU (step mode times GPU training steps; the end-to-end "
+                         "mode runs on the CPU with --device cpu)")
+    if not args.end_to_end and not args.device.startswith("cuda"):
+        raise SystemExit("error: step mode times CUDA training steps; --device cpu works with --end_to_end")
 
     if args.end_to_end:
         rows = [end_to_end(args, [e for e in extra if e != "--"])]
@@ -188,7 +256,9 @@ def main():
         print_summary(rows)
     if args.json:
         Path(args.json).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        platform.processor() or platform.machine()
+    print(json.dumps(dict(device=device, torch=torch.__version__,
                           cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                           timm=timm.__version__)))
 

@@ -1,0 +1,83 @@
+"""benchmarks/train_throughput.py: the end-to-end mode's reading of main.py's progress lines, and
+one real end-to-end run on the CPU (a reduced SLaK, a few iterations)."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("train_throughput",
+                                                  REPO / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def progress(i, total, seconds):
+    return (f"Epoch: [0]  [{i:>{len(str(total))}}/{total}]  eta: 0:00:01  lr: 0.000100  "
+            f"loss: 6.9 (6.9)  weight_decay: 0.0500 (0.0500)  time: {seconds:.4f}  data: 0.0010")
+
+
+def test_steady_rate_skips_the_first_window_and_survives_zero_times():
+    # 30 iterations: the first takes 5 s (compilation), the others 0.1 s. MetricLogger prints at
+    # 0, 10, 20 and 29 the mean of the last 20 iterations; the closing line the epoch's mean.
+    log = "\n".join([
+        "Start training for 1 epochs",
+        progress(0, 30, 5.0),
+        "[sparse] step 10: density 0.6000",
+        progress(10, 30, (5.0 + 10 * 0.1) / 11),
+        progress(20, 30, 0.1),
+        progress(29, 30, 0.1),
+        f"Epoch: [0] Total time: 0:00:07 ({(5.0 + 29 * 0.1) / 30:.4f} s / it)",
+        "Averaged stats: lr: 0.000100  loss: 6.9 (6.9)",
+    ])
+    bench = load_benchmark()
+    epoch, steady, warmup = bench.parse_main_log(log)
+    assert warmup == 11 and epoch == pytest.approx(7.9 / 30, abs=1e-4)
+    assert steady == pytest.approx(0.1, rel=2e-3)
+
+    # Iterations too short for 4 decimals: the progress lines read 0.0000, the total does not.
+    fast = "\n".join([progress(0, 30, 0.0), progress(10, 30, 0.0), progress(20, 30, 0.0),
+                      "Epoch: [0] Total time: 0:00:00 (0.0001 s / it)"])
+    assert bench.parse_main_log(fast) == (0.0001, pytest.approx(0.0001 * 30 / 19), 11)
+    assert bench.parse_main_log("\n".join([progress(0, 1, 0.2),
+                                           "Epoch: [0] Total time: 0:00:00 (0.2000 s / it)"])) == \
+        (0.2, 0.2, 0)
+    with pytest.raises(ValueError, match="no complete training epoch"):
+        bench.parse_main_log(progress(0, 30, 0.0))  # killed before the epoch ended
+
+
+def run_benchmark(*args):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), *args],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_end_to_end_on_cpu_prints_positive_rates(tmp_path):
+    result = run_benchmark("--end_to_end", "--device", "cpu", "--iters", "24", "--batch", "8",
+                           "--num_workers", "0", "--output_dir", tmp_path / "e2e", "--",
+                           "--input_size", "32", "--nb_classes", "4", "--width_factor", "0.25",
+                           "--kernel_size", "13", "11", "9", "7", "3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    row = next(r for r in rows if r.get("mode") == "end_to_end")
+    assert row["iterations"] == 24 and row["warmup_iterations"] == 11
+    assert row["img_per_s_epoch"] > 0 and row["img_per_s_steady"] > 0
+    assert "--kernel_size 13 11 9 7 3" in row["command"]
+
+
+def test_end_to_end_reports_a_failing_main_in_one_line(tmp_path):
+    result = run_benchmark("--end_to_end", "--device", "cpu", "--iters", "2", "--batch", "8",
+                           "--num_workers", "0", "--output_dir", tmp_path / "e2e", "--",
+                           "--kernel_size", "4")
+    assert result.returncode != 0
+    assert "error: main.py failed (exit 2): error: --kernel_size" in result.stderr
+
+
+def test_step_mode_needs_cuda_and_says_so():
+    result = run_benchmark("--device", "cpu")
+    assert result.returncode != 0 and "--end_to_end" in result.stderr
