@@ -165,7 +165,8 @@ def get_args_parser():
                        type=int, default=100, help="optimizer steps between mask adaptations")
     group.add_argument("--fix", action="store_true", help="keep the initial masks (static sparsity)")
     group.add_argument("--only-L", "--only_L", dest="only_L", action="store_true",
-                       help="sparsify only the large-kernel (LoRA1/LoRA2) weights")
+                       help="sparsify only the large-kernel (LoRA1/LoRA2) weights; in distillation "
+                            "the student's 7x7 depthwise weights")
     group.add_argument("--verbose", action="store_true", help="per-layer density reports")
 
     group = parser.add_argument_group("distillation")
@@ -195,7 +196,9 @@ def check_args(args):
         raise ConfigError("--batch_size and --update_freq must be at least 1")
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity {args.sparsity} must be in [0, 1)")
-    if args.only_L and not args.Decom:
+    if args.only_L and not args.Decom and args.distill_type is None:
+        # (In distillation the student is sparsified: a ConvNeXt, whose large-kernel branch is its
+        # 7x7 lkb_origin whatever the teacher's --Decom.)
         raise ConfigError("--only-L sparsifies the LoRA1/LoRA2 branches, which exist only with --Decom True")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no GPU is visible; pass --device cpu")
@@ -345,6 +348,12 @@ def main(args):
             args.resume = latest_checkpoint(args.output_dir) or ""
         resume_path = args.resume
     checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if args.sparse and args.sparse_init == "resume" and checkpoint is None and not args.finetune \
+            and not args.eval:
+        what = "--distill_resume (the student's checkpoint in --output_dir)" if distilling else \
+            "--resume, --auto_resume or --finetune"
+        raise ConfigError(f"--sparse_init resume takes the masks from the zeros of a checkpoint, and "
+                          f"there is none to load ({what}); use --sparse_init snip, ERK or uniform")
 
     if args.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

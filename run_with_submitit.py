@@ -53,10 +53,17 @@ class Trainer:
         trainer.main(self.args)
 
     def checkpoint(self):
-        """Called by submitit on pre-emption/timeout: requeue and resume from the newest checkpoint."""
+        """Called by submitit on pre-emption/timeout: requeue and resume from the newest checkpoint.
+
+        In distillation ``--resume`` names the teacher and stays; the student continues through
+        ``--distill_resume``.
+        """
         import submitit
-        self.args.auto_resume = True
-        self.args.resume = ""
+        if self.args.distill_type is not None:
+            self.args.distill_resume = True
+        else:
+            self.args.auto_resume = True
+            self.args.resume = ""
         return submitit.helpers.DelayedSubmission(Trainer(self.args))
 
 

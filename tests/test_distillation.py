@@ -304,10 +304,47 @@ def test_feature_distillation_across_widths_through_main(tmp_path):
     assert 0 < moved.max() < 0.01  # trained on from the saved projection, not re-initialised
 
 
+@pytest.mark.parametrize("teacher_decom,extra", [
+    (True, ["--sparse_init", "snip"]),  # every conv and linear weight of the student
+    (False, ["--only-L", "--sparse_init", "ERK"]),  # the student's 7x7 depthwise weights only
+])
+def test_sparse_distillation_masks_the_student_only(tmp_path, teacher_decom, extra):
+    """--sparse in distillation sparsifies the student (the teacher is loaded as it is): masks keyed
+    by the student's weights, applied to its weights and its EMA, saved in the checkpoint."""
+    torch.manual_seed(0)
+    teacher = SLaK.SLaK(depths=(3, 3, 9, 3), num_classes=10, kernel_size=TEACHER_KERNELS,
+                        width_factor=0.25, Decom=teacher_decom)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    out = tmp_path / "student"
+    result = run_main("--resume", tmp_path / "teacher.pth", "--model", "SLaK_tiny", "--Decom",
+                      str(teacher_decom), "--kernel_size", *map(str, TEACHER_KERNELS),
+                      "--width_factor", "0.25", "--distill_type", "KD", "--T", "3.0",
+                      "--model_s", "SLaK_tiny", "--sparse", "--sparsity", "0.4", "-u", "2",
+                      *extra, "--model_ema", "true", "--batch_size", "8", "--epochs", "1",
+                      "--num_workers", "0", "--disable_eval", "true", "--output_dir", out,
+                      *SYNTHETIC_CPU, "--synthetic_train_size", "32")
+    assert "[sparse] init" in result.stdout and "[sparse] step 2" in result.stdout
+
+    saved = torch.load(out / "checkpoint-0.pth", map_location="cpu", weights_only=True)
+    student = SLaK.SLaK(depths=(3, 3, 9, 3), num_classes=10, **STUDENT_OVERRIDES)
+    student.load_state_dict(saved["model"])
+    masks = saved["masks"]
+    assert masks and set(masks) <= set(saved["model"])
+    if "--only-L" in extra:
+        assert all(k.endswith(".lkb_origin.conv.weight") for k in masks) and len(masks) == 18
+    else:
+        assert any(k.endswith("pwconv1.weight") for k in masks)
+    for key, mask in masks.items():
+        assert mask.shape == saved["model"][key].shape and 0 < mask.float().mean() < 0.99
+        assert not saved["model"][key][~mask].any() and not saved["model_ema"][key][~mask].any()
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--distill_type", "NKD"], "needs the teacher's weights: pass --resume"),
     (["--distill_type", "KD", "--resume", "/nonexistent/teacher.pth"], "teacher's checkpoint not found"),
     (["--distill_type", "None", "--model_s", "resnet50"], "--model_s resnet50"),
+    (["--distill_type", "None", "--distill_resume", "--sparse", "--sparse_init", "resume"],
+     "--sparse_init resume takes the masks from the zeros of a checkpoint"),
 ])
 def test_bad_distillation_flags_fail_in_one_line(tmp_path, extra, message):
     result = run_main("--model", "SLaK_tiny", *SYNTHETIC_CPU, "--num_workers", "0",

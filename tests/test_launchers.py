@@ -16,3 +16,24 @@ def test_task_environment_matches_torchrun_variables():
     job_env = SimpleNamespace(hostnames=["node-a", "node-b"], global_rank=5, num_tasks=8, local_rank=1)
     assert run_with_submitit.task_environment(job_env, 29501) == {
         "MASTER_ADDR": "node-a", "MASTER_PORT": "29501", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+
+
+def requeue(monkeypatch, argv):
+    """What ``Trainer.checkpoint`` (submitit's pre-emption hook) resubmits, with a stand-in submitit."""
+    import sys
+    fake = SimpleNamespace(helpers=SimpleNamespace(DelayedSubmission=lambda trainer: trainer))
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    return run_with_submitit.Trainer(run_with_submitit.parse_args(argv)).checkpoint().args
+
+
+def test_requeue_resumes_from_the_newest_checkpoint(monkeypatch):
+    args = requeue(monkeypatch, ["--job_dir", "/shared/run", "--resume", "/shared/run/checkpoint-3.pth",
+                                 "--auto_resume", "false"])
+    assert args.auto_resume and args.resume == ""
+
+
+def test_requeue_of_a_distillation_keeps_the_teacher(monkeypatch):
+    # --resume is the teacher in distillation; the student continues through --distill_resume.
+    args = requeue(monkeypatch, ["--job_dir", "/shared/run", "--distill_type", "NKD",
+                                 "--resume", "/ckpt/SLaK_tiny_teacher.pth"])
+    assert args.resume == "/ckpt/SLaK_tiny_teacher.pth" and args.distill_resume
