@@ -55,15 +55,18 @@ class Trainer:
     def checkpoint(self):
         """Called by submitit on pre-emption/timeout: requeue and resume from the newest checkpoint.
 
-        In distillation ``--resume`` names the teacher and stays; the student continues through
-        ``--distill_resume``.
+        ``--resume`` (the checkpoint the run started from) gives way to ``--auto_resume`` once the
+        job has written one of its own. In distillation ``--resume`` names the teacher and stays;
+        the student continues through ``--distill_resume``.
         """
         import submitit
+        from checkpoint import latest_checkpoint
         if self.args.distill_type is not None:
             self.args.distill_resume = True
         else:
             self.args.auto_resume = True
-            self.args.resume = ""
+            if latest_checkpoint(self.args.output_dir):
+                self.args.resume = ""
         return submitit.helpers.DelayedSubmission(Trainer(self.args))
 
 

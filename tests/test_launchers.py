@@ -26,9 +26,13 @@ def requeue(monkeypatch, argv):
     return run_with_submitit.Trainer(run_with_submitit.parse_args(argv)).checkpoint().args
 
 
-def test_requeue_resumes_from_the_newest_checkpoint(monkeypatch):
-    args = requeue(monkeypatch, ["--job_dir", "/shared/run", "--resume", "/shared/run/checkpoint-3.pth",
-                                 "--auto_resume", "false"])
+def test_requeue_resumes_from_the_newest_checkpoint(monkeypatch, tmp_path):
+    argv = ["--job_dir", str(tmp_path), "--output_dir", str(tmp_path), "--auto_resume", "false",
+            "--resume", "/released/SLaK_tiny.pth", "--sparse_init", "resume"]
+    args = requeue(monkeypatch, argv)  # pre-empted before its first checkpoint: start over as given
+    assert args.auto_resume and args.resume == "/released/SLaK_tiny.pth"
+    (tmp_path / "checkpoint-3.pth").write_bytes(b"")
+    args = requeue(monkeypatch, argv)  # then: the newest checkpoint of the job, found at restart
     assert args.auto_resume and args.resume == ""
 
 
