@@ -6,7 +6,9 @@
 
 Each ``.npy`` is a matrix from ``visualize_erf.py``; each panel shows it log-scaled and divided by
 its maximum (as ``analyze_erf.py`` does), on one shared colour scale, titled with the share-0.5
-high-contribution area ratio.
+high-contribution area ratio. Without ``--sources`` (the original release's command,
+``python erf/erf_slak51_convnext7_convnext31.py``) the matrices are ``erf/convnext7_erf.npy``,
+``erf/convnext31_erf.npy`` and ``erf/slak_tiny_erf.npy``, where docs/erf.md's commands save them.
 """
 import argparse
 import sys
@@ -19,6 +21,9 @@ import numpy as np  # noqa: E402
 from analyze_erf import draw_heatmap, high_contribution_area, normalise  # noqa: E402
 
 DEFAULT_TITLES = ["ConvNeXt (7x7)", "ConvNeXt (31x31)", "SLaK (51x51)"]
+# Where docs/erf.md's visualize_erf.py commands save the three matrices (this folder).
+DEFAULT_SOURCES = [str(Path(__file__).resolve().parent / name)
+                   for name in ("convnext7_erf.npy", "convnext31_erf.npy", "slak_tiny_erf.npy")]
 
 
 def save_figure(matrices, titles, path):
@@ -44,14 +49,20 @@ def save_figure(matrices, titles, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser("ERF figure", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sources", nargs=3, required=True, metavar="NPY",
-                        help="three matrices saved by visualize_erf.py, left to right")
+    parser.add_argument("--sources", nargs=3, default=None, metavar="NPY",
+                        help="three matrices saved by visualize_erf.py, left to right (default: "
+                             "erf/convnext7_erf.npy erf/convnext31_erf.npy erf/slak_tiny_erf.npy)")
     parser.add_argument("--titles", nargs=3, default=DEFAULT_TITLES, metavar="TITLE")
     parser.add_argument("--save_path", default="erf_slak51_convnext7_convnext31.png")
     args = parser.parse_args(argv)
+    sources = args.sources or DEFAULT_SOURCES
     matrices = []
-    for source in args.sources:
+    for source in sources:
         if not Path(source).is_file():
+            if args.sources is None:
+                sys.exit(f"error: {source}: no such file; save the three matrices there first "
+                         f"(python erf/visualize_erf.py ... --save_path erf/{Path(source).name}, "
+                         f"see docs/erf.md) or pass --sources")
             sys.exit(f"error: --sources {source}: no such file; pass .npy files written by "
                      f"visualize_erf.py --save_path")
         matrix = np.load(source)

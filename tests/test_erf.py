@@ -237,3 +237,20 @@ def test_resnet_last_feature_map_with_random_init():
     model = visualize_erf.build_model(args).eval()
     erf = visualize_erf.compute_erf(model, torch.randn(1, 3, 64, 64))
     assert erf.shape == (64, 64) and erf.max() > 0
+
+
+def test_figure_without_sources_reads_the_matrices_docs_erf_md_saves(tmp_path, monkeypatch):
+    """The original release's bare ``python erf/erf_slak51_convnext7_convnext31.py``."""
+    import erf_slak51_convnext7_convnext31 as figure_script
+    defaults = [tmp_path / name for name in ("convnext7_erf.npy", "convnext31_erf.npy",
+                                             "slak_tiny_erf.npy")]
+    monkeypatch.setattr(figure_script, "DEFAULT_SOURCES", [str(p) for p in defaults])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="convnext7_erf.npy: no such file.*visualize_erf.py"):
+        figure_script.main([])
+    for i, path in enumerate(defaults):
+        matrix = np.zeros((64, 64), dtype=np.float32)
+        matrix[32 - 4 * (i + 1):32 + 4 * (i + 1), 32 - 4 * (i + 1):32 + 4 * (i + 1)] = 1.0
+        np.save(path, matrix)
+    figure_script.main([])
+    assert_not_blank(tmp_path / "erf_slak51_convnext7_convnext31.png")
