@@ -117,6 +117,11 @@ class LargeKernelUnit(nn.Module):
         return nn.Sequential(OrderedDict(conv=DepthWiseConv2dImplicitGEMM(channels, kernel, bias=True)))
 
     def forward(self, x):
+        if x.is_cuda:
+            # The large-kernel convolutions read image lines along W: one copy of a
+            # channels-last input here (fused into its producer under torch.compile) is
+            # shared by all branches, instead of a copy per branch and per pass inside each.
+            x = x.contiguous()
         if self.Decom:
             out = self.LoRA1(x) + self.LoRA2(x)
         else:

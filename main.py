@@ -66,6 +66,11 @@ def get_args_parser():
     group.add_argument("--bn", type=str2bool, default=True, help="BatchNorm in large-kernel branches")
     group.add_argument("--head_init_scale", default=1.0, type=float)
     group.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model")
+    group.add_argument("--compile_mode", default="default",
+                       choices=["default", "reduce-overhead", "max-autotune",
+                                "max-autotune-no-cudagraphs"],
+                       help="torch.compile mode; reduce-overhead replays each step as CUDA "
+                            "graphs (fastest on one GPU, see BENCHMARKS.md)")
     group.add_argument("--channels_last", type=str2bool, default=False,
                        help="channels-last memory format for model and inputs")
 
@@ -200,6 +205,14 @@ def check_args(args):
         # (In distillation the student is sparsified: a ConvNeXt, whose large-kernel branch is its
         # 7x7 lkb_origin whatever the teacher's --Decom.)
         raise ConfigError("--only-L sparsifies the LoRA1/LoRA2 branches, which exist only with --Decom True")
+    if args.compile_mode != "default" and not args.compile:
+        raise ConfigError(f"--compile_mode {args.compile_mode} applies to a compiled model: "
+                          f"add --compile true")
+    if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune") and \
+            args.distill_type and args.distill_type.endswith("FD"):
+        raise ConfigError(f"--compile_mode {args.compile_mode} replays CUDA graphs, whose output "
+                          f"buffers would overwrite the student features that {args.distill_type} "
+                          f"taps; use --compile_mode default or max-autotune-no-cudagraphs")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no GPU is visible; pass --device cpu")
     if args.resume and not os.path.isfile(args.resume):
@@ -365,7 +378,7 @@ def main(args):
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    train_model = torch.compile(model) if args.compile else model
+    train_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     total_batch_size = args.batch_size * args.update_freq * get_world_size()
     steps_per_epoch = len(data_loader_train) // args.update_freq

@@ -46,6 +46,7 @@ def test_help_lists_every_original_flag():
     (["--data_set", "IMNET", "--data_path", "/nonexistent/imagenet"], "folder not found"),
     (["--data_set", "image_folder"], "--data_path is required"),
     (["--model_ema_eval", "true"], "--model_ema true"),
+    (["--compile_mode", "reduce-overhead"], "add --compile true"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, bad_args, message):
