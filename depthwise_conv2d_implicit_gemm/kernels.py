@@ -24,6 +24,11 @@ Geometry shared by all kernels (the launcher in ``op.py`` maps NCHW onto it):
   255-register limit with 64-bit ones, leaving one block per SM).
 * Weights are addressed as ``w[c, tap_b, tap_a]`` through strides, so no copy is needed to
   swap the kernel's axes.
+* ``LA_ONE_BLOCK`` (the long axis's length when one tile spans it, else 0) and ``ALIGN`` (a
+  power of two dividing every line's start offset, 1 when the long axis is H) are hints that
+  the launcher derives from the tensors: with them Triton proves the alignment and the mask
+  uniformity that 16-byte vector loads, stores and asynchronous copies need, which it cannot
+  from runtime sizes and strides (specialising those would compile a kernel per shape).
 
 The kernels are self-contained because they are wrapped lazily in two modes, the GPU compiler
 and ``TRITON_INTERPRET=1`` (see ``get_kernels``), and Triton's interpreter cannot call
@@ -45,6 +50,7 @@ def dwconv_fwd_kernel(
     HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, LONG_IS_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+    LA_ONE_BLOCK: tl.constexpr = 0, ALIGN: tl.constexpr = 1,
 ):
     """y[n, c, b, a] = sum_{i, j} x[n, c, b + i - KB//2, a + j - KA//2] * w[c, i, j] (+ bias[c]).
 
@@ -69,10 +75,18 @@ def dwconv_fwd_kernel(
     a0 = pid_a * BLOCK_A
     # Input positions that meet the band of this output block, clipped to the image: the
     # zero padding is never read, masked loads supply it.
-    k_lo = tl.maximum(a0 - PA, 0)
-    k_hi = tl.minimum(a0 + BLOCK_A + PA, LA)
+    if LA_ONE_BLOCK:   # a compile-time extent lets masks keep 16-byte vectors whole
+        la = LA_ONE_BLOCK
+        k_lo = 0
+        k_hi = LA_ONE_BLOCK
+    else:
+        la = LA
+        k_lo = tl.maximum(a0 - PA, 0)
+        k_hi = tl.minimum(a0 + BLOCK_A + PA, LA)
 
     x_base = x_ptr + c * sxc
+    if ALIGN > 1:
+        x_base = tl.multiple_of(x_base, ALIGN * (x_ptr.dtype.element_ty.primitive_bitwidth // 8))
     w_base = w_ptr + c * swc
     if LONG_IS_H:
         acc = tl.full((BLOCK_A, BLOCK_M), 0.0, tl.float32)
@@ -90,6 +104,8 @@ def dwconv_fwd_kernel(
         b_in = b + i - PB
         line_ok = m_ok & (b_in >= 0) & (b_in < LB)
         line_off = n * sxn + b_in * sxb
+        if ALIGN > 1:
+            line_off = tl.multiple_of(line_off, ALIGN)
         if FLIP:
             tap_b = KB - 1 - i
         else:
@@ -125,7 +141,10 @@ def dwconv_fwd_kernel(
         acc += tl.load(bias_ptr + c).to(tl.float32)
     y_base = y_ptr + c * syc
     out_off = n * syn + b * syb
-    a_ok = a < LA
+    if ALIGN > 1:
+        y_base = tl.multiple_of(y_base, ALIGN * (y_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        out_off = tl.multiple_of(out_off, ALIGN)
+    a_ok = a < la
     if LONG_IS_H:
         tl.store(y_base + a[:, None] * sya + out_off[None, :],
                  acc.to(y_ptr.dtype.element_ty), mask=a_ok[:, None] & m_ok[None, :])
@@ -143,7 +162,7 @@ def dwconv_wgrad_kernel(
     LONG_IS_H: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
-    KA_PAD: tl.constexpr,
+    KA_PAD: tl.constexpr, LA_ONE_BLOCK: tl.constexpr = 0, ALIGN: tl.constexpr = 1,
 ):
     """Weight gradient, or partial ones: ``dw[slot, c, i, j]`` summed over ``slot`` is
     dL/dw[c, i, j] (tap ``i`` of the short axis, ``j`` of the long one; any strides).
@@ -171,12 +190,18 @@ def dwconv_wgrad_kernel(
     # As in the forward pass only input positions inside both the band and the image are
     # visited: for images up to 64 wide that is one chunk, whatever the kernel length.
     a0 = a_blk * BLOCK_A
-    k_lo = tl.maximum(a0 - PA, 0)
-    k_hi = tl.minimum(a0 + BLOCK_A + PA, LA)
+    if LA_ONE_BLOCK:
+        la = LA_ONE_BLOCK
+        k_lo = 0
+        k_hi = LA_ONE_BLOCK
+    else:
+        la = LA
+        k_lo = tl.maximum(a0 - PA, 0)
+        k_hi = tl.minimum(a0 + BLOCK_A + PA, LA)
     k0 = k_lo + k_chunk * BLOCK_K
     a = a0 + tl.arange(0, BLOCK_A)
     k = k0 + tl.arange(0, BLOCK_K)
-    a_ok = a < LA
+    a_ok = a < la
     k_ok = k < k_hi
 
     n_lines = N * LB
@@ -186,6 +211,9 @@ def dwconv_wgrad_kernel(
 
     x_base = x_ptr + c * sxc
     dy_base = dy_ptr + c * sdc
+    if ALIGN > 1:
+        x_base = tl.multiple_of(x_base, ALIGN * (x_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        dy_base = tl.multiple_of(dy_base, ALIGN * (dy_ptr.dtype.element_ty.primitive_bitwidth // 8))
     g = tl.full((BLOCK_K, BLOCK_A), 0.0, tl.float32)
     for m0 in range(m_start, n_lines, SPLIT_M * BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
@@ -198,6 +226,9 @@ def dwconv_wgrad_kernel(
         line_ok = m_ok & (b_in >= 0) & (b_in < LB)
         x_off = n * sxn + b_in * sxb
         dy_off = n * sdn + b * sdb
+        if ALIGN > 1:
+            x_off = tl.multiple_of(x_off, ALIGN)
+            dy_off = tl.multiple_of(dy_off, ALIGN)
         if LONG_IS_H:
             xt = tl.load(x_base + k[:, None] * sxa + x_off[None, :],
                          mask=k_ok[:, None] & line_ok[None, :], other=0.0)

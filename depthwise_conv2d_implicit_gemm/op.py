@@ -49,7 +49,7 @@ _TILE_OVERRIDE = None
 @contextmanager
 def tile_override(**tiles):
     """Force launch parameters (``block_m``, ``block_a``, ``block_m_wgrad``, ``num_warps``,
-    ``num_stages``) inside the ``with`` block; tests use tiny tiles so that small images span
+    ``num_stages``, ``vectorize``) inside the ``with`` block; tests use tiny tiles so that small images span
     several tiles, benchmarks use it to compare configurations."""
     global _TILE_OVERRIDE
     previous, _TILE_OVERRIDE = _TILE_OVERRIDE, dict(tiles)
@@ -104,6 +104,9 @@ def _tiles(g, n_lines, dtype):
     * ``num_warps``: 8 for 8K-element tiles, so that a thread holds 32 accumulators; with 4
       the stage-1 and stage-2 forward passes ran 1.8-2.8x slower on an H100 (BENCHMARKS.md).
     * ``block_m_wgrad``: the reduction chunk of the weight-gradient GEMM.
+    * ``vectorize``: tell the kernels what they cannot prove (``_vector_width``, and the long
+      axis's length when one tile spans it), so that image lines load and store as 16-byte
+      vectors where their alignment allows.
     * ``num_stages=1``: the loads are scalar (tap-shifted lines have no provable alignment),
       so Triton cannot pipeline them through asynchronous copies; deeper pipelining only
       keeps more loads in registers. One stage measured as fast as two, up to 5% faster in
@@ -113,7 +116,7 @@ def _tiles(g, n_lines, dtype):
     block_m = 8192 // block_a if block_a >= 32 else 128
     block_m = min(block_m, max(16, triton.next_power_of_2(n_lines)))
     t = dict(block_a=block_a, block_m=block_m, block_m_wgrad=64 if dtype != torch.float32 else 32,
-             num_warps=8 if block_m * block_a >= 8192 else 4, num_stages=1)
+             num_warps=8 if block_m * block_a >= 8192 else 4, num_stages=1, vectorize=True)
     if _TILE_OVERRIDE:
         t.update(_TILE_OVERRIDE)
     return t
@@ -141,6 +144,28 @@ def _width_contiguous(t):
     return t if t.stride(3) == 1 else t.contiguous()
 
 
+def _vector_width(g, *tensors):
+    """Elements per vector (up to 16 bytes) on which every image line of ``tensors`` starts,
+    for the kernels' alignment hints; 1 when the long axis is H, whose tiles run contiguously
+    across lines that the taps shift by single elements."""
+    if g["long_is_h"]:
+        return 1
+    size = tensors[0].element_size()
+    width = 16 // size
+    while width > 1 and any(t.data_ptr() % (width * size) or t.stride(0) % width or
+                            t.stride(1) % width or t.stride(g["b_dim"]) % width for t in tensors):
+        width //= 2
+    return width
+
+
+def _hints(t, g, *tensors):
+    """``LA_ONE_BLOCK`` and ``ALIGN`` kernel arguments (see ``_tiles``: ``vectorize``)."""
+    if not t["vectorize"]:
+        return dict(LA_ONE_BLOCK=0, ALIGN=1)
+    return dict(LA_ONE_BLOCK=g["LA"] if g["LA"] <= t["block_a"] else 0,
+                ALIGN=_vector_width(g, *tensors))
+
+
 def _launch_conv(x, weight, bias, flip, kind):
     """Forward (``flip=False``) or input gradient (``flip=True``, ``x`` = output gradient)."""
     out_format = _output_format(x)
@@ -162,7 +187,7 @@ def _launch_conv(x, weight, bias, flip, kind):
         y.stride(0), y.stride(1), y.stride(a_dim), y.stride(b_dim),
         weight.stride(0), weight.stride(a_dim), weight.stride(b_dim),
         HAS_BIAS=bias is not None, FLIP=flip, LONG_IS_H=g["long_is_h"],
-        **_dot_args(x), INDEX_64=_needs_index_64(x, y),
+        **_dot_args(x), INDEX_64=_needs_index_64(x, y), **_hints(t, g, x, y),
         BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"],
         num_warps=t["num_warps"], num_stages=t["num_stages"])
     launch_counts[kind] += 1
@@ -217,7 +242,8 @@ def _launch_grad_weight(grad, x, kh, kw):
         out.stride(0), out.stride(1), s_i, s_j,
         LONG_IS_H=g["long_is_h"], **_dot_args(x), INDEX_64=_needs_index_64(x, grad),
         BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_K=block_a,
-        KA_PAD=triton.next_power_of_2(KA), num_warps=4, num_stages=t["num_stages"])
+        KA_PAD=triton.next_power_of_2(KA), **_hints(t, g, x, grad),
+        num_warps=4, num_stages=t["num_stages"])
     launch_counts["grad_weight"] += 1
     return dw if n_slots == 1 else out.sum(0).to(x.dtype)
 

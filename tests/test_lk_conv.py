@@ -123,6 +123,18 @@ def test_lines_longer_than_one_tile(kernel):
                             tiles=dict(block_m=16, block_a=16, block_m_wgrad=16))
 
 
+def test_vector_width_follows_alignment():
+    """The alignment hints promise only what holds: line starts divisible by the vector width,
+    16 bytes at most, and no hint where the taps shift lines along the contiguous axis."""
+    def width(t, kernel=(5, 31)):
+        return lk_op._vector_width(lk_op._geometry(t, torch.empty(1, 1, *kernel)), t)
+    x = torch.randn(2, 3, 8, 56)
+    assert width(x) == 4 and width(x.bfloat16()) == 8
+    assert width(torch.randn(2, 3, 8, 6)) == 2                  # lines 24 bytes apart
+    assert width(torch.randn(2, 3, 8, 64)[..., 1:57]) == 1      # start one element in
+    assert width(x, kernel=(31, 5)) == 1                        # long axis H
+
+
 @pytest.mark.skipif(not CUDA, reason="too slow for the interpreter; the tiling it exercises "
                                      "is covered by test_lines_longer_than_one_tile")
 @pytest.mark.parametrize("kernel", [(51, 5), (5, 51)])
