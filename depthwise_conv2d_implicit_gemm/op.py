@@ -49,7 +49,8 @@ _TILE_OVERRIDE = None
 @contextmanager
 def tile_override(**tiles):
     """Force launch parameters (``block_m``, ``block_a``, ``block_m_wgrad``, ``num_warps``,
-    ``num_stages``, ``vectorize``) inside the ``with`` block; tests use tiny tiles so that small images span
+    ``num_stages``, ``vectorize``; ``transpose_tall=False`` disables ``_transposes_tall``)
+    inside the ``with`` block; tests use tiny tiles so that small images span
     several tiles, benchmarks use it to compare configurations."""
     global _TILE_OVERRIDE
     previous, _TILE_OVERRIDE = _TILE_OVERRIDE, dict(tiles)
@@ -166,9 +167,25 @@ def _hints(t, g, *tensors):
                 ALIGN=_vector_width(g, *tensors))
 
 
+def _transposes_tall(x, kh, kw):
+    """Whether a tall kernel (``kh > kw``) runs as the wide one on transposed images.
+
+    Along H the taps of the short axis shift each tile's contiguous lines by single elements,
+    so the tiles load element by element; transposed, the lines start where the alignment
+    hints allow vectors. Two transposing copies per tensor cost less than that whenever the
+    transposed lines (``H`` long) start on at least 4-element boundaries (SLaK's 56- and
+    28-pixel stages; BENCHMARKS.md)."""
+    tiles = _TILE_OVERRIDE or {}
+    return kh > kw and x.shape[2] % 4 == 0 and tiles.get("transpose_tall", True) and \
+        tiles.get("vectorize", True)
+
+
 def _launch_conv(x, weight, bias, flip, kind):
     """Forward (``flip=False``) or input gradient (``flip=True``, ``x`` = output gradient)."""
     out_format = _output_format(x)
+    if _transposes_tall(x, *weight.shape[2:]):
+        y = _launch_conv(x.transpose(2, 3).contiguous(), weight.transpose(2, 3), bias, flip, kind)
+        return y.transpose(2, 3).contiguous(memory_format=out_format)
     x = _width_contiguous(x)
     N, C, H, W = x.shape
     y = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype)
@@ -203,6 +220,10 @@ def _num_sms(device):
 
 def _launch_grad_weight(grad, x, kh, kw):
     """Weight gradient ``(C, 1, kh, kw)`` in the dtype of ``x``."""
+    if _transposes_tall(x, kh, kw):
+        dw = _launch_grad_weight(grad.transpose(2, 3).contiguous(), x.transpose(2, 3).contiguous(),
+                                 kw, kh)
+        return dw.transpose(2, 3).contiguous()
     x = _width_contiguous(x)
     grad = _width_contiguous(grad.to(x.dtype))
     N, C, H, W = x.shape

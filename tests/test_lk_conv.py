@@ -123,6 +123,17 @@ def test_lines_longer_than_one_tile(kernel):
                             tiles=dict(block_m=16, block_a=16, block_m_wgrad=16))
 
 
+@pytest.mark.parametrize("transpose_tall", [True, False])
+def test_tall_kernels_direct_and_transposed(transpose_tall):
+    """Tall kernels run either along H directly or as wide ones on transposed images."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 12, 9, device=DEVICE)
+    assert lk_op._transposes_tall(x, 13, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference(x.clone(), torch.randn(3, 1, 13, 3), torch.randn(3), dtype,
+                                tiles=dict(transpose_tall=transpose_tall))
+
+
 def test_vector_width_follows_alignment():
     """The alignment hints promise only what holds: line starts divisible by the vector width,
     16 bytes at most, and no hint where the taps shift lines along the contiguous axis."""
