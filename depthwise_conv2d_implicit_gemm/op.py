@@ -318,6 +318,10 @@ def _backward_impl(grad, x, weight, has_bias, needs, grad_input, grad_weight):
     need_x, need_w, need_b = needs
     dx = grad_input(grad, weight) if need_x else None
     dw = grad_weight(grad, x, weight.shape[2], weight.shape[3]).to(weight.dtype) if need_w else None
+    if dw is not None and dw.stride() != weight.stride():
+        # A gradient laid out like its parameter (e.g. a channels-last model's weights) is one
+        # DDP can reduce in place, without the "grad strides do not match" copy and warning.
+        dw = torch.empty_like(weight).copy_(dw)
     db = grad.sum((0, 2, 3)).to(weight.dtype) if (has_bias and need_b) else None
     return dx, dw, db
 

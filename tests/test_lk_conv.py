@@ -182,6 +182,15 @@ def test_module_is_a_drop_in_for_conv2d():
         DepthWiseConv2dImplicitGEMM(5, (4, 3))
 
 
+def test_weight_gradient_has_the_weights_layout():
+    """A channels-last model's weights get gradients with their own strides (as DDP needs)."""
+    conv = DepthWiseConv2dImplicitGEMM(4, (5, 13)).to(DEVICE).to(memory_format=torch.channels_last)
+    assert conv.weight.stride() != torch.empty(conv.weight.shape).stride()
+    x = torch.randn(2, 4, 9, 10, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    conv(x).sum().backward()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+
+
 def test_autocast_casts_like_conv2d():
     torch.manual_seed(3)
     dtype = torch.float16 if CUDA else torch.bfloat16
