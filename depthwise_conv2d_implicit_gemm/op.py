@@ -108,10 +108,9 @@ def _tiles(g, n_lines, dtype):
     * ``vectorize``: tell the kernels what they cannot prove (``_vector_width``, and the long
       axis's length when one tile spans it), so that image lines load and store as 16-byte
       vectors where their alignment allows.
-    * ``num_stages=1``: the loads are scalar (tap-shifted lines have no provable alignment),
-      so Triton cannot pipeline them through asynchronous copies; deeper pipelining only
-      keeps more loads in registers. One stage measured as fast as two, up to 5% faster in
-      forward passes (BENCHMARKS.md).
+    * ``num_stages=1``: deeper pipelining keeps more tiles in registers, and where the hints
+      let Triton stage the image tiles through asynchronous copies (two stages), the step's
+      forward passes measured 6% slower and forward+backward the same (BENCHMARKS.md).
     """
     block_a = min(64, max(16, triton.next_power_of_2(g["LA"])))
     block_m = 8192 // block_a if block_a >= 32 else 128
