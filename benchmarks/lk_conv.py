@@ -13,8 +13,9 @@ per-training-step totals (each stage's three branches times its number of blocks
 convolutions for SLaK-T). ``--step`` also times one whole step's 54 convolutions back to back
 (separate tensors per block, as in training), which includes launch overheads.
 
-``--profile`` adds, for ours, the GPU time of the kernels alone (torch.profiler), i.e. the
-cost once launch overheads are hidden by CUDA graphs or ``torch.compile``.
+``--profile`` adds, for ours and each ``--variants`` entry, the GPU time of the kernels alone
+(torch.profiler), forward and forward+backward, i.e. the cost once launch overheads are hidden
+by CUDA graphs or ``torch.compile``; the per-kernel split is in ``*_gpu_kernels_us``.
 
     python benchmarks/lk_conv.py --batch 64 --models T --check --step --profile --json-out lk.jsonl
 """
@@ -78,25 +79,37 @@ def time_case(impl, n, c, size, kernel, dtype):
 
 
 def profile_case(n, c, size, kernel, dtype, iters=5):
-    """GPU time per kernel (microseconds per forward+backward) of ours, from the profiler:
-    what the convolution costs once launch overheads are hidden (CUDA graphs, compile)."""
+    """GPU time per kernel (microseconds) of ours, from the profiler, for the forward pass
+    alone and for forward+backward: what the convolution costs once launch overheads are
+    hidden (CUDA graphs, compile). Returns ``{"fwd": {kernel: us}, "fwdbwd": {kernel: us}}``."""
     from torch.profiler import ProfilerActivity, profile
     x = torch.randn(n, c, size, size, device="cuda", dtype=dtype, requires_grad=True)
     w = (torch.randn(c, 1, *kernel, device="cuda", dtype=dtype) * 0.05).requires_grad_()
     gy = torch.randn(n, c, size, size, device="cuda", dtype=dtype)
-    for _ in range(2):
-        depthwise_conv2d(x, w).backward(gy)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            depthwise_conv2d(x, w).backward(gy)
+
+    def fwd():
+        with torch.no_grad():
+            depthwise_conv2d(x, w)
+
+    def fwd_bwd():   # autograd.grad: no accumulation into .grad, which is not the conv's work
+        torch.autograd.grad(depthwise_conv2d(x, w), (x, w), gy)
+
+    out = {}
+    for name, fn in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
+        for _ in range(2):
+            fn()
         torch.cuda.synchronize()
-    kernels = {}
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            name = evt.name[:48]
-            kernels[name] = kernels.get(name, 0.0) + evt.time_range.elapsed_us() / iters
-    return kernels
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        kernels = {}
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                key = evt.name[:48]
+                kernels[key] = kernels.get(key, 0.0) + evt.time_range.elapsed_us() / iters
+        out[name] = kernels
+    return out
 
 
 def check_case(c, size, kernel, dtype):
@@ -186,12 +199,14 @@ def main():
                     for pas, ms in (("fwd", f_ms), ("fwdbwd", fb_ms)):
                         key = (model, dt_name, name, pas)
                         totals[key] = totals.get(key, 0.0) + ms * blocks
-                if args.profile:
-                    kernels = profile_case(args.batch, c, size, kernel, dtype)
-                    rec["ours_gpu_kernels_us"] = kernels
-                    rec["ours_gpu_fwdbwd_ms"] = sum(kernels.values()) / 1e3
-                    key = (model, dt_name, "ours", "gpu")
-                    totals[key] = totals.get(key, 0.0) + rec["ours_gpu_fwdbwd_ms"] * blocks
+                for name, tiles in variants if args.profile else ():
+                    with lk_op.tile_override(**tiles):
+                        kernels = profile_case(args.batch, c, size, kernel, dtype)
+                    rec[f"{name}_gpu_kernels_us"] = kernels["fwdbwd"]
+                    rec[f"{name}_gpu_fwd_ms"] = sum(kernels["fwd"].values()) / 1e3
+                    rec[f"{name}_gpu_fwdbwd_ms"] = sum(kernels["fwdbwd"].values()) / 1e3
+                    key = (model, dt_name, name, "gpu")
+                    totals[key] = totals.get(key, 0.0) + rec[f"{name}_gpu_fwdbwd_ms"] * blocks
                 if "cudnn_fwd_ms" in rec:
                     rec["speedup_fwd"] = rec["cudnn_fwd_ms"] / rec["ours_fwd_ms"]
                     rec["speedup_fwdbwd"] = rec["cudnn_fwdbwd_ms"] / rec["ours_fwdbwd_ms"]

@@ -24,8 +24,9 @@ Geometry shared by all kernels (the launcher in ``op.py`` maps NCHW onto it):
   255-register limit with 64-bit ones, leaving one block per SM).
 * Weights are addressed as ``w[c, tap_b, tap_a]`` through strides, so no copy is needed to
   swap the kernel's axes.
-* ``LA_ONE_BLOCK`` (the long axis's length when one tile spans it, else 0) and ``ALIGN`` (a
-  power of two dividing every line's start offset, 1 when the long axis is H) are hints that
+* ``LA_ONE_BLOCK`` (the long axis's length when one tile spans it, else 0), ``ALIGN`` (a
+  power of two dividing every input line's start offset, 1 when the long axis is H) and the
+  output's ``Y_ALIGN``, ``Y_M_CONTIG`` and ``EVEN_M`` (see ``op._store_hints``) are hints that
   the launcher derives from the tensors: with them Triton proves the alignment and the mask
   uniformity that 16-byte vector loads, stores and asynchronous copies need, which it cannot
   from runtime sizes and strides (specialising those would compile a kernel per shape).
@@ -51,6 +52,7 @@ def dwconv_fwd_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
     LA_ONE_BLOCK: tl.constexpr = 0, ALIGN: tl.constexpr = 1,
+    Y_ALIGN: tl.constexpr = 1, Y_M_CONTIG: tl.constexpr = 1, EVEN_M: tl.constexpr = False,
 ):
     """y[n, c, b, a] = sum_{i, j} x[n, c, b + i - KB//2, a + j - KA//2] * w[c, i, j] (+ bias[c]).
 
@@ -141,16 +143,34 @@ def dwconv_fwd_kernel(
         acc += tl.load(bias_ptr + c).to(tl.float32)
     y_base = y_ptr + c * syc
     out_off = n * syn + b * syb
-    if ALIGN > 1:
-        y_base = tl.multiple_of(y_base, ALIGN * (y_ptr.dtype.element_ty.primitive_bitwidth // 8))
-        out_off = tl.multiple_of(out_off, ALIGN)
+    a_off = a * sya
+    if Y_M_CONTIG > 1:
+        # Consecutive lines are adjacent elements (a transposed problem writing into the
+        # caller's layout): runs of Y_M_CONTIG lines form aligned vectors.
+        y_base = tl.multiple_of(
+            y_base, Y_M_CONTIG * (y_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        out_off = tl.max_contiguous(tl.multiple_of(out_off, Y_M_CONTIG), Y_M_CONTIG)
+        a_off = tl.multiple_of(a_off, Y_M_CONTIG)
+    elif Y_ALIGN > 1:
+        y_base = tl.multiple_of(y_base, Y_ALIGN * (y_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        out_off = tl.multiple_of(out_off, Y_ALIGN)
     a_ok = a < la
+    # Without a partial line block (EVEN_M) the mask leaves out the lines, along which Triton
+    # could not prove it uniform across a vector.
     if LONG_IS_H:
-        tl.store(y_base + a[:, None] * sya + out_off[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=a_ok[:, None] & m_ok[None, :])
+        if EVEN_M:
+            mask = a_ok[:, None]
+        else:
+            mask = a_ok[:, None] & m_ok[None, :]
+        tl.store(y_base + a_off[:, None] + out_off[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mask)
     else:
-        tl.store(y_base + out_off[:, None] + a[None, :] * sya,
-                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & a_ok[None, :])
+        if EVEN_M:
+            mask = a_ok[None, :]
+        else:
+            mask = m_ok[:, None] & a_ok[None, :]
+        tl.store(y_base + out_off[:, None] + a_off[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def dwconv_wgrad_kernel(

@@ -2,10 +2,11 @@
 
 Public entry point: ``depthwise_conv2d(x, weight, bias)``. It applies autocast the way
 ``F.conv2d`` does. Under ``torch.compile`` it calls ``torch.ops.slak.dwconv2d``, whose autograd
-formula calls ``slak::dwconv2d_grad_input`` and ``slak::dwconv2d_grad_weight``; all three have
-fake implementations, so ``torch.compile(fullgraph=True)`` traces forward and backward without
-graph breaks, the kernels themselves staying opaque to the compiler. Eager calls go through an
-``autograd.Function`` running the same three computations with less dispatch overhead.
+formula calls ``slak::dwconv2d_backward`` (input and weight gradients in one op, so that they
+share their inputs' transposing copies); both have fake implementations, so
+``torch.compile(fullgraph=True)`` traces forward and backward without graph breaks, the kernels
+themselves staying opaque to the compiler. Eager calls go through an
+``autograd.Function`` running the same two computations with less dispatch overhead.
 
 Where the work runs:
 
@@ -100,8 +101,9 @@ def _tiles(g, n_lines, dtype):
       51-tap kernel over a 56-wide image then costs one 64x64 Toeplitz block per tap), else
       64-wide tiles walking the band.
     * ``block_m``: lines per program, so that one program's output tile holds 8K elements
-      (enough tensor-core work per Toeplitz gather) for 32- and 64-wide tiles, 2K for 16-wide
-      ones (7- and 14-pixel maps, where more, smaller programs measured faster).
+      (enough tensor-core work per Toeplitz gather) for 32- and 64-wide tiles, 1K for 16-wide
+      ones (7- and 14-pixel maps, where more, smaller programs measured faster: stage-4
+      forward 47-50 us with 2K, 38-39 us with 1K; BENCHMARKS.md).
     * ``num_warps``: 8 for 8K-element tiles, so that a thread holds 32 accumulators; with 4
       the stage-1 and stage-2 forward passes ran 1.8-2.8x slower on an H100 (BENCHMARKS.md).
     * ``block_m_wgrad``: the reduction chunk of the weight-gradient GEMM.
@@ -113,7 +115,7 @@ def _tiles(g, n_lines, dtype):
       forward passes measured 6% slower and forward+backward the same (BENCHMARKS.md).
     """
     block_a = min(64, max(16, triton.next_power_of_2(g["LA"])))
-    block_m = 8192 // block_a if block_a >= 32 else 128
+    block_m = 8192 // block_a if block_a >= 32 else 64
     block_m = min(block_m, max(16, triton.next_power_of_2(n_lines)))
     t = dict(block_a=block_a, block_m=block_m, block_m_wgrad=64 if dtype != torch.float32 else 32,
              num_warps=8 if block_m * block_a >= 8192 else 4, num_stages=1, vectorize=True)
@@ -171,27 +173,63 @@ def _transposes_tall(x, kh, kw):
 
     Along H the taps of the short axis shift each tile's contiguous lines by single elements,
     so the tiles load element by element; transposed, the lines start where the alignment
-    hints allow vectors. Two transposing copies per tensor cost less than that whenever the
-    transposed lines (``H`` long) start on at least 4-element boundaries (SLaK's 56- and
-    28-pixel stages; BENCHMARKS.md)."""
+    hints allow vectors. One transposing copy of each input the kernels read (the image in the
+    forward pass, the output gradient once for both gradients) costs less than that whenever
+    the transposed lines (``H`` long) start on at least 4-element boundaries (SLaK's 56- and
+    28-pixel stages; BENCHMARKS.md); ``tile_override(transpose_align=...)`` changes that bound.
+    Results are written straight into the caller's layout (``_store_hints``)."""
     tiles = _TILE_OVERRIDE or {}
-    return kh > kw and x.shape[2] % 4 == 0 and tiles.get("transpose_tall", True) and \
-        tiles.get("vectorize", True)
+    return kh > kw and x.shape[2] % tiles.get("transpose_align", 4) == 0 and \
+        tiles.get("transpose_tall", True) and tiles.get("vectorize", True)
+
+
+def _transposed(t):
+    """``(N, C, H, W)`` -> contiguous ``(N, C, W, H)``."""
+    return t.transpose(2, 3).contiguous()
+
+
+def _store_hints(t, g, y, block_m, n_lines):
+    """``Y_ALIGN``, ``Y_M_CONTIG`` and ``EVEN_M`` kernel arguments for the output ``y``.
+
+    ``Y_ALIGN`` is ``ALIGN`` for the output's lines. ``Y_M_CONTIG`` applies where consecutive
+    lines are adjacent elements (stride 1 along B: a transposed problem writing into the
+    caller's NCHW tensor): it is the vector width along the lines, with every run of that many
+    lines inside one image and aligned, so that the stores stay 16-byte vectors instead of a
+    transposing copy afterwards. ``EVEN_M`` (no partial line block) drops the line mask, which
+    Triton could not otherwise prove uniform across a vector."""
+    hints = dict(Y_ALIGN=1, Y_M_CONTIG=1, EVEN_M=n_lines % block_m == 0)
+    if not t["vectorize"]:
+        return hints
+    if y.stride(g["b_dim"]) != 1:
+        hints["Y_ALIGN"] = _vector_width(g, y)
+        return hints
+    size = y.element_size()
+    width = 16 // size
+    while width > 1 and (y.data_ptr() % (width * size) or g["LB"] % width or block_m % width or
+                         any(y.stride(d) % width for d in (0, 1, g["a_dim"]))):
+        width //= 2
+    hints["Y_M_CONTIG"] = width
+    return hints
 
 
 def _launch_conv(x, weight, bias, flip, kind):
     """Forward (``flip=False``) or input gradient (``flip=True``, ``x`` = output gradient)."""
-    out_format = _output_format(x)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if _transposes_tall(x, *weight.shape[2:]):
-        y = _launch_conv(x.transpose(2, 3).contiguous(), weight.transpose(2, 3), bias, flip, kind)
-        return y.transpose(2, 3).contiguous(memory_format=out_format)
+        _run_conv(_transposed(x), weight.transpose(2, 3), bias, flip, kind, y.transpose(2, 3))
+    else:
+        _run_conv(x, weight, bias, flip, kind, y)
+    return y.contiguous(memory_format=_output_format(x))
+
+
+def _run_conv(x, weight, bias, flip, kind, y):
+    """Launch the convolution kernel on ``x`` writing ``y`` (same shape, any strides)."""
     x = _width_contiguous(x)
-    N, C, H, W = x.shape
-    y = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return
+    N, C = x.shape[:2]
     g = _geometry(x, weight)
     n_lines = N * g["LB"]
-    if y.numel() == 0:
-        return y.contiguous(memory_format=out_format)
     t = _tiles(g, n_lines, x.dtype)
     fwd, _ = get_kernels(_interpret() and not x.is_cuda)
     a_dim, b_dim = g["a_dim"], g["b_dim"]
@@ -203,11 +241,11 @@ def _launch_conv(x, weight, bias, flip, kind):
         y.stride(0), y.stride(1), y.stride(a_dim), y.stride(b_dim),
         weight.stride(0), weight.stride(a_dim), weight.stride(b_dim),
         HAS_BIAS=bias is not None, FLIP=flip, LONG_IS_H=g["long_is_h"],
-        **_dot_args(x), INDEX_64=_needs_index_64(x, y), **_hints(t, g, x, y),
+        **_dot_args(x), INDEX_64=_needs_index_64(x, y), **_hints(t, g, x),
+        **_store_hints(t, g, y, t["block_m"], n_lines),
         BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"],
         num_warps=t["num_warps"], num_stages=t["num_stages"])
     launch_counts[kind] += 1
-    return y.contiguous(memory_format=out_format)
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,11 +256,8 @@ def _num_sms(device):
 
 
 def _launch_grad_weight(grad, x, kh, kw):
-    """Weight gradient ``(C, 1, kh, kw)`` in the dtype of ``x``."""
-    if _transposes_tall(x, kh, kw):
-        dw = _launch_grad_weight(grad.transpose(2, 3).contiguous(), x.transpose(2, 3).contiguous(),
-                                 kw, kh)
-        return dw.transpose(2, 3).contiguous()
+    """Weight gradient ``(C, 1, kh, kw)`` in the dtype of ``x``; ``grad`` and ``x`` are in
+    the geometry the kernels run in (transposed already for a transposed tall kernel)."""
     x = _width_contiguous(x)
     grad = _width_contiguous(grad.to(x.dtype))
     N, C, H, W = x.shape
@@ -280,7 +315,7 @@ def _check(x, weight, bias):
                         f"cast them, or run under autocast")
 
 
-# The three computations, shared by the custom ops (traced by torch.compile) and by the eager
+# The two computations, shared by the custom ops (traced by torch.compile) and by the eager
 # autograd.Function below.
 
 def conv_forward(x, weight, bias):
@@ -291,36 +326,47 @@ def conv_forward(x, weight, bias):
     return depthwise_conv2d_reference(x, weight, bias).contiguous(memory_format=_output_format(x))
 
 
-def conv_grad_input(grad, weight):
-    """Input gradient ``(N, C, H, W)`` from the output gradient ``(N, C, H, W)``: the same
-    convolution with the kernel rotated by 180 degrees."""
-    if _use_triton(grad):
-        return _launch_conv(grad, weight.to(grad.dtype), None, flip=True, kind="grad_input")
-    dx, _, _ = torch.ops.aten.convolution_backward(
-        grad, grad, weight.to(grad.dtype), None, [1, 1], [weight.shape[2] // 2, weight.shape[3] // 2],
-        [1, 1], False, [0, 0], grad.shape[1], [True, False, False])
-    return dx.contiguous(memory_format=_output_format(grad))
+def conv_backward(grad, x, weight, need_input, need_weight):
+    """``(dx, dw)`` from the output gradient: the input gradient ``(N, C, H, W)`` (the same
+    convolution with the kernel rotated by 180 degrees) and the weight gradient
+    ``(C, 1, kh, kw)`` in the dtype of ``x``; each is None unless asked for."""
+    grad = grad.to(x.dtype)
+    kh, kw = weight.shape[2:]
+    if not _use_triton(x):
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight.to(x.dtype), None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
+            [0, 0], x.shape[1], [need_input, need_weight, False])
+        return (dx.contiguous(memory_format=_output_format(grad)) if need_input else None,
+                dw.contiguous() if need_weight else None)
+    dx = dw = None
+    if _transposes_tall(x, kh, kw):
+        # Both gradients read the output gradient along transposed lines: transpose it once.
+        grad_t = _transposed(grad)
+        weight_t = weight.transpose(2, 3).to(x.dtype)
+        if need_input:
+            dx = torch.empty(grad.shape, device=grad.device, dtype=grad.dtype)
+            _run_conv(grad_t, weight_t, None, True, "grad_input", dx.transpose(2, 3))
+            dx = dx.contiguous(memory_format=_output_format(grad))
+        if need_weight:
+            dw = _launch_grad_weight(grad_t, _transposed(x), kw, kh).transpose(2, 3).contiguous()
+        return dx, dw
+    if need_input:
+        dx = _launch_conv(grad, weight.to(x.dtype), None, flip=True, kind="grad_input")
+    if need_weight:
+        dw = _launch_grad_weight(grad, x, kh, kw)
+    return dx, dw
 
 
-def conv_grad_weight(grad, x, kernel_h, kernel_w):
-    """Weight gradient ``(C, 1, kernel_h, kernel_w)`` (dtype of ``x``) from the output
-    gradient and the input, both ``(N, C, H, W)``."""
-    if _use_triton(x):
-        return _launch_grad_weight(grad, x, kernel_h, kernel_w)
-    # Only the weight's shape matters for the weight gradient.
-    weight = x.new_zeros((x.shape[1], 1, kernel_h, kernel_w))
-    _, dw, _ = depthwise_conv2d_reference_grads(x, weight, None, grad.to(x.dtype))
-    return dw.contiguous()
-
-
-def _backward_impl(grad, x, weight, has_bias, needs, grad_input, grad_weight):
+def _backward_impl(grad, x, weight, has_bias, needs, backward):
     need_x, need_w, need_b = needs
-    dx = grad_input(grad, weight) if need_x else None
-    dw = grad_weight(grad, x, weight.shape[2], weight.shape[3]).to(weight.dtype) if need_w else None
-    if dw is not None and dw.stride() != weight.stride():
-        # A gradient laid out like its parameter (e.g. a channels-last model's weights) is one
-        # DDP can reduce in place, without the "grad strides do not match" copy and warning.
-        dw = torch.empty_like(weight).copy_(dw)
+    dx, dw = backward(grad, x, weight, need_x, need_w)
+    if dw is not None:
+        dw = dw.to(weight.dtype)
+        if dw.stride() != weight.stride():
+            # A gradient laid out like its parameter (e.g. a channels-last model's weights) is
+            # one DDP can reduce in place, without the "grad strides do not match" copy and
+            # warning.
+            dw = torch.empty_like(weight).copy_(dw)
     db = grad.sum((0, 2, 3)).to(weight.dtype) if (has_bias and need_b) else None
     return dx, dw, db
 
@@ -338,26 +384,25 @@ def _(x, weight, bias):
     return torch.empty_like(x, memory_format=_output_format(x))
 
 
-@torch.library.custom_op("slak::dwconv2d_grad_input", mutates_args=())
-def dwconv2d_grad_input(grad: Tensor, weight: Tensor) -> Tensor:
-    """See ``conv_grad_input``."""
-    return conv_grad_input(grad, weight)
+@torch.library.custom_op("slak::dwconv2d_backward", mutates_args=())
+def dwconv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, need_input: bool,
+                      need_weight: bool) -> tuple[Tensor, Tensor]:
+    """See ``conv_backward``; a gradient not asked for comes back empty (custom ops return
+    tensors only)."""
+    dx, dw = conv_backward(grad, x, weight, need_input, need_weight)
+    return (x.new_empty(0) if dx is None else dx), (x.new_empty(0) if dw is None else dw)
 
 
-@dwconv2d_grad_input.register_fake
-def _(grad, weight):
-    return torch.empty_like(grad, memory_format=_output_format(grad))
+@dwconv2d_backward.register_fake
+def _(grad, x, weight, need_input, need_weight):
+    dx = torch.empty_like(grad, memory_format=_output_format(grad)) if need_input else x.new_empty(0)
+    dw = x.new_empty(weight.shape) if need_weight else x.new_empty(0)
+    return dx, dw
 
 
-@torch.library.custom_op("slak::dwconv2d_grad_weight", mutates_args=())
-def dwconv2d_grad_weight(grad: Tensor, x: Tensor, kernel_h: int, kernel_w: int) -> Tensor:
-    """See ``conv_grad_weight``."""
-    return conv_grad_weight(grad, x, kernel_h, kernel_w)
-
-
-@dwconv2d_grad_weight.register_fake
-def _(grad, x, kernel_h, kernel_w):
-    return x.new_empty((x.shape[1], 1, kernel_h, kernel_w))
+def _compiled_backward(grad, x, weight, need_input, need_weight):
+    dx, dw = torch.ops.slak.dwconv2d_backward(grad, x, weight, need_input, need_weight)
+    return (dx if need_input else None), (dw if need_weight else None)
 
 
 def _setup_context(ctx, inputs, output):
@@ -369,7 +414,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     return _backward_impl(grad, x, weight, ctx.has_bias, ctx.needs_input_grad,
-                          dwconv2d_grad_input, dwconv2d_grad_weight)
+                          _compiled_backward)
 
 
 dwconv2d.register_autograd(_backward, setup_context=_setup_context)
@@ -390,7 +435,7 @@ class _EagerConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         return _backward_impl(grad, x, weight, ctx.has_bias, ctx.needs_input_grad,
-                              conv_grad_input, conv_grad_weight)
+                              conv_backward)
 
 
 # --------------------------------------------------------------------------------------------

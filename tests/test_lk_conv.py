@@ -134,6 +134,26 @@ def test_tall_kernels_direct_and_transposed(transpose_tall):
                                 tiles=dict(transpose_tall=transpose_tall))
 
 
+def test_transposed_results_written_in_the_callers_layout():
+    """A transposed tall kernel stores its output and input gradient straight into NCHW, as
+    vectors across lines when every run of lines lies inside one image and is aligned (the
+    hints promise no more than that), and without a line mask when the blocks divide the lines."""
+    x = torch.randn(2, 3, 8, 16, device=DEVICE)
+    assert lk_op._transposes_tall(x, 13, 3)
+    g = lk_op._geometry(x.transpose(2, 3), torch.empty(1, 1, 3, 13))
+
+    def hints(y, block_m=32):
+        return lk_op._store_hints(dict(vectorize=True), g, y.transpose(2, 3), block_m,
+                                  x.shape[0] * g["LB"])
+    assert hints(x.bfloat16()) == dict(Y_ALIGN=1, Y_M_CONTIG=8, EVEN_M=True)
+    assert hints(x)["Y_M_CONTIG"] == 4
+    assert hints(torch.randn(2, 3, 8, 24)[..., 1:17])["Y_M_CONTIG"] == 1   # start one element in
+    assert hints(x, block_m=64)["EVEN_M"] is False
+    torch.manual_seed(8)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference(x.clone(), torch.randn(3, 1, 13, 3), torch.randn(3), dtype)
+
+
 def test_vector_width_follows_alignment():
     """The alignment hints promise only what holds: line starts divisible by the vector width,
     16 bytes at most, and no hint where the taps shift lines along the contiguous axis."""
