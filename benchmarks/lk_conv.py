@@ -13,9 +13,10 @@ per-training-step totals (each stage's three branches times its number of blocks
 convolutions for SLaK-T). ``--step`` also times one whole step's 54 convolutions back to back
 (separate tensors per block, as in training), which includes launch overheads.
 
-``--profile`` adds, for ours and each ``--variants`` entry, the GPU time of the kernels alone
-(torch.profiler), forward and forward+backward, i.e. the cost once launch overheads are hidden
-by CUDA graphs or ``torch.compile``; the per-kernel split is in ``*_gpu_kernels_us``.
+``--profile`` adds, for cuDNN, ours and each ``--variants`` entry, the GPU time of the kernels
+alone (torch.profiler), forward and forward+backward, i.e. the cost once launch overheads are
+hidden by CUDA graphs or ``torch.compile`` (``speedup_gpu_*``); the per-kernel split is in
+``*_gpu_kernels_us``.
 
     python benchmarks/lk_conv.py --batch 64 --models T --check --step --profile --json-out lk.jsonl
 """
@@ -78,8 +79,8 @@ def time_case(impl, n, c, size, kernel, dtype):
     return bench(fwd), bench(fwd_bwd, (x, w))
 
 
-def profile_case(n, c, size, kernel, dtype, iters=5):
-    """GPU time per kernel (microseconds) of ours, from the profiler, for the forward pass
+def profile_case(impl, n, c, size, kernel, dtype, iters=5):
+    """GPU time per kernel (microseconds) of ``impl``, from the profiler, for the forward pass
     alone and for forward+backward: what the convolution costs once launch overheads are
     hidden (CUDA graphs, compile). Returns ``{"fwd": {kernel: us}, "fwdbwd": {kernel: us}}``."""
     from torch.profiler import ProfilerActivity, profile
@@ -89,10 +90,10 @@ def profile_case(n, c, size, kernel, dtype, iters=5):
 
     def fwd():
         with torch.no_grad():
-            depthwise_conv2d(x, w)
+            impl(x, w)
 
     def fwd_bwd():   # autograd.grad: no accumulation into .grad, which is not the conv's work
-        torch.autograd.grad(depthwise_conv2d(x, w), (x, w), gy)
+        torch.autograd.grad(impl(x, w), (x, w), gy)
 
     out = {}
     for name, fn in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
@@ -199,17 +200,18 @@ def main():
                     for pas, ms in (("fwd", f_ms), ("fwdbwd", fb_ms)):
                         key = (model, dt_name, name, pas)
                         totals[key] = totals.get(key, 0.0) + ms * blocks
-                for name, tiles in variants if args.profile else ():
+                for name, fn, tiles in impls if args.profile else ():
                     with lk_op.tile_override(**tiles):
-                        kernels = profile_case(args.batch, c, size, kernel, dtype)
+                        kernels = profile_case(fn, args.batch, c, size, kernel, dtype)
                     rec[f"{name}_gpu_kernels_us"] = kernels["fwdbwd"]
                     rec[f"{name}_gpu_fwd_ms"] = sum(kernels["fwd"].values()) / 1e3
                     rec[f"{name}_gpu_fwdbwd_ms"] = sum(kernels["fwdbwd"].values()) / 1e3
                     key = (model, dt_name, name, "gpu")
                     totals[key] = totals.get(key, 0.0) + rec[f"{name}_gpu_fwdbwd_ms"] * blocks
                 if "cudnn_fwd_ms" in rec:
-                    rec["speedup_fwd"] = rec["cudnn_fwd_ms"] / rec["ours_fwd_ms"]
-                    rec["speedup_fwdbwd"] = rec["cudnn_fwdbwd_ms"] / rec["ours_fwdbwd_ms"]
+                    for pas in ("fwd", "fwdbwd", "gpu_fwd", "gpu_fwdbwd"):
+                        if f"ours_{pas}_ms" in rec:
+                            rec[f"speedup_{pas}"] = rec[f"cudnn_{pas}_ms"] / rec[f"ours_{pas}_ms"]
                 emit(rec)
             if args.step:
                 for name, fn in [("ours", depthwise_conv2d)] + (

@@ -18,6 +18,7 @@ Where the work runs:
 """
 import functools
 import importlib
+import inspect
 import os
 import sys
 import warnings
@@ -30,7 +31,7 @@ from torch import Tensor
 try:
     import triton
 
-    from .kernels import get_kernels
+    from .kernels import dwconv_fwd_kernel, dwconv_wgrad_kernel, get_kernels
 except ImportError:   # CPU-only torch builds come without Triton: F.conv2d everywhere
     triton = None
 from .reference import depthwise_conv2d_reference, depthwise_conv2d_reference_grads
@@ -50,9 +51,9 @@ _TILE_OVERRIDE = None
 @contextmanager
 def tile_override(**tiles):
     """Force launch parameters (``block_m``, ``block_a``, ``block_m_wgrad``, ``num_warps``,
-    ``num_stages``, ``vectorize``; ``transpose_tall=False`` disables ``_transposes_tall``)
-    inside the ``with`` block; tests use tiny tiles so that small images span
-    several tiles, benchmarks use it to compare configurations."""
+    ``num_warps_wgrad``, ``num_stages``, ``vectorize``; ``transpose_tall=False`` disables
+    ``_transposes_tall``) inside the ``with`` block; tests use tiny tiles so that small images
+    span several tiles, benchmarks use it to compare configurations."""
     global _TILE_OVERRIDE
     previous, _TILE_OVERRIDE = _TILE_OVERRIDE, dict(tiles)
     try:
@@ -118,7 +119,8 @@ def _tiles(g, n_lines, dtype):
     block_m = 8192 // block_a if block_a >= 32 else 64
     block_m = min(block_m, max(16, triton.next_power_of_2(n_lines)))
     t = dict(block_a=block_a, block_m=block_m, block_m_wgrad=64 if dtype != torch.float32 else 32,
-             num_warps=8 if block_m * block_a >= 8192 else 4, num_stages=1, vectorize=True)
+             num_warps=8 if block_m * block_a >= 8192 else 4, num_warps_wgrad=4, num_stages=1,
+             vectorize=True)
     if _TILE_OVERRIDE:
         t.update(_TILE_OVERRIDE)
     return t
@@ -222,30 +224,88 @@ def _launch_conv(x, weight, bias, flip, kind):
     return y.contiguous(memory_format=_output_format(x))
 
 
+class _Plan:
+    """One launch of a kernel for one call signature: grid, the arguments after the tensors
+    (sizes, strides, then compile-time constants, in the kernel's order), and the compiled
+    binary once the first launch has produced it."""
+
+    __slots__ = ("grid", "args", "num_warps", "num_stages", "compiled", "alloc")
+
+    def __init__(self, kernel_fn, grid, values, num_warps, num_stages, alloc=None):
+        params = list(inspect.signature(kernel_fn).parameters.values())[_N_TENSOR_ARGS:]
+        missing = [p.name for p in params if p.name not in values and p.default is p.empty]
+        assert not missing, f"{kernel_fn.__name__}: no value for {missing}"
+        self.args = tuple(values.get(p.name, p.default) for p in params)
+        self.grid, self.num_warps, self.num_stages = grid, num_warps, num_stages
+        self.compiled, self.alloc = None, alloc
+
+
+# Each kernel's leading arguments are its four tensors.
+_N_TENSOR_ARGS = 4
+# Plans by call signature. The heuristics behind a plan and Triton's own argument binding cost
+# more host time than a small stage's GPU work, so an eager call with a known signature only
+# looks its plan up and calls the compiled binary.
+_PLANS = {}
+_MAX_PLANS = 4096
+
+
+def _plan_key(tag, extra, *tensors):
+    """Everything a plan depends on: shapes, strides, dtypes, devices and 16-byte alignment
+    of the tensors (the alignment hints and Triton's pointer specialisation), TF32, tiles."""
+    return (tag, extra, _interpret(), torch.backends.cudnn.allow_tf32,
+            tuple(sorted(_TILE_OVERRIDE.items())) if _TILE_OVERRIDE else None,
+            *((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) if t is not None
+              else None for t in tensors))
+
+
+def _cached_plan(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:   # e.g. ERF runs over many image sizes
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _launch(plan, kernel, tensors, kind):
+    if plan.compiled is not None:
+        plan.compiled[plan.grid](*tensors, *plan.args)
+    else:
+        compiled = kernel[plan.grid](*tensors, *plan.args, num_warps=plan.num_warps,
+                                     num_stages=plan.num_stages)
+        if not _interpret():   # the interpreter has no binary to call
+            plan.compiled = last_kernel[kind] = compiled
+    launch_counts[kind] += 1
+
+
 def _run_conv(x, weight, bias, flip, kind, y):
     """Launch the convolution kernel on ``x`` writing ``y`` (same shape, any strides)."""
     x = _width_contiguous(x)
     if y.numel() == 0:
         return
+    key = _plan_key("conv", flip, x, weight, bias, y)
+    plan = _cached_plan(key, lambda: _conv_plan(x, weight, bias, flip, y))
+    fwd, _ = get_kernels(_interpret() and not x.is_cuda)
+    _launch(plan, fwd, (x, weight, bias if bias is not None else weight, y), kind)
+
+
+def _conv_plan(x, weight, bias, flip, y):
     N, C = x.shape[:2]
     g = _geometry(x, weight)
     n_lines = N * g["LB"]
     t = _tiles(g, n_lines, x.dtype)
-    fwd, _ = get_kernels(_interpret() and not x.is_cuda)
     a_dim, b_dim = g["a_dim"], g["b_dim"]
-    grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
-    last_kernel[kind] = fwd[grid](
-        x, weight, bias if bias is not None else weight, y,
-        N, g["LA"], g["LB"], g["KA"], g["KB"],
-        x.stride(0), x.stride(1), x.stride(a_dim), x.stride(b_dim),
-        y.stride(0), y.stride(1), y.stride(a_dim), y.stride(b_dim),
-        weight.stride(0), weight.stride(a_dim), weight.stride(b_dim),
+    values = dict(
+        N=N, LA=g["LA"], LB=g["LB"], KA=g["KA"], KB=g["KB"],
+        sxn=x.stride(0), sxc=x.stride(1), sxa=x.stride(a_dim), sxb=x.stride(b_dim),
+        syn=y.stride(0), syc=y.stride(1), sya=y.stride(a_dim), syb=y.stride(b_dim),
+        swc=weight.stride(0), swa=weight.stride(a_dim), swb=weight.stride(b_dim),
         HAS_BIAS=bias is not None, FLIP=flip, LONG_IS_H=g["long_is_h"],
         **_dot_args(x), INDEX_64=_needs_index_64(x, y), **_hints(t, g, x),
         **_store_hints(t, g, y, t["block_m"], n_lines),
-        BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"],
-        num_warps=t["num_warps"], num_stages=t["num_stages"])
-    launch_counts[kind] += 1
+        BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
+    grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
+    return _Plan(dwconv_fwd_kernel, grid, values, t["num_warps"], t["num_stages"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -260,7 +320,23 @@ def _launch_grad_weight(grad, x, kh, kw):
     the geometry the kernels run in (transposed already for a transposed tall kernel)."""
     x = _width_contiguous(x)
     grad = _width_contiguous(grad.to(x.dtype))
-    N, C, H, W = x.shape
+    N, C = x.shape[:2]
+    if N * x.shape[2] * x.shape[3] == 0:
+        return torch.zeros((C, 1, kh, kw), device=x.device, dtype=x.dtype)
+    plan = _cached_plan(_plan_key("wgrad", (kh, kw), x, grad),
+                        lambda: _grad_weight_plan(grad, x, kh, kw))
+    out_shape, n_scratch = plan.alloc
+    # Partial gradients in float32 when several slots share a tap, else dw itself.
+    out = torch.empty(out_shape, device=x.device,
+                      dtype=x.dtype if out_shape[0] == 1 else torch.float32)
+    scratch = torch.empty(n_scratch, device=x.device, dtype=torch.float32)
+    _, wgrad = get_kernels(_interpret() and not x.is_cuda)
+    _launch(plan, wgrad, (x, grad, out, scratch), "grad_weight")
+    return out[0] if out_shape[0] == 1 else out.sum(0).to(x.dtype)
+
+
+def _grad_weight_plan(grad, x, kh, kw):
+    N, C = x.shape[:2]
     g = _geometry(x, torch.empty((0, 0, kh, kw)))
     LA, KA, KB = g["LA"], g["KA"], g["KB"]
     n_lines = N * g["LB"]
@@ -273,34 +349,25 @@ def _launch_grad_weight(grad, x, kh, kw):
     programs = C * KB * n_ablk * n_kchunk
     # Split the line reduction only when there are too few programs to fill the GPU, and
     # keep at least four reduction steps per program to amortise its diagonal epilogue.
-    n_mtiles = triton.cdiv(max(n_lines, 1), block_m)
+    n_mtiles = triton.cdiv(n_lines, block_m)
     split = max(1, min(triton.cdiv(2 * _num_sms(x.device), programs), n_mtiles // 4))
-    n_slots = n_ablk * n_kchunk * split
-    if n_slots == 1:   # the common case (images up to 64 wide): the kernel writes dw itself
-        dw = torch.empty((C, 1, kh, kw), device=x.device, dtype=x.dtype)
-        out = dw.unsqueeze(0)
-    else:
-        out = torch.empty((n_slots, C, 1, kh, kw), device=x.device, dtype=torch.float32)
-    if n_lines == 0:
-        return torch.zeros((C, 1, kh, kw), device=x.device, dtype=x.dtype)
+    n_slots = n_ablk * n_kchunk * split   # 1 for images up to 64 wide: dw written directly
+    out_shape = (n_slots, C, 1, kh, kw)
+    out_strides = torch.empty(out_shape, device="meta").stride()
     # Kernel taps (i, j) are (short, long) axis; the weight's last two dims are (kh, kw).
-    s_i, s_j = (out.stride(4), out.stride(3)) if g["long_is_h"] else (out.stride(3), out.stride(4))
-    scratch = torch.empty(programs * split * block_a * block_a, device=x.device,
-                          dtype=torch.float32)
-    _, wgrad = get_kernels(_interpret() and not x.is_cuda)
+    s_i, s_j = (out_strides[4], out_strides[3]) if g["long_is_h"] else out_strides[3:]
     a_dim, b_dim = g["a_dim"], g["b_dim"]
-    last_kernel["grad_weight"] = wgrad[(C * KB, n_ablk * n_kchunk, split)](
-        x, grad, out, scratch,
-        N, LA, g["LB"], KA, KB, n_kchunk, split,
-        x.stride(0), x.stride(1), x.stride(a_dim), x.stride(b_dim),
-        grad.stride(0), grad.stride(1), grad.stride(a_dim), grad.stride(b_dim),
-        out.stride(0), out.stride(1), s_i, s_j,
+    values = dict(
+        N=N, LA=LA, LB=g["LB"], KA=KA, KB=KB, N_KCHUNK=n_kchunk, SPLIT_M=split,
+        sxn=x.stride(0), sxc=x.stride(1), sxa=x.stride(a_dim), sxb=x.stride(b_dim),
+        sdn=grad.stride(0), sdc=grad.stride(1), sda=grad.stride(a_dim), sdb=grad.stride(b_dim),
+        swslot=out_strides[0], swc=out_strides[1], swi=s_i, swj=s_j,
         LONG_IS_H=g["long_is_h"], **_dot_args(x), INDEX_64=_needs_index_64(x, grad),
         BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_K=block_a,
-        KA_PAD=triton.next_power_of_2(KA), **_hints(t, g, x, grad),
-        num_warps=4, num_stages=t["num_stages"])
-    launch_counts["grad_weight"] += 1
-    return dw if n_slots == 1 else out.sum(0).to(x.dtype)
+        KA_PAD=triton.next_power_of_2(KA), **_hints(t, g, x, grad))
+    return _Plan(dwconv_wgrad_kernel, (C * KB, n_ablk * n_kchunk, split), values,
+                 t["num_warps_wgrad"], t["num_stages"],
+                 alloc=(out_shape, programs * split * block_a * block_a))
 
 
 def _check(x, weight, bias):

@@ -154,6 +154,31 @@ def test_transposed_results_written_in_the_callers_layout():
         check_against_reference(x.clone(), torch.randn(3, 1, 13, 3), torch.randn(3), dtype)
 
 
+def test_repeated_calls_reuse_their_launch_plan():
+    """A second call with the same signature launches from the cached plan (on the GPU the
+    compiled binary directly) and computes the same; another alignment gets its own plan."""
+    torch.manual_seed(9)
+    x = torch.randn(2, 3, 12, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 1, 13, 5, device=DEVICE, requires_grad=True)
+    gy = torch.randn(2, 3, 12, 16, device=DEVICE)
+    first = [depthwise_conv2d(x, w)]
+    first += torch.autograd.grad(first[0], (x, w), gy)
+    plans = len(lk_op._PLANS)
+    launches = dict(lk_op.launch_counts)
+    again = [depthwise_conv2d(x, w)]
+    again += torch.autograd.grad(again[0], (x, w), gy)
+    assert len(lk_op._PLANS) == plans
+    assert all(lk_op.launch_counts[k] > launches[k] for k in launches)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    wide = w.detach().transpose(2, 3).contiguous()   # read in place, not through a copy
+    aligned = depthwise_conv2d(x.detach(), wide)
+    plans = len(lk_op._PLANS)
+    shifted = torch.randn(2 * 3 * 12 * 16 + 1, device=DEVICE)[1:].view(2, 3, 12, 16)
+    shifted.copy_(x.detach())
+    assert torch.equal(depthwise_conv2d(shifted, wide), aligned)
+    assert len(lk_op._PLANS) > plans
+
+
 def test_vector_width_follows_alignment():
     """The alignment hints promise only what holds: line starts divisible by the vector width,
     16 bytes at most, and no hint where the taps shift lines along the contiguous axis."""
