@@ -50,13 +50,14 @@ def make(seed=0, total_steps=100, model_kwargs=None, **kwargs):
     return model, optimizer, masking
 
 
-def assert_masked(model, optimizer, masking):
+def assert_masked(model, optimizer, masking, state=True):
+    """Weights (and with ``state`` their optimizer state) are zero where masked."""
     params = dict(model.named_parameters())
     for name, mask in masking.masks.items():
         assert mask.dtype == torch.bool
         p = params[name]
         assert torch.all(p[~mask] == 0), name
-        for t in optimizer.state.get(p, {}).values():
+        for t in optimizer.state.get(p, {}).values() if state else ():
             if torch.is_tensor(t) and t.shape == p.shape:
                 assert torch.all(t[~mask] == 0), name
 
@@ -88,8 +89,30 @@ def train(model, optimizer, masking, steps, amp_dtype=None, scaler=None, seed=0,
                 ema_params = dict(ema.named_parameters())
                 assert all(torch.all(ema_params[k][~m] == 0) for k, m in masking.masks.items())
         if check:
-            assert_masked(model, optimizer, masking)
+            assert_masked(model, optimizer, masking, state=False)
     return all_stats
+
+
+@pytest.mark.parametrize("update_frequency", [100, 2])
+def test_state_masked_when_masks_change_trains_like_per_step_masking(update_frequency):
+    """Per step only the weights are re-masked; the AdamW moments at masked positions are
+    zeroed when masks change. Every weight ends bit for bit as with per-step masking of the
+    moments too, across adaptations, while the moments do differ at masked positions."""
+    runs = []
+    for per_step_state in (False, True):
+        model, optimizer, masking = make(update_frequency=update_frequency)
+        if per_step_state:
+            masking.apply_masks = lambda **_: sparse_core.Masking.apply_masks(masking)
+        stats = train(model, optimizer, masking, 5)
+        runs.append((model, optimizer, masking, stats))
+    (ours, opt, masking, stats), (ref, _, ref_masking, ref_stats) = runs
+    assert (update_frequency == 2) == any(stats) and stats == ref_stats
+    assert all(torch.equal(masking.masks[k], ref_masking.masks[k]) for k in masking.masks)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
+    params = dict(ours.named_parameters())
+    assert any(torch.any(t[~m] != 0) for k, m in masking.masks.items()
+               for t in opt.state[params[k]].values() if torch.is_tensor(t) and t.shape == m.shape)
+    assert_masked(ref, runs[1][1], ref_masking)
 
 
 # ------------------------------------------------------------------------------------ init
