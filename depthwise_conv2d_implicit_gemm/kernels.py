@@ -287,12 +287,109 @@ def dwconv_wgrad_kernel(
              dsum.to(dw_ptr.dtype.element_ty), mask=j < KA)
 
 
+def dwconv_plane_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    N, H, W, KH, KW,
+    sxn, sxc, syn, syc, swc, swh, sww,
+    HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, PLANE: tl.constexpr,
+):
+    """Whole-plane variant for maps of at most ``PLANE`` pixels (SLaK's 7x7 stage 4).
+
+    ``y[n, c, p] = sum_q x[n, c, q] * T[q, p]`` over flattened planes (``p, q < H * W``, each
+    plane contiguous), with the 2-D Toeplitz matrix ``T[q, p] = w[c, hq - hp + KH//2,
+    wq - wp + KW//2]`` (zero outside the kernel): one GEMM per block of images, M = images,
+    K = N = pixels. On such maps the line kernel pads every 7-pixel line to a 16-wide tile and
+    reads each image once per kernel row; this reads it once, in one dense tile. ``FLIP``
+    rotates the kernel (input gradient). Grid: ``(cdiv(N, BLOCK_M), C)``.
+    """
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    n = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = n < N
+    if INDEX_64:
+        c = c.to(tl.int64)
+        n = n.to(tl.int64)
+    hw = H * W
+    q = tl.arange(0, PLANE)   # input pixel (rows of T)
+    p = tl.arange(0, PLANE)   # output pixel (columns of T)
+    q_ok = q < hw
+    p_ok = p < hw
+    xt = tl.load(x_ptr + c * sxc + n[:, None] * sxn + q[None, :],
+                 mask=n_ok[:, None] & q_ok[None, :], other=0.0)
+    di = (q // W)[:, None] - (p // W)[None, :] + KH // 2
+    dj = (q % W)[:, None] - (p % W)[None, :] + KW // 2
+    in_kernel = (di >= 0) & (di < KH) & (dj >= 0) & (dj < KW) & q_ok[:, None] & p_ok[None, :]
+    if FLIP:
+        di = KH - 1 - di
+        dj = KW - 1 - dj
+    t = tl.load(w_ptr + c * swc + di * swh + dj * sww, mask=in_kernel, other=0.0).to(xt.dtype)
+    if DOT_UPCAST:
+        xt = xt.to(tl.float32)
+        t = t.to(tl.float32)
+    acc = tl.dot(xt, t, tl.full((BLOCK_M, PLANE), 0.0, tl.float32), input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c).to(tl.float32)
+    tl.store(y_ptr + c * syc + n[:, None] * syn + p[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & p_ok[None, :])
+
+
+def dwconv_plane_wgrad_kernel(
+    x_ptr, dy_ptr, dw_ptr, scratch_ptr,
+    N, H, W, KH, KW,
+    sxn, sxc, sdn, sdc, swc, swh, sww,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, PLANE: tl.constexpr, TAPS_PAD: tl.constexpr,
+):
+    """Weight gradient of ``dwconv_plane_fwd_kernel``: ``G = x^T dy`` over all images of the
+    channel (``G[q, p]``, one GEMM whose reduction runs over the images), then tap ``(i, j)``
+    sums ``G[p + (i - KH//2, j - KW//2), p]`` over the output pixels ``p`` whose shifted pixel
+    lies in the image. The sums gather from a per-channel scratch copy of ``G`` (as the line
+    kernel's diagonal sums do). Grid: ``(C,)``.
+    """
+    c = tl.program_id(0)
+    if INDEX_64:
+        c = c.to(tl.int64)
+    hw = H * W
+    pix = tl.arange(0, PLANE)
+    pix_ok = pix < hw
+    g = tl.full((PLANE, PLANE), 0.0, tl.float32)
+    for n0 in range(0, N, BLOCK_M):
+        n = n0 + tl.arange(0, BLOCK_M)
+        ok = (n < N)[:, None] & pix_ok[None, :]
+        if INDEX_64:
+            n = n.to(tl.int64)
+        xt = tl.load(x_ptr + c * sxc + n[:, None] * sxn + pix[None, :], mask=ok, other=0.0)
+        dyt = tl.load(dy_ptr + c * sdc + n[:, None] * sdn + pix[None, :], mask=ok, other=0.0)
+        if DOT_UPCAST:
+            xt = xt.to(tl.float32)
+            dyt = dyt.to(tl.float32)
+        g = tl.dot(tl.trans(xt), dyt, g, input_precision=DOT_PRECISION)
+
+    scratch = scratch_ptr + c * (PLANE * PLANE)
+    tl.store(scratch + pix[:, None] * PLANE + pix[None, :], g)
+    tl.debug_barrier()
+    tap = tl.arange(0, TAPS_PAD)
+    i = tap // KW
+    j = tap % KW
+    hq = (pix // W)[None, :] + i[:, None] - KH // 2
+    wq = (pix % W)[None, :] + j[:, None] - KW // 2
+    ok = (tap < KH * KW)[:, None] & pix_ok[None, :] & (hq >= 0) & (hq < H) & (wq >= 0) & (wq < W)
+    vals = tl.load(scratch + (hq * W + wq) * PLANE + pix[None, :], mask=ok, other=0.0,
+                   cache_modifier=".cg")
+    dsum = tl.reduce(vals, 1, tl.standard._sum_combine)
+    tl.store(dw_ptr + c * swc + i * swh + j * sww, dsum.to(dw_ptr.dtype.element_ty),
+             mask=tap < KH * KW)
+
+
 # Lazily compiled variants, keyed by "interpret" (see op.py).
 _COMPILED = {}
 
 
 def get_kernels(interpret):
-    """Return ``(fwd, wgrad)`` compiled for the GPU or wrapped for ``TRITON_INTERPRET=1``.
+    """Return ``(fwd, wgrad, plane_fwd, plane_wgrad)`` compiled for the GPU or wrapped for
+    ``TRITON_INTERPRET=1``.
 
     ``triton.jit`` decides between compiler and interpreter from the environment when it wraps
     a function, so wrapping is deferred to the first launch in each mode: importing this
@@ -309,5 +406,12 @@ def get_kernels(interpret):
             a for a in sizes + strides if a in dwconv_fwd_kernel.__code__.co_varnames])
         wgrad = triton.jit(dwconv_wgrad_kernel, do_not_specialize=[
             a for a in sizes + strides if a in dwconv_wgrad_kernel.__code__.co_varnames])
-        _COMPILED[interpret] = (fwd, wgrad)
+        # The plane kernels address whole planes, so nothing is specialised but unit strides.
+        plane = ["N", "H", "W", "KH", "KW", "sxn", "sxc", "syn", "syc", "sdn", "sdc", "swc",
+                 "swh"]
+        plane_fwd = triton.jit(dwconv_plane_fwd_kernel, do_not_specialize=[
+            a for a in plane if a in dwconv_plane_fwd_kernel.__code__.co_varnames])
+        plane_wgrad = triton.jit(dwconv_plane_wgrad_kernel, do_not_specialize=[
+            a for a in plane if a in dwconv_plane_wgrad_kernel.__code__.co_varnames])
+        _COMPILED[interpret] = (fwd, wgrad, plane_fwd, plane_wgrad)
     return _COMPILED[interpret]

@@ -31,7 +31,8 @@ from torch import Tensor
 try:
     import triton
 
-    from .kernels import dwconv_fwd_kernel, dwconv_wgrad_kernel, get_kernels
+    from .kernels import (dwconv_fwd_kernel, dwconv_plane_fwd_kernel, dwconv_plane_wgrad_kernel,
+                          dwconv_wgrad_kernel, get_kernels)
 except ImportError:   # CPU-only torch builds come without Triton: F.conv2d everywhere
     triton = None
 from .reference import depthwise_conv2d_reference, depthwise_conv2d_reference_grads
@@ -214,10 +215,27 @@ def _store_hints(t, g, y, block_m, n_lines):
     return hints
 
 
+# Maps of at most this many pixels run through the whole-plane kernels.
+_PLANE_PIXELS = 64
+
+
+def _runs_as_planes(x):
+    """Whether ``x``'s maps are small enough for the whole-plane kernels (``kernels.py``,
+    ``dwconv_plane_*``): SLaK's 7x7 stage 4 there took 2.3-2.6x less GPU time than the line
+    kernels (BENCHMARKS.md); ``tile_override(plane=False)`` keeps the line kernels."""
+    return x.shape[2] * x.shape[3] <= _PLANE_PIXELS and (_TILE_OVERRIDE or {}).get("plane", True)
+
+
+def _plane_contiguous(t):
+    return t if t.stride(3) == 1 and t.stride(2) == t.shape[3] else t.contiguous()
+
+
 def _launch_conv(x, weight, bias, flip, kind):
     """Forward (``flip=False``) or input gradient (``flip=True``, ``x`` = output gradient)."""
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    if _transposes_tall(x, *weight.shape[2:]):
+    if _runs_as_planes(x):
+        _run_plane_conv(_plane_contiguous(x), weight, bias, flip, kind, y)
+    elif _transposes_tall(x, *weight.shape[2:]):
         _run_conv(_transposed(x), weight.transpose(2, 3), bias, flip, kind, y.transpose(2, 3))
     else:
         _run_conv(x, weight, bias, flip, kind, y)
@@ -236,7 +254,9 @@ class _Plan:
         missing = [p.name for p in params if p.name not in values and p.default is p.empty]
         assert not missing, f"{kernel_fn.__name__}: no value for {missing}"
         self.args = tuple(values.get(p.name, p.default) for p in params)
-        self.grid, self.num_warps, self.num_stages = grid, num_warps, num_stages
+        # The compiled binary's launcher takes all three grid dimensions.
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.num_warps, self.num_stages = num_warps, num_stages
         self.compiled, self.alloc = None, alloc
 
 
@@ -285,7 +305,7 @@ def _run_conv(x, weight, bias, flip, kind, y):
         return
     key = _plan_key("conv", flip, x, weight, bias, y)
     plan = _cached_plan(key, lambda: _conv_plan(x, weight, bias, flip, y))
-    fwd, _ = get_kernels(_interpret() and not x.is_cuda)
+    fwd = get_kernels(_interpret() and not x.is_cuda)[0]
     _launch(plan, fwd, (x, weight, bias if bias is not None else weight, y), kind)
 
 
@@ -306,6 +326,58 @@ def _conv_plan(x, weight, bias, flip, y):
         BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
     grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
     return _Plan(dwconv_fwd_kernel, grid, values, t["num_warps"], t["num_stages"])
+
+
+def _run_plane_conv(x, weight, bias, flip, kind, y):
+    """``_run_conv`` for small maps; ``x`` and ``y`` have contiguous planes."""
+    if y.numel() == 0:
+        return
+    plan = _cached_plan(_plan_key("plane", flip, x, weight, bias, y),
+                        lambda: _plane_conv_plan(x, weight, bias, flip, y))
+    fwd = get_kernels(_interpret() and not x.is_cuda)[2]
+    _launch(plan, fwd, (x, weight, bias if bias is not None else weight, y), kind)
+
+
+def _plane_conv_plan(x, weight, bias, flip, y):
+    N, C, H, W = x.shape
+    block_m = min(64, max(16, triton.next_power_of_2(N)))
+    values = dict(
+        N=N, H=H, W=W, KH=weight.shape[2], KW=weight.shape[3],
+        sxn=x.stride(0), sxc=x.stride(1), syn=y.stride(0), syc=y.stride(1),
+        swc=weight.stride(0), swh=weight.stride(2), sww=weight.stride(3),
+        HAS_BIAS=bias is not None, FLIP=flip, **_dot_args(x), INDEX_64=_needs_index_64(x, y),
+        BLOCK_M=block_m, PLANE=max(16, triton.next_power_of_2(H * W)))
+    return _Plan(dwconv_plane_fwd_kernel, (triton.cdiv(N, block_m), C), values, 4, 1)
+
+
+def _launch_plane_grad_weight(grad, x, kh, kw):
+    """``_launch_grad_weight`` for small maps."""
+    x = _plane_contiguous(x)
+    grad = _plane_contiguous(grad.to(x.dtype))
+    N, C, H, W = x.shape
+    dw = torch.empty((C, 1, kh, kw), device=x.device, dtype=x.dtype)
+    if N * H * W == 0:
+        return dw.zero_()
+    plan = _cached_plan(_plan_key("plane_wgrad", (kh, kw), x, grad),
+                        lambda: _plane_grad_weight_plan(grad, x, dw))
+    scratch = torch.empty(C * plan.alloc ** 2, device=x.device, dtype=torch.float32)
+    wgrad = get_kernels(_interpret() and not x.is_cuda)[3]
+    _launch(plan, wgrad, (x, grad, dw, scratch), "grad_weight")
+    return dw
+
+
+def _plane_grad_weight_plan(grad, x, dw):
+    N, C, H, W = x.shape
+    kh, kw = dw.shape[2:]
+    plane = max(16, triton.next_power_of_2(H * W))
+    values = dict(
+        N=N, H=H, W=W, KH=kh, KW=kw, sxn=x.stride(0), sxc=x.stride(1),
+        sdn=grad.stride(0), sdc=grad.stride(1),
+        swc=dw.stride(0), swh=dw.stride(2), sww=dw.stride(3),
+        **_dot_args(x), INDEX_64=_needs_index_64(x, grad),
+        BLOCK_M=min(64, max(16, triton.next_power_of_2(N))), PLANE=plane,
+        TAPS_PAD=triton.next_power_of_2(kh * kw))
+    return _Plan(dwconv_plane_wgrad_kernel, (C,), values, 4, 1, alloc=plane)
 
 
 @functools.lru_cache(maxsize=None)
@@ -330,7 +402,7 @@ def _launch_grad_weight(grad, x, kh, kw):
     out = torch.empty(out_shape, device=x.device,
                       dtype=x.dtype if out_shape[0] == 1 else torch.float32)
     scratch = torch.empty(n_scratch, device=x.device, dtype=torch.float32)
-    _, wgrad = get_kernels(_interpret() and not x.is_cuda)
+    wgrad = get_kernels(_interpret() and not x.is_cuda)[1]
     _launch(plan, wgrad, (x, grad, out, scratch), "grad_weight")
     return out[0] if out_shape[0] == 1 else out.sum(0).to(x.dtype)
 
@@ -406,6 +478,12 @@ def conv_backward(grad, x, weight, need_input, need_weight):
         return (dx.contiguous(memory_format=_output_format(grad)) if need_input else None,
                 dw.contiguous() if need_weight else None)
     dx = dw = None
+    if _runs_as_planes(x):
+        if need_input:
+            dx = _launch_conv(grad, weight.to(x.dtype), None, flip=True, kind="grad_input")
+        if need_weight:
+            dw = _launch_plane_grad_weight(grad, x, kh, kw)
+        return dx, dw
     if _transposes_tall(x, kh, kw):
         # Both gradients read the output gradient along transposed lines: transpose it once.
         grad_t = _transposed(grad)

@@ -134,6 +134,22 @@ def test_tall_kernels_direct_and_transposed(transpose_tall):
                                 tiles=dict(transpose_tall=transpose_tall))
 
 
+@pytest.mark.parametrize("plane", [True, False])
+@pytest.mark.parametrize("shape,kernel", [((2, 5, 7, 7), (13, 5)), ((2, 5, 7, 7), (5, 5)),
+                                          ((70, 2, 5, 5), (5, 13)), ((3, 2, 3, 8), (51, 3))])
+def test_small_maps_whole_planes_and_lines(shape, kernel, plane):
+    """Maps of at most 64 pixels run through the whole-plane kernels (two image blocks for
+    70 images); the line kernels, which they replace there, still compute the same."""
+    torch.manual_seed(sum(shape))
+    x = torch.randn(shape, device=DEVICE)
+    lk_op._PLANS.clear()
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference(x.clone(), torch.randn(shape[1], 1, *kernel),
+                                torch.randn(shape[1]), dtype, tiles=dict(plane=plane))
+    kinds = {key[0] for key in lk_op._PLANS}
+    assert kinds == ({"plane", "plane_wgrad"} if plane else {"conv", "wgrad"})
+
+
 def test_transposed_results_written_in_the_callers_layout():
     """A transposed tall kernel stores its output and input gradient straight into NCHW, as
     vectors across lines when every run of lines lies inside one image and is aligned (the
@@ -154,13 +170,14 @@ def test_transposed_results_written_in_the_callers_layout():
         check_against_reference(x.clone(), torch.randn(3, 1, 13, 3), torch.randn(3), dtype)
 
 
-def test_repeated_calls_reuse_their_launch_plan():
+@pytest.mark.parametrize("size", [(12, 16), (7, 7)])   # lines (transposed), whole planes
+def test_repeated_calls_reuse_their_launch_plan(size):
     """A second call with the same signature launches from the cached plan (on the GPU the
     compiled binary directly) and computes the same; another alignment gets its own plan."""
     torch.manual_seed(9)
-    x = torch.randn(2, 3, 12, 16, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, 3, *size, device=DEVICE, requires_grad=True)
     w = torch.randn(3, 1, 13, 5, device=DEVICE, requires_grad=True)
-    gy = torch.randn(2, 3, 12, 16, device=DEVICE)
+    gy = torch.randn(2, 3, *size, device=DEVICE)
     first = [depthwise_conv2d(x, w)]
     first += torch.autograd.grad(first[0], (x, w), gy)
     plans = len(lk_op._PLANS)
@@ -173,7 +190,7 @@ def test_repeated_calls_reuse_their_launch_plan():
     wide = w.detach().transpose(2, 3).contiguous()   # read in place, not through a copy
     aligned = depthwise_conv2d(x.detach(), wide)
     plans = len(lk_op._PLANS)
-    shifted = torch.randn(2 * 3 * 12 * 16 + 1, device=DEVICE)[1:].view(2, 3, 12, 16)
+    shifted = torch.randn(x.numel() + 1, device=DEVICE)[1:].view(x.shape)
     shifted.copy_(x.detach())
     assert torch.equal(depthwise_conv2d(shifted, wide), aligned)
     assert len(lk_op._PLANS) > plans
