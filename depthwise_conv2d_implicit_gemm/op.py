@@ -655,4 +655,7 @@ def depthwise_conv2d(x, weight, bias=None):
         return _external_conv(x, weight, bias, folder)
     if torch.compiler.is_compiling():
         return torch.ops.slak.dwconv2d(x, weight, bias)
+    if not torch.is_grad_enabled() or not (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return conv_forward(x, weight, bias)   # inference: no autograd node to build
     return _EagerConv.apply(x, weight, bias)
