@@ -9,7 +9,10 @@ cores through ``tl.dot``. With image extents of 7..64 and kernels of 13..51 the 
 of a 16..64 wide tile, so little of that work is wasted; longer lines are tiled and only the
 input chunks that meet the band are visited.
 
-Geometry shared by all kernels (the launcher in ``op.py`` maps NCHW onto it):
+Maps of at most 64 pixels (SLaK's 7x7 stage) use the whole-plane variants at the end of this
+file instead: one GEMM per block of images with a 2-D Toeplitz matrix, no lines at all.
+
+Geometry shared by the line kernels (the launcher in ``op.py`` maps NCHW onto it):
 
 * ``A`` is the axis the long kernel side runs along (length ``LA``, kernel taps ``KA``),
   ``B`` the other spatial axis (``LB``, ``KB`` taps). ``LONG_IS_H`` says whether ``A`` is the

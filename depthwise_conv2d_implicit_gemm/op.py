@@ -221,12 +221,14 @@ _PLANE_PIXELS = 64
 
 def _runs_as_planes(x):
     """Whether ``x``'s maps are small enough for the whole-plane kernels (``kernels.py``,
-    ``dwconv_plane_*``): SLaK's 7x7 stage 4 there took 2.3-2.6x less GPU time than the line
+    ``dwconv_plane_*``): SLaK's 7x7 stage 4 there took 2.2-3.6x less GPU time than the line
     kernels (BENCHMARKS.md); ``tile_override(plane=False)`` keeps the line kernels."""
     return x.shape[2] * x.shape[3] <= _PLANE_PIXELS and (_TILE_OVERRIDE or {}).get("plane", True)
 
 
 def _plane_contiguous(t):
+    """``t`` if each ``(n, c)`` plane is one contiguous run (what the plane kernels address),
+    else a contiguous copy."""
     return t if t.stride(3) == 1 and t.stride(2) == t.shape[3] else t.contiguous()
 
 
