@@ -245,13 +245,17 @@ def _launch_conv(x, weight, bias, flip, kind):
 
 
 class _Plan:
-    """One launch of a kernel for one call signature: grid, the arguments after the tensors
-    (sizes, strides, then compile-time constants, in the kernel's order), and the compiled
-    binary once the first launch has produced it."""
+    """One launch of a kernel for one call signature: the kernel (``get_kernels(interpret)[
+    index]``), grid, the arguments after the tensors (sizes, strides, then compile-time
+    constants, in the kernel's order), and the compiled binary once the first launch has
+    produced it."""
 
-    __slots__ = ("grid", "args", "num_warps", "num_stages", "compiled", "alloc")
+    __slots__ = ("kernel", "grid", "args", "num_warps", "num_stages", "compiled", "alloc")
 
-    def __init__(self, kernel_fn, grid, values, num_warps, num_stages, alloc=None):
+    def __init__(self, kernel_fn, interpret, grid, values, num_warps, num_stages, alloc=None):
+        index = (dwconv_fwd_kernel, dwconv_wgrad_kernel, dwconv_plane_fwd_kernel,
+                 dwconv_plane_wgrad_kernel).index(kernel_fn)
+        self.kernel = get_kernels(interpret)[index]
         params = list(inspect.signature(kernel_fn).parameters.values())[_N_TENSOR_ARGS:]
         missing = [p.name for p in params if p.name not in values and p.default is p.empty]
         assert not missing, f"{kernel_fn.__name__}: no value for {missing}"
@@ -273,8 +277,10 @@ _MAX_PLANS = 4096
 
 def _plan_key(tag, extra, *tensors):
     """Everything a plan depends on: shapes, strides, dtypes, devices and 16-byte alignment
-    of the tensors (the alignment hints and Triton's pointer specialisation), TF32, tiles."""
-    return (tag, extra, _interpret(), torch.backends.cudnn.allow_tf32,
+    of the tensors (the alignment hints and Triton's pointer specialisation), TF32, tiles.
+    The device also decides compiled kernels or the interpreter: CPU tensors reach the
+    kernels only under ``TRITON_INTERPRET=1``."""
+    return (tag, extra, torch.backends.cudnn.allow_tf32,
             tuple(sorted(_TILE_OVERRIDE.items())) if _TILE_OVERRIDE else None,
             *((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) if t is not None
               else None for t in tensors))
@@ -289,13 +295,13 @@ def _cached_plan(key, make):
     return plan
 
 
-def _launch(plan, kernel, tensors, kind):
+def _launch(plan, tensors, kind):
     if plan.compiled is not None:
         plan.compiled[plan.grid](*tensors, *plan.args)
     else:
-        compiled = kernel[plan.grid](*tensors, *plan.args, num_warps=plan.num_warps,
-                                     num_stages=plan.num_stages)
-        if not _interpret():   # the interpreter has no binary to call
+        compiled = plan.kernel[plan.grid](*tensors, *plan.args, num_warps=plan.num_warps,
+                                          num_stages=plan.num_stages)
+        if compiled is not None:   # the interpreter has no binary to call
             plan.compiled = last_kernel[kind] = compiled
     launch_counts[kind] += 1
 
@@ -307,8 +313,7 @@ def _run_conv(x, weight, bias, flip, kind, y):
         return
     key = _plan_key("conv", flip, x, weight, bias, y)
     plan = _cached_plan(key, lambda: _conv_plan(x, weight, bias, flip, y))
-    fwd = get_kernels(_interpret() and not x.is_cuda)[0]
-    _launch(plan, fwd, (x, weight, bias if bias is not None else weight, y), kind)
+    _launch(plan, (x, weight, bias if bias is not None else weight, y), kind)
 
 
 def _conv_plan(x, weight, bias, flip, y):
@@ -327,7 +332,7 @@ def _conv_plan(x, weight, bias, flip, y):
         **_store_hints(t, g, y, t["block_m"], n_lines),
         BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
     grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
-    return _Plan(dwconv_fwd_kernel, grid, values, t["num_warps"], t["num_stages"])
+    return _Plan(dwconv_fwd_kernel, not x.is_cuda, grid, values, t["num_warps"], t["num_stages"])
 
 
 def _run_plane_conv(x, weight, bias, flip, kind, y):
@@ -336,8 +341,7 @@ def _run_plane_conv(x, weight, bias, flip, kind, y):
         return
     plan = _cached_plan(_plan_key("plane", flip, x, weight, bias, y),
                         lambda: _plane_conv_plan(x, weight, bias, flip, y))
-    fwd = get_kernels(_interpret() and not x.is_cuda)[2]
-    _launch(plan, fwd, (x, weight, bias if bias is not None else weight, y), kind)
+    _launch(plan, (x, weight, bias if bias is not None else weight, y), kind)
 
 
 def _plane_conv_plan(x, weight, bias, flip, y):
@@ -349,13 +353,14 @@ def _plane_conv_plan(x, weight, bias, flip, y):
         swc=weight.stride(0), swh=weight.stride(2), sww=weight.stride(3),
         HAS_BIAS=bias is not None, FLIP=flip, **_dot_args(x), INDEX_64=_needs_index_64(x, y),
         BLOCK_M=block_m, PLANE=max(16, triton.next_power_of_2(H * W)))
-    return _Plan(dwconv_plane_fwd_kernel, (triton.cdiv(N, block_m), C), values, 4, 1)
+    return _Plan(dwconv_plane_fwd_kernel, not x.is_cuda, (triton.cdiv(N, block_m), C), values,
+                 4, 1)
 
 
 def _launch_plane_grad_weight(grad, x, kh, kw):
     """``_launch_grad_weight`` for small maps."""
     x = _plane_contiguous(x)
-    grad = _plane_contiguous(grad.to(x.dtype))
+    grad = _plane_contiguous(grad)
     N, C, H, W = x.shape
     dw = torch.empty((C, 1, kh, kw), device=x.device, dtype=x.dtype)
     if N * H * W == 0:
@@ -363,8 +368,7 @@ def _launch_plane_grad_weight(grad, x, kh, kw):
     plan = _cached_plan(_plan_key("plane_wgrad", (kh, kw), x, grad),
                         lambda: _plane_grad_weight_plan(grad, x, dw))
     scratch = torch.empty(C * plan.alloc ** 2, device=x.device, dtype=torch.float32)
-    wgrad = get_kernels(_interpret() and not x.is_cuda)[3]
-    _launch(plan, wgrad, (x, grad, dw, scratch), "grad_weight")
+    _launch(plan, (x, grad, dw, scratch), "grad_weight")
     return dw
 
 
@@ -379,7 +383,7 @@ def _plane_grad_weight_plan(grad, x, dw):
         **_dot_args(x), INDEX_64=_needs_index_64(x, grad),
         BLOCK_M=min(64, max(16, triton.next_power_of_2(N))), PLANE=plane,
         TAPS_PAD=triton.next_power_of_2(kh * kw))
-    return _Plan(dwconv_plane_wgrad_kernel, (C,), values, 4, 1, alloc=plane)
+    return _Plan(dwconv_plane_wgrad_kernel, not x.is_cuda, (C,), values, 4, 1, alloc=plane)
 
 
 @functools.lru_cache(maxsize=None)
@@ -393,7 +397,7 @@ def _launch_grad_weight(grad, x, kh, kw):
     """Weight gradient ``(C, 1, kh, kw)`` in the dtype of ``x``; ``grad`` and ``x`` are in
     the geometry the kernels run in (transposed already for a transposed tall kernel)."""
     x = _width_contiguous(x)
-    grad = _width_contiguous(grad.to(x.dtype))
+    grad = _width_contiguous(grad)
     N, C = x.shape[:2]
     if N * x.shape[2] * x.shape[3] == 0:
         return torch.zeros((C, 1, kh, kw), device=x.device, dtype=x.dtype)
@@ -404,8 +408,7 @@ def _launch_grad_weight(grad, x, kh, kw):
     out = torch.empty(out_shape, device=x.device,
                       dtype=x.dtype if out_shape[0] == 1 else torch.float32)
     scratch = torch.empty(n_scratch, device=x.device, dtype=torch.float32)
-    wgrad = get_kernels(_interpret() and not x.is_cuda)[1]
-    _launch(plan, wgrad, (x, grad, out, scratch), "grad_weight")
+    _launch(plan, (x, grad, out, scratch), "grad_weight")
     return out[0] if out_shape[0] == 1 else out.sum(0).to(x.dtype)
 
 
@@ -439,7 +442,7 @@ def _grad_weight_plan(grad, x, kh, kw):
         LONG_IS_H=g["long_is_h"], **_dot_args(x), INDEX_64=_needs_index_64(x, grad),
         BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_K=block_a,
         KA_PAD=triton.next_power_of_2(KA), **_hints(t, g, x, grad))
-    return _Plan(dwconv_wgrad_kernel, (C * KB, n_ablk * n_kchunk, split), values,
+    return _Plan(dwconv_wgrad_kernel, not x.is_cuda, (C * KB, n_ablk * n_kchunk, split), values,
                  t["num_warps_wgrad"], t["num_stages"],
                  alloc=(out_shape, programs * split * block_a * block_a))
 
@@ -471,25 +474,27 @@ def conv_backward(grad, x, weight, need_input, need_weight):
     """``(dx, dw)`` from the output gradient: the input gradient ``(N, C, H, W)`` (the same
     convolution with the kernel rotated by 180 degrees) and the weight gradient
     ``(C, 1, kh, kw)`` in the dtype of ``x``; each is None unless asked for."""
-    grad = grad.to(x.dtype)
+    # Autograd hands back the output's dtype, which is the input's: casts only for direct calls.
+    grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
+    weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
     kh, kw = weight.shape[2:]
     if not _use_triton(x):
         dx, dw, _ = torch.ops.aten.convolution_backward(
-            grad, x, weight.to(x.dtype), None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
+            grad, x, weight, None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
             [0, 0], x.shape[1], [need_input, need_weight, False])
         return (dx.contiguous(memory_format=_output_format(grad)) if need_input else None,
                 dw.contiguous() if need_weight else None)
     dx = dw = None
     if _runs_as_planes(x):
         if need_input:
-            dx = _launch_conv(grad, weight.to(x.dtype), None, flip=True, kind="grad_input")
+            dx = _launch_conv(grad, weight, None, flip=True, kind="grad_input")
         if need_weight:
             dw = _launch_plane_grad_weight(grad, x, kh, kw)
         return dx, dw
     if _transposes_tall(x, kh, kw):
         # Both gradients read the output gradient along transposed lines: transpose it once.
         grad_t = _transposed(grad)
-        weight_t = weight.transpose(2, 3).to(x.dtype)
+        weight_t = weight.transpose(2, 3)
         if need_input:
             dx = torch.empty(grad.shape, device=grad.device, dtype=grad.dtype)
             _run_conv(grad_t, weight_t, None, True, "grad_input", dx.transpose(2, 3))
@@ -498,7 +503,7 @@ def conv_backward(grad, x, weight, need_input, need_weight):
             dw = _launch_grad_weight(grad_t, _transposed(x), kw, kh).transpose(2, 3).contiguous()
         return dx, dw
     if need_input:
-        dx = _launch_conv(grad, weight.to(x.dtype), None, flip=True, kind="grad_input")
+        dx = _launch_conv(grad, weight, None, flip=True, kind="grad_input")
     if need_weight:
         dw = _launch_grad_weight(grad, x, kh, kw)
     return dx, dw
@@ -508,7 +513,7 @@ def _backward_impl(grad, x, weight, has_bias, needs, backward):
     need_x, need_w, need_b = needs
     dx, dw = backward(grad, x, weight, need_x, need_w)
     if dw is not None:
-        dw = dw.to(weight.dtype)
+        dw = dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
         if dw.stride() != weight.stride():
             # A gradient laid out like its parameter (e.g. a channels-last model's weights) is
             # one DDP can reduce in place, without the "grad strides do not match" copy and
