@@ -71,6 +71,9 @@ def peak_above_baseline_mib(step, device, repeats):
 def main():
     args = parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/distill_memory.py: no CUDA GPU here; run it on one, or pass "
+                 "--device cpu for a smoke test without memory figures")
     amp_dtype = DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 

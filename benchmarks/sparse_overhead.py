@@ -93,6 +93,8 @@ def run_steps(model, optimizer, masking, images, targets, n, amp_dtype, scaler, 
 
 def main():
     args = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/sparse_overhead.py needs a CUDA GPU (it times CUDA training steps)")
     if args.steps % args.update_frequency:
         raise SystemExit("--steps must be a multiple of -u so adaptations count at their real rate")
     device = torch.device("cuda")

@@ -1,11 +1,13 @@
 """benchmarks/train_throughput.py: the end-to-end mode's reading of main.py's progress lines, and
-one real end-to-end run on the CPU (a reduced SLaK, a few iterations)."""
+one real end-to-end run on the CPU (a reduced SLaK, a few iterations); the GPU-only benchmarks
+refuse a machine without CUDA in one line."""
 import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, cli_env
 
@@ -81,3 +83,13 @@ def test_end_to_end_reports_a_failing_main_in_one_line(tmp_path):
 def test_step_mode_needs_cuda_and_says_so():
     result = run_benchmark("--device", "cpu")
     assert result.returncode != 0 and "--end_to_end" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+@pytest.mark.parametrize("script,args", [("lk_conv.py", []), ("sparse_overhead.py", []),
+                                         ("distill_memory.py", ["--device", "cuda"])])
+def test_gpu_benchmarks_without_cuda_say_so_in_one_line(script, args):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
+                            capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert result.returncode != 0
+    assert "CUDA GPU" in result.stderr and "Traceback" not in result.stderr
