@@ -6,7 +6,8 @@
         --batch_size 128 --lr 4e-3 --update_freq 1 --model_ema true --model_ema_eval true \
         --data_path /path/to/imagenet-1k --kernel_size 51 49 47 13 5
 
-Every ``main.py`` flag is accepted. Each task sets the variables torchrun would set (RANK,
+Every ``main.py`` flag is accepted and checked as ``main.py`` checks it before anything is
+submitted. Each task sets the variables torchrun would set (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and runs ``main.main``. A pre-empted or timed-out
 job requeues itself and continues from the newest checkpoint in ``--output_dir``
 (``--job_dir`` by default) through ``--auto_resume``.
@@ -72,6 +73,12 @@ class Trainer:
 
 def main(argv=None):
     args = parse_args(argv)
+    # Bad flags fail here, in one line, not later in every task's log on the cluster. The GPU
+    # check is left to the nodes: this (login) node often has none.
+    try:
+        trainer.check_args(argparse.Namespace(**{**vars(args), "device": "cpu"}))
+    except trainer.ConfigError as exc:
+        sys.exit(f"error: {exc}")
     try:
         import submitit
     except ImportError:
