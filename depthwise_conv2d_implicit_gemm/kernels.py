@@ -391,8 +391,8 @@ _COMPILED = {}
 
 
 def get_kernels(interpret):
-    """Return ``(fwd, wgrad, plane_fwd, plane_wgrad)`` compiled for the GPU or wrapped for
-    ``TRITON_INTERPRET=1``.
+    """The four kernels, compiled for the GPU or wrapped for ``TRITON_INTERPRET=1``, by the
+    name of their Python function (``{"dwconv_fwd_kernel": ..., ...}``).
 
     ``triton.jit`` decides between compiler and interpreter from the environment when it wraps
     a function, so wrapping is deferred to the first launch in each mode: importing this
@@ -402,19 +402,16 @@ def get_kernels(interpret):
         # Sizes and strides are not specialised on divisibility: the line offsets are
         # unaligned anyway (shifted by taps), and one binary per tile configuration keeps
         # compilation to a few dozen kernels for all SLaK shapes. Unit strides still are.
-        sizes = ["N", "C", "LA", "LB", "KA", "KB", "N_KCHUNK", "SPLIT_M"]
-        strides = [p + s for p in ("sx", "sy", "sd") for s in "ncb"] + [
+        lines = ["N", "C", "LA", "LB", "KA", "KB", "N_KCHUNK", "SPLIT_M"] + [
+            p + s for p in ("sx", "sy", "sd") for s in "ncb"] + [
             "swc", "swa", "swb", "swslot", "swi", "swj"]
-        fwd = triton.jit(dwconv_fwd_kernel, do_not_specialize=[
-            a for a in sizes + strides if a in dwconv_fwd_kernel.__code__.co_varnames])
-        wgrad = triton.jit(dwconv_wgrad_kernel, do_not_specialize=[
-            a for a in sizes + strides if a in dwconv_wgrad_kernel.__code__.co_varnames])
         # The plane kernels address whole planes, so nothing is specialised but unit strides.
-        plane = ["N", "H", "W", "KH", "KW", "sxn", "sxc", "syn", "syc", "sdn", "sdc", "swc",
-                 "swh"]
-        plane_fwd = triton.jit(dwconv_plane_fwd_kernel, do_not_specialize=[
-            a for a in plane if a in dwconv_plane_fwd_kernel.__code__.co_varnames])
-        plane_wgrad = triton.jit(dwconv_plane_wgrad_kernel, do_not_specialize=[
-            a for a in plane if a in dwconv_plane_wgrad_kernel.__code__.co_varnames])
-        _COMPILED[interpret] = (fwd, wgrad, plane_fwd, plane_wgrad)
+        planes = ["N", "H", "W", "KH", "KW", "sxn", "sxc", "syn", "syc", "sdn", "sdc", "swc",
+                  "swh"]
+        _COMPILED[interpret] = {
+            fn.__name__: triton.jit(fn, do_not_specialize=[
+                a for a in unspecialised if a in fn.__code__.co_varnames])
+            for fn, unspecialised in ((dwconv_fwd_kernel, lines), (dwconv_wgrad_kernel, lines),
+                                      (dwconv_plane_fwd_kernel, planes),
+                                      (dwconv_plane_wgrad_kernel, planes))}
     return _COMPILED[interpret]

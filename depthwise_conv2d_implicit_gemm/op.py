@@ -245,17 +245,15 @@ def _launch_conv(x, weight, bias, flip, kind):
 
 
 class _Plan:
-    """One launch of a kernel for one call signature: the kernel (``get_kernels(interpret)[
-    index]``), grid, the arguments after the tensors (sizes, strides, then compile-time
+    """One launch of a kernel for one call signature: the kernel (wrapped for the GPU or the
+    interpreter), grid, the arguments after the tensors (sizes, strides, then compile-time
     constants, in the kernel's order), and the compiled binary once the first launch has
     produced it."""
 
     __slots__ = ("kernel", "grid", "args", "num_warps", "num_stages", "compiled", "alloc")
 
     def __init__(self, kernel_fn, interpret, grid, values, num_warps, num_stages, alloc=None):
-        index = (dwconv_fwd_kernel, dwconv_wgrad_kernel, dwconv_plane_fwd_kernel,
-                 dwconv_plane_wgrad_kernel).index(kernel_fn)
-        self.kernel = get_kernels(interpret)[index]
+        self.kernel = get_kernels(interpret)[kernel_fn.__name__]
         params = list(inspect.signature(kernel_fn).parameters.values())[_N_TENSOR_ARGS:]
         missing = [p.name for p in params if p.name not in values and p.default is p.empty]
         assert not missing, f"{kernel_fn.__name__}: no value for {missing}"
