@@ -21,12 +21,13 @@ shape (AdamW moments, SGD momentum) is masked whenever the masks change (init, l
 adaptation), not per step: with element-wise optimizers the state at masked positions only ever
 moves masked weights, which the next re-masking zeroes, and it is zeroed before such a position
 becomes active again, so every active weight trains as with per-step masking of the state, at a
-third of the per-step memory traffic (SLaK-T: 50.6M masked weights). Every ``update_frequency`` steps (unless ``fix``) each
-layer loses the ``prune_rate`` fraction of its active weights with the smallest magnitude and
-regrows as many (``random``: uniformly at random, ``gradient``: largest |grad| of the step just
-taken, ``momentum``: largest |running mean of the gradient|); regrown weights and their optimizer
-state start at zero. ``prune_rate`` follows a cosine decay from ``args.prune_rate`` to 0 over
-``total_steps``.
+third of the per-step memory traffic (SLaK-T: 50.6M masked weights).
+
+Every ``update_frequency`` steps (unless ``fix``) each layer loses the ``prune_rate`` fraction of
+its active weights with the smallest magnitude and regrows as many (``random``: uniformly at
+random, ``gradient``: largest |grad| of the step just taken, ``momentum``: largest |running mean
+of the gradient|); regrown weights and their optimizer state start at zero. ``prune_rate``
+follows a cosine decay from ``args.prune_rate`` to 0 over ``total_steps``.
 
 Distributed training: all randomness comes from one generator seeded with ``args.seed`` (the
 same on every rank) and the decisions use weights and gradients that DDP keeps identical, so
