@@ -9,7 +9,16 @@ combination of the chosen models, precisions, channels-last and torch.compile se
 Models: ``slak`` (SLaK-T, width 1.3, 51 49 47 13 5, Decom, our large-kernel convolution),
 ``slak_sparse`` (the same with dynamic sparsity, ``-u`` adaptations included in the timed steps),
 ``slak_cudnn`` (the same network with its large-kernel convolutions through cuDNN, ``F.conv2d``),
-``convnext_timm`` (timm's ``convnext_tiny``).
+``slak_freelk`` (the same network with every large-kernel convolution replaced by the identity:
+the ceiling that a free large-kernel convolution would give), ``convnext_timm`` (timm's
+``convnext_tiny``).
+
+Inference mode (``--inference``) times eval-mode forwards without autograd, in the same process,
+of ``slak`` (the train form), ``slak_deploy`` (after ``reparameterize()``: two biased convolutions
+per unit), ``slak_deploy_cudnn`` (the deployed model through cuDNN) and ``convnext_timm``:
+
+    python benchmarks/train_throughput.py --inference --batch 256 --dtypes bf16 --compile on \
+        --compile_modes reduce-overhead --models slak slak_deploy slak_deploy_cudnn convnext_timm
 
 End-to-end mode runs ``main.py`` on the synthetic data for ``--iters`` optimizer steps, so that
 data loading, logging, EMA and sparsity are included. The model is SLaK-T (width 1.3, 51 49 47 13 5,
@@ -52,15 +61,27 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)
 
 
+TRAIN_MODELS = ["slak", "slak_sparse", "slak_cudnn", "slak_freelk", "convnext_timm"]
+INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_cudnn", "convnext_timm"]
+
+
+def identity_forward(self, x):
+    return x
+
+
 def build(name, sparse_update_frequency):
     """Return ``(model, masking_factory)`` for a benchmark model name."""
     if name == "convnext_timm":
         return timm.create_model("convnext_tiny", drop_path_rate=0.1), None
     model = timm.create_model("SLaK_tiny", **SLAK_T)
-    if name == "slak_cudnn":
+    if name.startswith("slak_deploy"):
+        model.eval().reparameterize()
+    replacement = {"slak_cudnn": nn.Conv2d.forward, "slak_deploy_cudnn": nn.Conv2d.forward,
+                   "slak_freelk": identity_forward}.get(name)
+    if replacement is not None:
         for m in model.modules():
             if isinstance(m, DepthWiseConv2dImplicitGEMM):
-                m.forward = types.MethodType(nn.Conv2d.forward, m)
+                m.forward = types.MethodType(replacement, m)
     if name != "slak_sparse":
         return model, None
 
@@ -125,6 +146,48 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
                   batch=batch, steps=steps, step_ms=round(ms, 2), img_per_s=round(batch * 1000 / ms, 1),
                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
     del model, optimizer, train_model, batches, masking
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return result
+
+
+@torch.no_grad()
+def time_inference(name, dtype_name, channels_last, compile_model, batch, steps, warmup,
+                   compile_mode="default"):
+    """Eval-mode forward passes of ``batch`` 224x224 images: images/s and peak memory."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model, _ = build(name, None)
+    model.eval().to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = DTYPES[dtype_name]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = [torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=memory_format)
+              for _ in range(2)]
+    run_model = torch.compile(model, mode=compile_mode) if compile_model else model
+
+    def forward(i):
+        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+            return run_model(images[i % len(images)])
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup):
+        forward(i)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(steps):
+        forward(i)
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    result = dict(mode="inference", model=name, dtype=dtype_name, channels_last=channels_last,
+                  compile=compile_model, batch=batch, steps=steps, step_ms=round(ms, 2),
+                  img_per_s=round(batch * 1000 / ms, 1),
+                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+    del model, run_model, images
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return result
@@ -214,8 +277,10 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--models", nargs="+", default=["slak", "slak_sparse", "slak_cudnn", "convnext_timm"],
-                        choices=["slak", "slak_sparse", "slak_cudnn", "convnext_timm"])
+    parser.add_argument("--models", nargs="+", default=None,
+                        choices=list(dict.fromkeys(TRAIN_MODELS + INFERENCE_MODELS)),
+                        help=f"training steps: {' '.join(TRAIN_MODELS)} (default: all but "
+                             f"slak_freelk); --inference: {' '.join(INFERENCE_MODELS)} (default: all)")
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
     parser.add_argument("--compile", default="both", choices=["on", "off", "both"])
     parser.add_argument("--compile_modes", nargs="+", default=["default"],
@@ -226,6 +291,8 @@ def main():
     parser.add_argument("--sparse_update_frequency", "-u", type=int, default=100)
     parser.add_argument("--json", default=None, help="also write all rows to this file")
     parser.add_argument("--end_to_end", action="store_true", help="time main.py instead")
+    parser.add_argument("--inference", action="store_true",
+                        help="time eval-mode forwards (no autograd) instead of training steps")
     parser.add_argument("--iters", type=int, default=200, help="end-to-end: optimizer steps")
     parser.add_argument("--num_workers", type=int, default=12)
     parser.add_argument("--output_dir", default="/tmp/slak_e2e")
@@ -237,6 +304,14 @@ def main():
                          "mode runs on the CPU with --device cpu)")
     if not args.end_to_end and not args.device.startswith("cuda"):
         raise SystemExit("error: step mode times CUDA training steps; --device cpu works with --end_to_end")
+
+    if args.models is None:
+        args.models = INFERENCE_MODELS if args.inference else \
+            [m for m in TRAIN_MODELS if m != "slak_freelk"]
+    wrong = [m for m in args.models if m not in (INFERENCE_MODELS if args.inference else TRAIN_MODELS)]
+    if wrong and not args.end_to_end:
+        parser.error(f"--models {' '.join(wrong)}: not timed in "
+                     f"{'inference' if args.inference else 'training-step'} mode")
 
     if args.end_to_end:
         rows = [end_to_end(args, [e for e in extra if e != "--"])]
@@ -252,9 +327,14 @@ def main():
                 for compile_model, mode in compile_cases:
                     for name in args.models:
                         try:
-                            row = time_training_step(name, dtype_name, channels_last, compile_model,
-                                                     args.batch, args.steps, args.warmup,
-                                                     args.sparse_update_frequency, mode)
+                            if args.inference:
+                                row = time_inference(name, dtype_name, channels_last, compile_model,
+                                                     args.batch, args.steps, args.warmup, mode)
+                            else:
+                                row = time_training_step(name, dtype_name, channels_last,
+                                                         compile_model, args.batch, args.steps,
+                                                         args.warmup, args.sparse_update_frequency,
+                                                         mode)
                         except Exception as exc:  # report and go on with the other cases
                             row = dict(model=name, dtype=dtype_name, channels_last=channels_last,
                                        compile=compile_model, error=f"{type(exc).__name__}: {exc}"[:300])
@@ -278,15 +358,15 @@ def compile_label(row):
 
 
 def print_summary(rows):
-    print(f"\n{'model':<14} {'dtype':<5} {'cl':<3} {'compile':<16} {'img/s':>8} {'ms/step':>8} "
+    print(f"\n{'model':<18} {'dtype':<5} {'cl':<3} {'compile':<16} {'img/s':>8} {'ms/step':>8} "
           f"{'peak GiB':>8}")
     for r in rows:
-        head = f"{r['model']:<14} {r['dtype']:<5} {int(r['channels_last']):<3} {compile_label(r):<16} "
+        head = f"{r['model']:<18} {r['dtype']:<5} {int(r['channels_last']):<3} {compile_label(r):<16} "
         if "error" in r:
             print(head + f"error: {r['error'][:60]}")
         else:
             print(head + f"{r['img_per_s']:>8} {r['step_ms']:>8} {r['peak_mem_gib']:>8}")
-    # The bar of issue 8: the fastest compiled ConvNeXt-T of the same precision in this run.
+    # The reference of every ratio: the fastest compiled ConvNeXt-T of the same precision here.
     ok = [r for r in rows if "error" not in r]
     for dtype in dict.fromkeys(r["dtype"] for r in ok):
         refs = [r for r in ok if r["model"] == "convnext_timm" and r["dtype"] == dtype and r["compile"]]
