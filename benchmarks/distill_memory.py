@@ -1,7 +1,7 @@
 """Peak GPU memory of one distillation step against a student training step plus teacher inference.
 
 The teacher runs without autograd, so a distillation step should need no more memory than the
-student's own training step plus the teacher's inference (issue 5). With the teacher, the student
+student's own training step plus the teacher's inference. With the teacher, the student
 and the optimizer state resident throughout, each case is measured as the peak allocated memory
 above that common baseline:
 
