@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, rotation, and finding the newest one to resume from."""
+"""Checkpoint files (atomic writes, rotation, finding the newest) and the training state they hold:
+``save_training_state`` writes what ``restore_training_state`` continues from (``--resume``)."""
 import argparse
 import glob
 import os
@@ -7,6 +8,7 @@ import re
 import numpy as np
 import torch
 
+import SLaK
 from distributed import is_main_process
 from utils import ConfigError
 
@@ -75,3 +77,62 @@ def remove_old_checkpoints(output_dir, keep):
         return
     for _, path in epoch_checkpoints(output_dir)[:-keep]:
         os.remove(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Training state: everything a run saves and what --resume restores, in one place.
+# --------------------------------------------------------------------------------------------
+
+def save_training_state(path, *, args, epoch, model, optimizer, scaler, model_ema=None,
+                        feature_loss=None, masking=None, max_accuracy=0.0, max_accuracy_ema=0.0):
+    """Write the state that ``restore_training_state`` continues from (main process only)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "scaler": scaler.state_dict(), "args": vars(args).copy(),
+             "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema}
+    if model_ema is not None:
+        state["model_ema"] = model_ema.module.state_dict()
+    if feature_loss is not None:
+        state["distill"] = feature_loss.state_dict()
+    if masking is not None:
+        state["masks"] = masking.masks
+        state["sparse_state"] = masking.state_dict()
+    save_on_master(state, path)
+    return path
+
+
+def restore_training_state(checkpoint, path, *, args, model, optimizer, scaler, model_ema=None,
+                           feature_loss=None, masking=None, flag="--resume"):
+    """Continue from ``checkpoint`` (read from ``path``, given by ``flag``).
+
+    Restores the weights, the EMA, the distillation projection, and unless ``args.eval`` the
+    optimizer, the loss scaler, the epoch and the best accuracies, and the masks with their
+    schedule. Returns ``(start_epoch, max_accuracy, max_accuracy_ema, masks_restored)``;
+    ``start_epoch`` is ``args.start_epoch`` when the checkpoint holds no training state.
+    """
+    model.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint))
+    print(f"Resumed {'student' if flag == '--distill_resume' else 'model'} weights from {path}")
+    if feature_loss is not None and "distill" in checkpoint:
+        feature_loss.load_state_dict(checkpoint["distill"])
+    if model_ema is not None and "model_ema" in checkpoint:
+        model_ema.module.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint["model_ema"]))
+    start_epoch, max_accuracy, max_accuracy_ema = args.start_epoch, 0.0, 0.0
+    if not args.eval and "optimizer" in checkpoint and "epoch" in checkpoint:
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as exc:
+            raise ConfigError(f"{flag} {path}: its optimizer state does not match this run's "
+                              f"parameter groups ({exc}); use --finetune to start from its "
+                              f"weights with a fresh optimizer") from None
+        if "scaler" in checkpoint and scaler.is_enabled():
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch = int(checkpoint["epoch"]) + 1
+        max_accuracy = checkpoint.get("max_accuracy", 0.0)
+        max_accuracy_ema = checkpoint.get("max_accuracy_ema", 0.0)
+        print(f"Resuming training at epoch {start_epoch}")
+    masks_restored = False
+    if masking is not None and checkpoint.get("masks"):
+        masking.load_masks(checkpoint["masks"])
+        if "sparse_state" in checkpoint:
+            masking.load_state_dict(checkpoint["sparse_state"])
+        masks_restored = True
+    return start_epoch, max_accuracy, max_accuracy_ema, masks_restored

@@ -26,7 +26,7 @@ import SLaK  # noqa: F401 - registers the SLaK family in timm
 import sparse_core
 import timm
 from checkpoint import (latest_checkpoint, load_checkpoint, remove_old_checkpoints,
-                        save_on_master)
+                        restore_training_state, save_training_state)
 from datasets import build_dataset
 from distillation import (DISTILL_TYPES, STUDENT_OVERRIDES, FeatureDistillLoss, add_param_groups,
                           build_distillation_loss, freeze)
@@ -392,28 +392,15 @@ def main(args):
     if feature_loss is not None:
         add_param_groups(optimizer, feature_loss, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    max_accuracy, max_accuracy_ema = 0.0, 0.0
+    masking = None
+    if args.sparse and not args.eval:
+        masking = sparse_core.Masking(model_without_ddp, optimizer, args, args.epochs * steps_per_epoch)
+    max_accuracy, max_accuracy_ema, masks_restored = 0.0, 0.0, False
     if checkpoint is not None:
-        model_without_ddp.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint))
-        print(f"Resumed {'student' if distilling else 'model'} weights from {resume_path}")
-        if feature_loss is not None and "distill" in checkpoint:
-            feature_loss.load_state_dict(checkpoint["distill"])
-        if model_ema is not None and "model_ema" in checkpoint:
-            model_ema.module.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint["model_ema"]))
-        if not args.eval and "optimizer" in checkpoint and "epoch" in checkpoint:
-            try:
-                optimizer.load_state_dict(checkpoint["optimizer"])
-            except ValueError as exc:  # e.g. the original release's differently grouped optimizer
-                raise ConfigError(f"{'--distill_resume' if distilling else '--resume'} {resume_path}: "
-                                  f"its optimizer state does not match this "
-                                  f"run's parameter groups ({exc}); use --finetune to start from its "
-                                  f"weights with a fresh optimizer") from None
-            if "scaler" in checkpoint and scaler.is_enabled():
-                scaler.load_state_dict(checkpoint["scaler"])
-            args.start_epoch = int(checkpoint["epoch"]) + 1
-            max_accuracy = checkpoint.get("max_accuracy", 0.0)
-            max_accuracy_ema = checkpoint.get("max_accuracy_ema", 0.0)
-            print(f"Resuming training at epoch {args.start_epoch}")
+        args.start_epoch, max_accuracy, max_accuracy_ema, masks_restored = restore_training_state(
+            checkpoint, resume_path, args=args, model=model_without_ddp, optimizer=optimizer,
+            scaler=scaler, model_ema=model_ema, feature_loss=feature_loss, masking=masking,
+            flag="--distill_resume" if distilling else "--resume")
 
     if args.distributed and feature_loss is not None and any(
             p.requires_grad for p in feature_loss.parameters()):
@@ -463,14 +450,8 @@ def main(args):
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
 
-    masking = None
-    if args.sparse:
-        masking = sparse_core.Masking(model_without_ddp, optimizer, args, args.epochs * steps_per_epoch)
-        if checkpoint is not None and checkpoint.get("masks"):
-            masking.load_masks(checkpoint["masks"])
-            if "sparse_state" in checkpoint:
-                masking.load_state_dict(checkpoint["sparse_state"])
-        else:
+    if masking is not None:
+        if not masks_restored:
             images, targets = None, None
             if args.sparse_init == "snip":  # SNIP scores one training batch (before mixup)
                 images, targets = next(iter(data_loader_train))
@@ -483,19 +464,10 @@ def main(args):
             masking.mask_ema(model_ema.module)
 
     def save(name, epoch):
-        state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "scaler": scaler.state_dict(), "args": vars(args).copy(),
-                 "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema}
-        if model_ema is not None:
-            state["model_ema"] = model_ema.module.state_dict()
-        if feature_loss is not None:
-            state["distill"] = feature_loss.state_dict()
-        if masking is not None:
-            state["masks"] = masking.masks
-            state["sparse_state"] = masking.state_dict()
-        path = os.path.join(args.output_dir, name)
-        save_on_master(state, path)
-        return path
+        return save_training_state(
+            os.path.join(args.output_dir, name), args=args, epoch=epoch, model=model_without_ddp,
+            optimizer=optimizer, scaler=scaler, model_ema=model_ema, feature_loss=feature_loss,
+            masking=masking, max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema)
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
