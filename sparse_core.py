@@ -291,10 +291,22 @@ class Masking:
         """Per-layer share of the globally top-``density`` SNIP saliencies |w * dL/dw|."""
         model = self.model
         buffers = {k: b.clone() for k, b in model.named_buffers()}  # keep BN statistics as they were
-        with torch.enable_grad():
-            loss = criterion(model(images), targets)
-            names = list(self.params)
-            grads = torch.autograd.grad(loss, [self.params[k] for k in names], allow_unused=True)
+        # This full-precision, full-batch pass would otherwise need about twice the memory of a
+        # mixed-precision training step: per-block activation checkpointing (timm's
+        # set_grad_checkpointing, where the model has it) keeps it below, with the same gradients.
+        checkpoint_here = getattr(model, "grad_checkpointing", True) is False and \
+            hasattr(model, "set_grad_checkpointing")
+        if checkpoint_here:
+            model.set_grad_checkpointing(True)
+        try:
+            with torch.enable_grad():
+                loss = criterion(model(images), targets)
+                names = list(self.params)
+                grads = torch.autograd.grad(loss, [self.params[k] for k in names],
+                                            allow_unused=True)
+        finally:
+            if checkpoint_here:
+                model.set_grad_checkpointing(False)
         for k, b in model.named_buffers():
             b.copy_(buffers[k])
         scores = {k: (self.params[k].detach() * g).abs().flatten().float() if g is not None
