@@ -9,18 +9,30 @@ Module attribute names (``large_kernel``, ``LoRA1``, ``LoRA2``, ``lkb_origin``, 
 ``downsample_layers``, ``gamma``...) are the original release's, because they are the names in
 its published checkpoints.
 """
+import argparse
+import contextlib
+import functools
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM
 
 __all__ = ["SLaK", "LargeKernelUnit", "Block", "validate_kernel_size", "checkpoint_filter_fn",
-           "MODEL_DEPTHS_DIMS"]
+           "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
+
+# Checkpoints of the original release pickle their argparse.Namespace and NumPy scalars (its
+# schedules are NumPy arrays); allow exactly those on top of torch's weights-only set, for every
+# loader (checkpoint.py, timm's pretrained=True, the dense-prediction adapters).
+torch.serialization.add_safe_globals([argparse.Namespace, np._core.multiarray.scalar, np.dtype,
+                                      type(np.dtype(np.float64))])
 
 # Family layouts: name -> (depths, dims) before width_factor.
 MODEL_DEPTHS_DIMS = {
@@ -189,6 +201,47 @@ class Block(nn.Module):
         return shortcut + self.drop_path(x)
 
 
+@contextlib.contextmanager
+def _keep_batchnorm_statistics(module):
+    """Undo the running-statistics update of the BatchNorms in ``module`` made inside the block."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms]
+    try:
+        yield
+    finally:  # also when checkpointing stops the recomputation early, by raising inside it
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def _recompute_contexts(block):
+    # The recomputation in the backward pass would count each batch twice in the running
+    # statistics; it leaves them as the forward pass left them. (Compiled graphs recompute
+    # without re-applying the update, so they need nothing.)
+    return contextlib.nullcontext(), _keep_batchnorm_statistics(block)
+
+
+def checkpoint_blocks(blocks, x):
+    """Run ``blocks`` in order, each under activation checkpointing (``set_grad_checkpointing``).
+
+    Non-reentrant checkpointing works under DDP and torch.compile and for inputs that need no
+    gradient, and restores the RNG state before recomputing, so DropPath drops the same samples
+    both times; gradients and BatchNorm statistics equal those of the plain forward.
+    """
+    for block in blocks:
+        if torch.compiler.is_compiling():
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        else:
+            x = torch.utils.checkpoint.checkpoint(
+                block, x, use_reentrant=False,
+                context_fn=functools.partial(_recompute_contexts, block))
+    return x
+
+
 class SLaK(nn.Module):
     """Sparse Large-Kernel network.
 
@@ -241,6 +294,7 @@ class SLaK(nn.Module):
                              for i, d in enumerate(dims)]
 
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.grad_checkpointing = False
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
         if num_classes > 0:
@@ -264,6 +318,11 @@ class SLaK(nn.Module):
                         (r"^norm", (99999,))])
 
     @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def no_weight_decay(self):
         return set()
 
@@ -274,7 +333,11 @@ class SLaK(nn.Module):
         """The output of each of the four stages, before any normalisation."""
         outs = []
         for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
+            x = downsample(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_blocks(stage, x)
+            else:
+                x = stage(x)
             outs.append(x)
         return outs
 
@@ -318,16 +381,55 @@ def checkpoint_filter_fn(checkpoint, model=None):
     return state_dict
 
 
+def _cfg(**kwargs):
+    """The original release's evaluation settings (those of ConvNeXt) for timm's data pipeline."""
+    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+                crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
+                std=IMAGENET_DEFAULT_STD, first_conv="downsample_layers.0.0", classifier="head",
+                **kwargs)
+
+
+# Read by timm's register_model below; no weights are hosted, so a checkpoint file is passed
+# with pretrained_cfg_overlay=dict(file=PATH).
+default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_DEPTHS_DIMS})
+
+
+def _pretrained_file(kwargs):
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    cfg = kwargs.get("pretrained_cfg")
+    cfg_file = cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None)
+    return overlay.get("file") or cfg_file
+
+
+def _pretrained_filter_fn(checkpoint, model):
+    """``checkpoint_filter_fn`` for timm's strict load: a classifier of another shape is replaced
+    by the model's own (left at its initialisation), so any other disagreement still fails."""
+    state_dict = checkpoint_filter_fn(checkpoint, model)
+    own = model.state_dict()
+    for key in ("head.weight", "head.bias"):
+        if key in own and key not in state_dict:
+            state_dict[key] = own[key]
+    return state_dict
+
+
 def _create(name, pretrained=False, **kwargs):
-    if pretrained:
-        raise ValueError(f"{name}: no weights are downloaded; load a checkpoint with --finetune or "
-                         f"--resume instead of pretrained=True")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
+    if pretrained and not _pretrained_file(kwargs):
+        raise ValueError(f"{name}: no weights are downloaded; pass a checkpoint with "
+                         f"pretrained_cfg_overlay=dict(file=PATH), or load one with --finetune "
+                         f"or --resume")
     depths, dims = MODEL_DEPTHS_DIMS[name]
     kwargs.setdefault("depths", depths)
     kwargs.setdefault("dims", dims)
-    return SLaK(**kwargs)
+    if pretrained:
+        # timm would drop the classifier of any checkpoint when num_classes is not the cfg's
+        # 1000, a fine-tuned checkpoint's too; checkpoint_filter_fn drops it only when its shape
+        # differs from the model's.
+        kwargs["pretrained_cfg_overlay"] = dict(
+            {"num_classes": kwargs.get("num_classes", 1000)}, **kwargs.get("pretrained_cfg_overlay") or {})
+    # timm loads the file (its EMA weights when it holds them, as timm does everywhere), and
+    # the filter maps the original release's and this project's checkpoint layouts.
+    return build_model_with_cfg(SLaK, name, pretrained, pretrained_filter_fn=_pretrained_filter_fn,
+                                **kwargs)
 
 
 @register_model

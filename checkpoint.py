@@ -1,21 +1,14 @@
 """Checkpoint files (atomic writes, rotation, finding the newest) and the training state they hold:
 ``save_training_state`` writes what ``restore_training_state`` continues from (``--resume``)."""
-import argparse
 import glob
 import os
 import re
 
-import numpy as np
 import torch
 
-import SLaK
+import SLaK  # also lets torch's weights-only loading read the original release's checkpoints
 from distributed import is_main_process
 from utils import ConfigError
-
-# Checkpoints of the original release pickle their argparse.Namespace and NumPy scalars (its
-# schedules are NumPy arrays); allow exactly those on top of torch's weights-only set.
-torch.serialization.add_safe_globals([argparse.Namespace, np._core.multiarray.scalar, np.dtype,
-                                      type(np.dtype(np.float64))])
 
 _EPOCH_FILE = re.compile(r"checkpoint-(\d+)\.pth$")
 

@@ -54,17 +54,9 @@ def get_args_parser():
     group.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="SLaK_tiny", type=str, help="model name (timm registry)")
-    group.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
-    group.add_argument("--input_size", default=224, type=int, help="image size")
-    group.add_argument("--layer_scale_init_value", default=1e-6, type=float)
-    group.add_argument("--kernel_size", type=int, nargs="+", default=[51, 49, 47, 13, 5],
-                       help="kernel of each of the 4 stages, then the small kernel")
-    group.add_argument("--width_factor", type=float, default=1.0, help="stage widths multiplier")
-    group.add_argument("--Decom", type=str2bool, default=False,
-                       help="decompose each KxK kernel into (K, s) + (s, K)")
-    group.add_argument("--bn", type=str2bool, default=True, help="BatchNorm in large-kernel branches")
-    group.add_argument("--head_init_scale", default=1.0, type=float)
+    add_model_args(group)
+    group.add_argument("--grad_checkpointing", type=str2bool, default=False,
+                       help="recompute each block in the backward pass (less memory, more time)")
     group.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model")
     group.add_argument("--compile_mode", default="default",
                        choices=["default", "reduce-overhead", "max-autotune",
@@ -121,7 +113,6 @@ def get_args_parser():
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", default=None, type=str)
     group.add_argument("--eval_data_path", default=None, type=str)
-    group.add_argument("--nb_classes", default=1000, type=int)
     group.add_argument("--imagenet_default_mean_and_std", type=str2bool, default=True)
     group.add_argument("--data_set", default="IMNET",
                        choices=["CIFAR", "IMNET", "image_folder", "synthetic"])
@@ -187,6 +178,22 @@ def get_args_parser():
                        help="resume the student from --output_dir")
     del add
     return parser
+
+
+def add_model_args(group):
+    """The flags ``build_model`` reads, shared by main.py and export_onnx.py."""
+    group.add_argument("--model", default="SLaK_tiny", type=str, help="model name (timm registry)")
+    group.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
+    group.add_argument("--input_size", default=224, type=int, help="image size")
+    group.add_argument("--layer_scale_init_value", default=1e-6, type=float)
+    group.add_argument("--kernel_size", type=int, nargs="+", default=[51, 49, 47, 13, 5],
+                       help="kernel of each of the 4 stages, then the small kernel")
+    group.add_argument("--width_factor", type=float, default=1.0, help="stage widths multiplier")
+    group.add_argument("--Decom", type=str2bool, default=False,
+                       help="decompose each KxK kernel into (K, s) + (s, K)")
+    group.add_argument("--bn", type=str2bool, default=True, help="BatchNorm in large-kernel branches")
+    group.add_argument("--head_init_scale", default=1.0, type=float)
+    group.add_argument("--nb_classes", default=1000, type=int, help="classifier outputs")
 
 
 def check_args(args):
@@ -286,12 +293,14 @@ def load_teacher(args, num_classes, device):
 
 def build_loaders(args, dataset_train, dataset_val):
     world_size, rank = get_world_size(), get_rank()
+    # Pinned memory only speeds up copies to a GPU (and warns when there is none).
+    pin_memory = args.pin_mem and args.device.startswith("cuda")
     # One sampler for 1 or N processes: the shuffle order is a function of (seed, epoch), which
     # is what makes a resumed epoch replay exactly.
     sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
                                        shuffle=True, seed=args.seed)
     data_loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                   num_workers=args.num_workers, pin_memory=args.pin_mem,
+                                   num_workers=args.num_workers, pin_memory=pin_memory,
                                    drop_last=True)
     data_loader_val = None
     if dataset_val is not None:
@@ -300,7 +309,7 @@ def build_loaders(args, dataset_train, dataset_val):
             list(range(len(dataset_val))) if rank == 0 else []
         data_loader_val = DataLoader(torch.utils.data.Subset(dataset_val, shard),
                                      batch_size=int(1.5 * args.batch_size), shuffle=False,
-                                     num_workers=args.num_workers, pin_memory=args.pin_mem)
+                                     num_workers=args.num_workers, pin_memory=pin_memory)
     return data_loader_train, data_loader_val
 
 
@@ -340,6 +349,8 @@ def main(args):
         model = build_model(args, args.model, nb_classes)
     if args.finetune:
         load_finetune_weights(model, args)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -103,6 +103,53 @@ def test_kernel_size_validation(bad):
         SLaK.validate_kernel_size(bad)
 
 
-def test_pretrained_true_is_a_clear_error():
-    with pytest.raises(ValueError, match="no weights are downloaded"):
+def test_pretrained_true_without_a_file_is_a_clear_error():
+    with pytest.raises(ValueError, match="no weights are downloaded.*pretrained_cfg_overlay"):
         timm.create_model("SLaK_tiny", pretrained=True)
+
+
+def test_pretrained_cfg_names_the_original_evaluation_settings():
+    model = timm.create_model("SLaK_tiny", width_factor=0.25, kernel_size=[13, 11, 9, 7, 3])
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875
+    assert cfg["interpolation"] == "bicubic" and cfg["num_classes"] == 1000
+    assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and cfg["std"] == timm.data.IMAGENET_DEFAULT_STD
+    modules = dict(model.named_modules())
+    assert isinstance(modules[cfg["first_conv"]], torch.nn.Conv2d)
+    assert modules[cfg["classifier"]] is model.get_classifier()
+    assert timm.data.resolve_data_config({}, model=model)["crop_pct"] == 0.875
+
+
+@pytest.mark.parametrize("layout", ["ours", "original", "bare"])
+def test_timm_pretrained_loads_checkpoint_file(layout, tmp_path):
+    import argparse
+    kwargs = dict(width_factor=0.25, kernel_size=[13, 11, 9, 7, 3], Decom=True, num_classes=6)
+    torch.manual_seed(0)
+    source = timm.create_model("SLaK_tiny", **kwargs)
+    weights = source.state_dict()
+    if layout == "ours":       # what main.py saves: weights under "model", masks, args, optimizer
+        checkpoint = {"model": weights, "epoch": 2, "args": {"model": "SLaK_tiny"},
+                      "masks": {"x": torch.ones(2, dtype=torch.bool)}}
+    elif layout == "original":  # the original release: DDP-prefixed names, a pickled Namespace
+        checkpoint = {"model": {f"module.{k}": v for k, v in weights.items()},
+                      "args": argparse.Namespace(model="SLaK_tiny"), "epoch": 299}
+    else:
+        checkpoint = weights
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+
+    loaded = timm.create_model("SLaK_tiny", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    assert loaded.state_dict().keys() == weights.keys()
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.state_dict().items())
+    # Fine-tuning to another number of classes: the classifier is left at its initialisation.
+    other = timm.create_model("SLaK_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              **dict(kwargs, num_classes=3))
+    assert other.head.weight.shape == (3, other.num_features)
+    assert torch.equal(other.norm.weight, weights["norm.weight"])
+    assert torch.equal(other.stages[2][0].large_kernel.LoRA1.conv.weight,
+                       weights["stages.2.0.large_kernel.LoRA1.conv.weight"])
+    # A model that does not fit the checkpoint (no Decom: other branch names) fails loudly.
+    with pytest.raises(RuntimeError, match="lkb_origin"):
+        timm.create_model("SLaK_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          **dict(kwargs, Decom=False))
