@@ -32,16 +32,7 @@ import torch.nn as nn  # noqa: E402
 
 import SLaK  # noqa: E402,F401  (registers the SLaK models with timm)
 import sparse_core  # noqa: E402
-
-
-def str2bool(value):
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+from utils import ConfigError, run_cli, str2bool  # noqa: E402
 
 
 def get_args_parser():
@@ -122,6 +113,13 @@ def count(model, masks, input_size):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    try:
+        SLaK.validate_kernel_size(args.kernel_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.input_size < SLaK.TOTAL_STRIDE:
+        raise ConfigError(f"--input_size {args.input_size} is below {SLaK.TOTAL_STRIDE}, the "
+                          f"network's total stride; pass --input_size {SLaK.TOTAL_STRIDE} or more")
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, kernel_size=args.kernel_size, width_factor=args.width_factor,
                               Decom=args.Decom, bn=args.bn, num_classes=args.nb_classes)
@@ -147,4 +145,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

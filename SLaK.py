@@ -34,6 +34,9 @@ __all__ = ["SLaK", "LargeKernelUnit", "Block", "validate_kernel_size", "checkpoi
 torch.serialization.add_safe_globals([argparse.Namespace, np._core.multiarray.scalar, np.dtype,
                                       type(np.dtype(np.float64))])
 
+# Stem (4) x three downsampling layers (2 each): the smallest input that reaches the last stage.
+TOTAL_STRIDE = 32
+
 # Family layouts: name -> (depths, dims) before width_factor.
 MODEL_DEPTHS_DIMS = {
     "SLaK_tiny": ([3, 3, 9, 3], [96, 192, 384, 768]),

@@ -8,7 +8,7 @@ from timm.utils import accuracy
 
 from distributed import all_reduce_sum
 from optim_factory import set_schedule
-from utils import MetricLogger, SmoothedValue
+from utils import MetricLogger, SmoothedValue, TrainingDiverged
 
 
 class SupervisedLoss:
@@ -91,8 +91,9 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, scale
             loss_sum.zero_()
             loss_count = 0
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}; "
-                                         f"lower --lr or enable --clip_grad")
+                raise TrainingDiverged(f"the loss is {loss_value} at epoch {epoch}, step {step}; "
+                                       f"lower --lr, add --clip_grad 1.0, or use --amp_dtype "
+                                       f"bfloat16, then resume from the last checkpoint")
             lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
             weight_decay = max(g["weight_decay"] for g in optimizer.param_groups)
             extra = {"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}

@@ -8,9 +8,9 @@ Single process, ``torchrun --nproc_per_node N main.py ...``, the deprecated
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from distributed import get_rank, get_world_size, init_distributed_mode, is_main
 from engine import SupervisedLoss, evaluate, train_one_epoch
 from optim_factory import create_optimizer
 from utils import (ConfigError, TensorboardLogger, WandbLogger, cosine_scheduler,
-                   seed_everything, str2bool)
+                   run_cli, seed_everything, str2bool)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -202,6 +202,24 @@ def check_args(args):
         SLaK.validate_kernel_size(args.kernel_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if not 0.0 <= args.drop_path < 1.0:
+        raise ConfigError(f"--drop_path {args.drop_path} must be in [0, 1)")
+    if args.lr < 0:
+        raise ConfigError(f"--lr {args.lr} is negative; pass a positive learning rate")
+    if args.nb_classes < 1:
+        raise ConfigError(f"--nb_classes {args.nb_classes}: pass at least 1")
+    if args.input_size < SLaK.TOTAL_STRIDE:
+        raise ConfigError(f"--input_size {args.input_size} is below {SLaK.TOTAL_STRIDE}, the "
+                          f"network's total stride; pass --input_size {SLaK.TOTAL_STRIDE} or more")
+    if args.eval and args.disable_eval:
+        raise ConfigError("--eval true with --disable_eval true leaves nothing to do; drop one")
+    if args.eval and not (args.resume or args.finetune or args.distill_type or (
+            args.auto_resume and latest_checkpoint(args.output_dir))):
+        raise ConfigError("--eval true needs weights to evaluate: pass --resume /path/to/checkpoint.pth")
+    if args.enable_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--enable_wandb needs the wandb package; pip install wandb")
+    if args.output_dir:
+        check_output_dir(args.output_dir)
     if args.model_ema_eval and not args.model_ema:
         raise ConfigError("--model_ema_eval true needs --model_ema true")
     if args.update_freq < 1 or args.batch_size < 1:
@@ -237,6 +255,18 @@ def check_args(args):
         if args.distill_resume and not args.output_dir:
             raise ConfigError("--distill_resume continues the student from --output_dir; pass "
                               "--output_dir")
+
+
+def check_output_dir(output_dir):
+    """Fail now, before anything is built, if ``output_dir`` cannot become a writable folder."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under the file {existing}"
+        raise ConfigError(f"--output_dir {output_dir} {where}; pass a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {output_dir} cannot be created or written ({existing} is "
+                          f"not writable); pass a folder you can write to")
 
 
 def build_model(args, name, num_classes, **overrides):
@@ -543,12 +573,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli(main, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

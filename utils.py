@@ -12,8 +12,41 @@ import torch
 from distributed import all_reduce_sum, is_main_process
 
 
-class ConfigError(Exception):
+class RunStopped(Exception):
+    """A run that ends early on purpose; ``run_cli`` prints the message as one line."""
+
+    exit_code = 1
+
+
+class ConfigError(RunStopped):
     """Bad user input (a flag, a path, a file); the message names the problem and the fix."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(RunStopped):
+    """The loss became NaN or infinite; the message names the epoch, the step and what to try."""
+
+    exit_code = 3
+
+
+def run_cli(main, *args):
+    """Run an entry point's ``main(*args)``; a ``RunStopped`` ends the process with one line.
+
+    Every command-line tool of the project goes through this, so bad input is ``error: ...`` on
+    stderr and exit 2 everywhere, without a traceback; under torchrun the process group is
+    destroyed on the way out, whatever the outcome.
+    """
+    import sys
+
+    try:
+        return main(*args)
+    except RunStopped as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def str2bool(value):
@@ -176,7 +209,7 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise SystemExit("error: --enable_wandb needs the wandb package; pip install wandb") from None
+            raise ConfigError("--enable_wandb needs the wandb package; pip install wandb") from None
         self.wandb = wandb
         if wandb.run is None:
             wandb.init(project=args.project, config=vars(args))

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Run as ``python erf/analyze_erf.py`` from anywhere: the repo root holds utils.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import ConfigError, run_cli  # noqa: E402
+
 __all__ = ["THRESHOLDS", "normalise", "high_contribution_area", "area_table", "save_heatmap",
            "main"]
 
@@ -101,6 +105,23 @@ def save_heatmap(data, path, title=None):
     plt.close(fig)
 
 
+def load_matrix(path, flag):
+    """The (H, W) matrix saved by ``visualize_erf.py`` at ``path``; ``ConfigError`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path}: no such file; pass the .npy written by "
+                          f"visualize_erf.py --save_path")
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise ConfigError(f"{flag} {path} is not a readable .npy file ({str(err)[:120]}); "
+                          f"recompute it with visualize_erf.py") from None
+    if matrix.ndim != 2:
+        raise ConfigError(f"{flag} {path} holds an array of shape {matrix.shape}, not an (H, W) "
+                          f"matrix; pass the .npy written by visualize_erf.py")
+    return matrix
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser("ERF analysis", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, help=".npy matrix saved by visualize_erf.py")
@@ -111,17 +132,11 @@ def get_args_parser():
 
 def main(args):
     source = Path(args.source)
-    if not source.is_file():
-        sys.exit(f"error: --source {source}: no such file; pass the .npy written by "
-                 f"visualize_erf.py --save_path")
-    matrix = np.load(source)
-    if matrix.ndim != 2:
-        sys.exit(f"error: --source {source} holds an array of shape {matrix.shape}, not an (H, W) "
-                 f"matrix; pass the .npy written by visualize_erf.py")
+    matrix = load_matrix(source, "--source")
     try:
         data = normalise(matrix)
     except ValueError as err:
-        sys.exit(f"error: --source {source}: {err}")
+        raise ConfigError(f"--source {source}: {err}") from None
     rows = area_table(matrix)
     print(f"{source}: {matrix.shape[0]}x{matrix.shape[1]}, contribution min {matrix.min():.3g} "
           f"max {matrix.max():.3g}")
@@ -138,4 +153,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

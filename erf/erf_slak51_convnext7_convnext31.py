@@ -16,9 +16,11 @@ from pathlib import Path
 
 # Run as ``python erf/<this>.py`` from anywhere: make the sibling analyze_erf importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # utils.py
 
 import numpy as np  # noqa: E402
-from analyze_erf import draw_heatmap, high_contribution_area, normalise  # noqa: E402
+from analyze_erf import draw_heatmap, high_contribution_area, load_matrix, normalise  # noqa: E402
+from utils import ConfigError, run_cli  # noqa: E402
 
 DEFAULT_TITLES = ["ConvNeXt (7x7)", "ConvNeXt (31x31)", "SLaK (51x51)"]
 # Where docs/erf.md's visualize_erf.py commands save the three matrices (this folder).
@@ -60,18 +62,16 @@ def main(argv=None):
     for source in sources:
         if not Path(source).is_file():
             if args.sources is None:
-                sys.exit(f"error: {source}: no such file; save the three matrices there first "
-                         f"(python erf/visualize_erf.py ... --save_path erf/{Path(source).name}, "
-                         f"see docs/erf.md) or pass --sources")
-            sys.exit(f"error: --sources {source}: no such file; pass .npy files written by "
-                     f"visualize_erf.py --save_path")
-        matrix = np.load(source)
-        if matrix.ndim != 2:
-            sys.exit(f"error: --sources {source} holds shape {matrix.shape}, not an (H, W) matrix")
+                raise ConfigError(f"{source}: no such file; save the three matrices there first "
+                                  f"(python erf/visualize_erf.py ... --save_path erf/{Path(source).name}, "
+                                  f"see docs/erf.md) or pass --sources")
+            raise ConfigError(f"--sources {source}: no such file; pass .npy files written by "
+                              f"visualize_erf.py --save_path")
+        matrix = load_matrix(source, "--sources")
         matrices.append(matrix)
     save_figure(matrices, args.titles, args.save_path)
     print(f"saved {args.save_path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -30,6 +30,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from utils import ConfigError, run_cli  # noqa: E402
+
 __all__ = ["centre_indices", "erf_scores", "compute_erf", "find_images", "build_model",
            "LastStage", "get_args_parser", "main"]
 
@@ -42,7 +44,7 @@ FAMILY_DEFAULTS = {"SLaK": ([51, 49, 47, 13, 5], 1.3, True),
 RESNETS = ("resnet101", "resnet152")
 
 
-class ERFError(Exception):
+class ERFError(ConfigError):
     """Bad user input (a flag, a path, a weights file); the message names the fix."""
 
 
@@ -352,11 +354,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except ERFError as err:
-        sys.exit(f"error: {err}")
+    run_cli(main, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -246,7 +246,8 @@ def test_figure_without_sources_reads_the_matrices_docs_erf_md_saves(tmp_path, m
                                              "slak_tiny_erf.npy")]
     monkeypatch.setattr(figure_script, "DEFAULT_SOURCES", [str(p) for p in defaults])
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="convnext7_erf.npy: no such file.*visualize_erf.py"):
+    from utils import ConfigError
+    with pytest.raises(ConfigError, match="convnext7_erf.npy: no such file.*visualize_erf.py"):
         figure_script.main([])
     for i, path in enumerate(defaults):
         matrix = np.zeros((64, 64), dtype=np.float32)
