@@ -303,17 +303,22 @@ def load_finetune_weights(model, args):
           f"unexpected keys {result.unexpected_keys}")
 
 
+def load_weights_strict(model, state_dict, source, what):
+    """Load every weight of ``model``; a checkpoint of another configuration is one ConfigError."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ConfigError(f"{source} does not fit {what} (--kernel_size/--width_factor/--Decom/"
+                          f"--bn/--nb_classes) ({first[:200]}); pass the flags it was trained "
+                          f"with") from None
+
+
 def load_teacher(args, num_classes, device):
     """The frozen teacher: ``--model`` with the model flags, weights from ``--resume``."""
     teacher = build_model(args, args.model, num_classes)
-    state_dict = SLaK.checkpoint_filter_fn(load_checkpoint(args.resume))
-    try:
-        teacher.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise ConfigError(f"--resume {args.resume} does not fit the teacher --model {args.model} "
-                          f"(--kernel_size/--width_factor/--Decom/--bn/--nb_classes) ({first[:200]}); "
-                          f"pass the flags the teacher was trained with") from None
+    load_weights_strict(teacher, SLaK.checkpoint_filter_fn(load_checkpoint(args.resume)),
+                        f"--resume {args.resume}", f"the teacher --model {args.model}")
     print(f"Teacher {args.model} loaded from {args.resume}")
     teacher.to(device)
     if args.channels_last:
