@@ -10,8 +10,14 @@ Models: ``slak`` (SLaK-T, width 1.3, 51 49 47 13 5, Decom, our large-kernel conv
 ``slak_sparse`` (the same with dynamic sparsity, ``-u`` adaptations included in the timed steps),
 ``slak_cudnn`` (the same network with its large-kernel convolutions through cuDNN, ``F.conv2d``),
 ``slak_freelk`` (the same network with every large-kernel convolution replaced by the identity:
-the ceiling that a free large-kernel convolution would give), ``convnext_timm`` (timm's
-``convnext_tiny``).
+the ceiling that a free large-kernel convolution would give), ``slak_base`` (SLaK-B, width 1.3,
+51 49 47 13 5, Decom), ``convnext_timm`` (timm's ``convnext_tiny``).
+
+``--grad_checkpointing on|off|both`` times the models with per-block activation checkpointing
+(``set_grad_checkpointing``) too; e.g. SLaK-B's peak memory and images/s with and without it:
+
+    python benchmarks/train_throughput.py --batch 64 --dtypes bf16 --compile on \
+        --models slak_base --grad_checkpointing both
 
 Inference mode (``--inference``) times eval-mode forwards without autograd, in the same process,
 of ``slak`` (the train form), ``slak_deploy`` (after ``reparameterize()``: two biased convolutions
@@ -61,7 +67,7 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)
 
 
-TRAIN_MODELS = ["slak", "slak_sparse", "slak_cudnn", "slak_freelk", "convnext_timm"]
+TRAIN_MODELS = ["slak", "slak_sparse", "slak_cudnn", "slak_freelk", "slak_base", "convnext_timm"]
 INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_cudnn", "convnext_timm"]
 
 
@@ -73,7 +79,7 @@ def build(name, sparse_update_frequency):
     """Return ``(model, masking_factory)`` for a benchmark model name."""
     if name == "convnext_timm":
         return timm.create_model("convnext_tiny", drop_path_rate=0.1), None
-    model = timm.create_model("SLaK_tiny", **SLAK_T)
+    model = timm.create_model("SLaK_base" if name == "slak_base" else "SLaK_tiny", **SLAK_T)
     if name.startswith("slak_deploy"):
         model.eval().reparameterize()
     replacement = {"slak_cudnn": nn.Conv2d.forward, "slak_deploy_cudnn": nn.Conv2d.forward,
@@ -97,10 +103,11 @@ def build(name, sparse_update_frequency):
 
 
 def time_training_step(name, dtype_name, channels_last, compile_model, batch, steps, warmup,
-                       sparse_update_frequency, compile_mode="default"):
+                       sparse_update_frequency, compile_mode="default", grad_checkpointing=False):
     device = torch.device("cuda")
     torch.manual_seed(0)
     model, masking_factory = build(name, sparse_update_frequency)
+    model.set_grad_checkpointing(grad_checkpointing)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -143,6 +150,7 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
     result = dict(model=name, dtype=dtype_name, channels_last=channels_last, compile=compile_model,
+                  grad_checkpointing=grad_checkpointing,
                   batch=batch, steps=steps, step_ms=round(ms, 2), img_per_s=round(batch * 1000 / ms, 1),
                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
     del model, optimizer, train_model, batches, masking
@@ -288,6 +296,8 @@ def main():
                                  "max-autotune-no-cudagraphs"],
                         help="torch.compile modes to time (reduce-overhead: CUDA graphs)")
     parser.add_argument("--channels_last", default="on", choices=["on", "off", "both"])
+    parser.add_argument("--grad_checkpointing", default="off", choices=["on", "off", "both"],
+                        help="training steps: per-block activation checkpointing")
     parser.add_argument("--sparse_update_frequency", "-u", type=int, default=100)
     parser.add_argument("--json", default=None, help="also write all rows to this file")
     parser.add_argument("--end_to_end", action="store_true", help="time main.py instead")
@@ -313,6 +323,10 @@ def main():
         parser.error(f"--models {' '.join(wrong)}: not timed in "
                      f"{'inference' if args.inference else 'training-step'} mode")
 
+    if args.grad_checkpointing != "off" and (args.inference or args.end_to_end):
+        parser.error("--grad_checkpointing applies to training steps; for --end_to_end pass "
+                     "main.py's -- --grad_checkpointing true")
+
     if args.end_to_end:
         rows = [end_to_end(args, [e for e in extra if e != "--"])]
     else:
@@ -324,7 +338,9 @@ def main():
             for channels_last in choices[args.channels_last]:
                 compile_cases = [(c, m) for c in choices[args.compile]
                                  for m in (args.compile_modes if c else ["default"])]
-                for compile_model, mode in compile_cases:
+                train_cases = [(c, m, g) for c, m in compile_cases
+                               for g in choices[args.grad_checkpointing]]
+                for compile_model, mode, grad_ckpt in train_cases:
                     for name in args.models:
                         try:
                             if args.inference:
@@ -334,10 +350,11 @@ def main():
                                 row = time_training_step(name, dtype_name, channels_last,
                                                          compile_model, args.batch, args.steps,
                                                          args.warmup, args.sparse_update_frequency,
-                                                         mode)
+                                                         mode, grad_ckpt)
                         except Exception as exc:  # report and go on with the other cases
                             row = dict(model=name, dtype=dtype_name, channels_last=channels_last,
-                                       compile=compile_model, error=f"{type(exc).__name__}: {exc}"[:300])
+                                       compile=compile_model, grad_checkpointing=grad_ckpt,
+                                       error=f"{type(exc).__name__}: {exc}"[:300])
                             torch._dynamo.reset()
                             torch.cuda.empty_cache()
                         row["compile_mode"] = mode if compile_model else None
@@ -357,11 +374,15 @@ def compile_label(row):
     return row.get("compile_mode") or "default" if row["compile"] else "off"
 
 
+def model_label(row):
+    return row["model"] + (" ckpt" if row.get("grad_checkpointing") else "")
+
+
 def print_summary(rows):
     print(f"\n{'model':<18} {'dtype':<5} {'cl':<3} {'compile':<16} {'img/s':>8} {'ms/step':>8} "
           f"{'peak GiB':>8}")
     for r in rows:
-        head = f"{r['model']:<18} {r['dtype']:<5} {int(r['channels_last']):<3} {compile_label(r):<16} "
+        head = f"{model_label(r):<18} {r['dtype']:<5} {int(r['channels_last']):<3} {compile_label(r):<16} "
         if "error" in r:
             print(head + f"error: {r['error'][:60]}")
         else:
@@ -377,7 +398,7 @@ def print_summary(rows):
               f"compile={compile_label(ref)} {ref['img_per_s']} img/s, {ref['peak_mem_gib']} GiB")
         for r in ok:
             if r["model"].startswith("slak") and r["dtype"] == dtype:
-                print(f"ratio {r['model']} {dtype} cl={int(r['channels_last'])} "
+                print(f"ratio {model_label(r)} {dtype} cl={int(r['channels_last'])} "
                       f"compile={compile_label(r)}: {r['img_per_s'] / ref['img_per_s']:.3f} "
                       f"(memory {r['peak_mem_gib'] / ref['peak_mem_gib']:.2f}x)")
 
