@@ -34,7 +34,8 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, scale
 
     Each update accumulates the gradients of ``update_freq`` micro-batches (DDP synchronises only
     on the last one), then steps the optimizer (through the fp16 GradScaler when enabled),
-    re-applies the sparsity masks and updates the EMA. The loss is read back from the device only
+    re-applies the sparsity masks (adapting them every ``-u`` steps), zeroes the gradients and
+    updates the EMA with the masks, in the original's order. The loss is read back from the device only
     every ``print_freq`` iterations, so the loop does not stall on host synchronisation.
     """
     model.train()
@@ -77,12 +78,15 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, scale
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             scaler.step(optimizer)  # skipped by the scaler on fp16 overflow
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            # The original's order: mask (and adapt), zero the gradients, then the EMA, whose
+            # decay is fixed from the first update (no step argument: no warm-up).
             sparse_stats = masking.step() if masking is not None else None
+            optimizer.zero_grad(set_to_none=True)
             if model_ema is not None:
-                model_ema.update(model, step=it)
                 if masking is not None:
-                    masking.mask_ema(model_ema.module)
+                    masking.update_ema(model_ema, model)
+                else:
+                    model_ema.update(model)
             if sparse_stats and log_writer is not None:
                 log_writer.update(head="sparsity", step=it, **sparse_stats)
 

@@ -152,9 +152,20 @@ def get_args_parser():
     group.add_argument("--sparsity", type=float, default=0.4, help="fraction of weights removed")
     group.add_argument("--sparse_init", type=str, default="snip",
                        choices=["snip", "ERK", "uniform", "resume"])
-    group.add_argument("--growth", type=str, default="random", choices=["random", "gradient", "momentum"])
+    group.add_argument("--growth", type=str, default="random",
+                       choices=["random", "gradient", "momentum", "momentum_neuron"],
+                       help="how regrown weights are chosen; momentum: |Adam exp_avg / (sqrt(exp_avg_sq) "
+                            "+ 1e-8)| or |SGD momentum|; momentum_neuron: that score, shared out "
+                            "among output neurons by their mean score")
     group.add_argument("--prune", type=str, default="magnitude", choices=["magnitude"])
-    group.add_argument("--redistribution", type=str, default="none", choices=["none"])
+    group.add_argument("--redistribution", type=str, default="none",
+                       choices=["none", "momentum", "magnitude", "nonzeros"],
+                       help="accepted for the original's command lines; its adaptation never "
+                            "redistributed weights across layers, and neither does this one")
+    group.add_argument("--sparse_zero_state", type=str2bool, default=False,
+                       help="zero the optimizer state (Adam moments too) of pruned and regrown "
+                            "weights whenever the masks change; default false: the original's "
+                            "(Adam moments untouched, SGD momentum masked every step)")
     group.add_argument("--prune_rate", "--prune-rate", type=float, default=0.3,
                        help="fraction of active weights replaced at each adaptation")
     group.add_argument("-u", "--update-frequency", "--update_frequency", dest="update_frequency",

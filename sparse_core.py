@@ -16,18 +16,24 @@ Life cycle (as ``main.py``/``engine.py`` drive it)::
         ema.update(model); masking.mask_ema(ema.module)
 
 ``step()`` re-applies the masks to the weights after every optimizer step, whatever the
-precision and also when a fp16 ``GradScaler`` skipped the step. The optimizer state of the same
-shape (AdamW moments, SGD momentum) is masked whenever the masks change (init, load,
-adaptation), not per step: with element-wise optimizers the state at masked positions only ever
-moves masked weights, which the next re-masking zeroes, and it is zeroed before such a position
-becomes active again, so every active weight trains as with per-step masking of the state, at a
-third of the per-step memory traffic (SLaK-T: 50.6M masked weights).
+precision and also when a fp16 ``GradScaler`` skipped the step; SGD's momentum buffers are
+masked with them, as the original does. Adam(W)'s moments are left alone, as the original leaves
+them: they keep accumulating at masked positions and a regrown weight starts from that history
+(``zero_state=True``, ``--sparse_zero_state``, zeroes all same-shaped optimizer state of masked
+and regrown positions whenever the masks change instead).
 
-Every ``update_frequency`` steps (unless ``fix``) each layer loses the ``prune_rate`` fraction of
-its active weights with the smallest magnitude and regrows as many (``random``: uniformly at
-random, ``gradient``: largest |grad| of the step just taken, ``momentum``: largest |running mean
-of the gradient|); regrown weights and their optimizer state start at zero. ``prune_rate``
-follows a cosine decay from ``args.prune_rate`` to 0 over ``total_steps``.
+Every ``update_frequency`` steps (unless ``fix``) each layer removes ``ceil(rate * active)`` of its
+active weights with the smallest magnitude and regrows as many among all inactive positions
+(just-pruned ones included; ``random``: uniformly at random, ``gradient``: largest |grad| of the
+step just taken, ``momentum``: largest |exp_avg / (sqrt(exp_avg_sq) + 1e-8)| under Adam(W) or
+|momentum_buffer| under SGD, ``momentum_neuron``: the momentum score, the regrowth shared out
+among output neurons in proportion to their mean score). The weights are then masked again, so a
+weight pruned and regrown in one adaptation keeps its value and a newly grown one starts at 0.
+``rate`` follows a cosine decay from ``args.prune_rate`` to 0.005 over ``total_steps``, one step
+of decay per optimizer step before that step's adaptation (the original's schedule).
+
+The EMA (``update_ema``): masked entries are 0, an active entry whose EMA is exactly 0 (newly
+grown) takes the weight's value, the others the usual decayed average.
 
 Distributed training: all randomness comes from one generator seeded with ``args.seed`` (the
 same on every rank) and the decisions use weights and gradients that DDP keeps identical, so
@@ -43,10 +49,16 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Masking", "PRUNE", "GROWTH", "magnitude_prune", "random_growth", "gradient_growth",
-           "momentum_growth", "erk_densities", "fit_densities", "sparsifiable", "DENSE_THRESHOLD"]
+           "momentum_growth", "momentum_neuron_growth", "momentum_score", "erk_densities",
+           "fit_densities", "sparsifiable", "DENSE_THRESHOLD", "PRUNE_RATE_FLOOR", "REDISTRIBUTION"]
 
 # A layer whose density would end at or above this is kept dense (no mask).
 DENSE_THRESHOLD = 0.99
+# The original's prune-rate cosine decay ends here, not at 0.
+PRUNE_RATE_FLOOR = 0.005
+# Accepted for the original's command lines; its adaptation never redistributed across layers,
+# so neither does this one (every name keeps each layer's count).
+REDISTRIBUTION = ("none", "momentum", "magnitude", "nonzeros")
 _LARGE_KERNEL_BRANCHES = ("LoRA1", "LoRA2", "lkb_origin")
 
 
@@ -66,12 +78,17 @@ def _drop_smallest(score, mask, n):
 
 
 def _add_largest(score, mask, n):
-    """``mask`` plus the ``n`` inactive entries of largest ``score``."""
+    """``mask`` plus the ``n`` entries of largest ``|score|`` with active entries scored 0.
+
+    As the original: when fewer than ``n`` inactive entries score above 0, the zero-score picks
+    (first by position) may be active ones already, and the layer ends with fewer weights.
+    """
     new = mask.clone()
     if n <= 0:
         return new
-    flat = score.detach().flatten().float().masked_fill(mask.flatten(), float("-inf"))
-    idx = torch.topk(flat, n, largest=True, sorted=False).indices
+    flat = score.detach().flatten().float().abs().masked_fill(mask.flatten(), 0.0)
+    # torch.sort as the original (its tie order among zero scores decides which picks are lost)
+    idx = torch.sort(flat, descending=True).indices[:n]
     new.view(-1)[idx] = True
     return new
 
@@ -93,12 +110,43 @@ def gradient_growth(mask, n, *, grad, **_):
 
 
 def momentum_growth(mask, n, *, momentum, **_):
-    """Activate the ``n`` inactive entries with the largest |gradient momentum|."""
+    """Activate the ``n`` inactive entries with the largest |momentum score|."""
     return _add_largest(momentum.abs(), mask, n)
 
 
+def momentum_neuron_growth(mask, n, *, momentum, **_):
+    """Momentum growth within output neurons (dim 0 rows).
+
+    Each neuron gets a share of the ``n`` regrown weights proportional to its mean |momentum|
+    (largest remainders round, capped by its free slots) and grows its largest-|momentum|
+    inactive entries; whatever the caps leave over goes to the largest remaining scores anywhere,
+    so the layer keeps its count.
+    """
+    if n <= 0:
+        return mask.clone()
+    score = momentum.detach().abs().float().reshape(mask.shape[0], -1)
+    inactive = ~mask.reshape(mask.shape[0], -1)
+    free = inactive.sum(1)
+    share = score.mean(1)
+    share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1 / len(share))
+    quota_f = share * n
+    quota = quota_f.floor().long()
+    left = n - int(quota.sum())
+    if left > 0:  # largest remainders
+        quota[torch.topk(quota_f - quota, left).indices] += 1
+    quota = torch.minimum(quota, free)
+    ranked = score.masked_fill(~inactive, float("-inf"))
+    order = ranked.argsort(1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    new = (~inactive) | (inactive & (rank < quota[:, None]))
+    new = new.reshape(mask.shape)
+    return _add_largest(momentum.abs(), new, n - int(new.sum() - mask.sum()))
+
+
 PRUNE = {"magnitude": magnitude_prune}
-GROWTH = {"random": random_growth, "gradient": gradient_growth, "momentum": momentum_growth}
+GROWTH = {"random": random_growth, "gradient": gradient_growth, "momentum": momentum_growth,
+          "momentum_neuron": momentum_neuron_growth}
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +226,22 @@ def _optimizer_state_tensors(optimizer, param):
     return [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
 
 
+def _momentum_buffer(optimizer, param):
+    """SGD's momentum buffer of ``param`` ([] when there is none): masked with the weight."""
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    buf = state.get("momentum_buffer")
+    return [buf] if torch.is_tensor(buf) and buf.shape == param.shape else []
+
+
+def momentum_score(optimizer, param):
+    """The original's momentum growth score: exp_avg / (sqrt(exp_avg_sq) + 1e-8) under Adam(W),
+    the momentum buffer under SGD; None before the optimizer's first step."""
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    if "exp_avg" in state and "exp_avg_sq" in state:
+        return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
+    return state.get("momentum_buffer")
+
+
 class Masking:
     """Masks and dynamic sparse training for ``model``; see the module docstring.
 
@@ -200,8 +264,10 @@ class Masking:
             raise ValueError(f"--growth {self.growth}: choose one of {sorted(GROWTH)}")
         if self.prune not in PRUNE:
             raise ValueError(f"--prune {self.prune}: choose one of {sorted(PRUNE)}")
-        if getattr(args, "redistribution", "none") not in ("none", None):
-            raise ValueError(f"--redistribution {args.redistribution}: only 'none' is supported")
+        if getattr(args, "redistribution", "none") not in REDISTRIBUTION + (None,):
+            raise ValueError(f"--redistribution {args.redistribution}: choose one of "
+                             f"{', '.join(REDISTRIBUTION)}")
+        self.zero_state = bool(getattr(args, "sparse_zero_state", False))
         self.prune_rate = float(args.prune_rate)
         self.update_frequency = max(1, int(args.update_frequency))
         self.fix = bool(getattr(args, "fix", False))
@@ -219,30 +285,25 @@ class Masking:
         device = next(iter(self.params.values())).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(int(getattr(args, "seed", 0)) * 1_000_003 + 12345)
-        # Gradient and momentum growth read gradients just before the optimizer consumes them.
+        # Gradient growth reads the gradients just before the optimizer consumes them (unscaled).
         self._grads = {}
-        self._momentum = {}
-        self._grown = {}  # positions regrown at the last adaptation, for mask_ema
-        self._momentum_beta = 0.9
         self._hook = None
         self._use_graph, self._graph, self._graph_key = True, None, None
-        self._ema_dirty = True  # masks changed since the last mask_ema
-        if optimizer is not None and self.growth in ("gradient", "momentum") and not self.fix:
-            group = optimizer.param_groups[0]
-            if "betas" in group:
-                self._momentum_beta = float(group["betas"][0])
-            elif group.get("momentum"):
-                self._momentum_beta = float(group["momentum"])
+        self._ema_dirty = True  # masks changed since the last EMA update
+        self._ema_zeros = set()  # layers whose EMA had active entries at exactly 0
+        if optimizer is not None and self.growth == "gradient" and not self.fix:
             self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
 
     # ---------------------------------------------------------------------------- schedule
     def current_prune_rate(self, step=None):
-        """The cosine-decayed prune rate at optimizer step ``step`` (default: now)."""
+        """The prune rate after ``step`` optimizer steps (default: now): cosine from
+        ``prune_rate`` to ``PRUNE_RATE_FLOOR`` over ``total_steps``."""
         t = min(self.steps if step is None else step, self.total_steps)
-        return 0.5 * self.prune_rate * (1.0 + math.cos(math.pi * t / self.total_steps))
+        return PRUNE_RATE_FLOOR + 0.5 * (self.prune_rate - PRUNE_RATE_FLOOR) * (
+            1.0 + math.cos(math.pi * t / self.total_steps))
 
     def _adapts_at(self, step):
-        return not self.fix and step % self.update_frequency == 0 and step < self.total_steps
+        return not self.fix and step % self.update_frequency == 0 and step <= self.total_steps
 
     # ---------------------------------------------------------------------------- init
     @torch.no_grad()
@@ -282,7 +343,7 @@ class Masking:
         self.ever_active = {k: m.clone() for k, m in self.masks.items()}
         self._count_active()
         self._ema_dirty = True
-        self.apply_masks()
+        self.apply_masks(with_state=self.zero_state)
         stats = self.stats()
         self._report("init " + mode, stats)
         return stats
@@ -353,9 +414,9 @@ class Masking:
         self._active = dict(zip(names, counts))
 
     @torch.no_grad()
-    def apply_masks(self, with_state=True):
-        """Zero the masked-out weights and, ``with_state``, their optimizer state (moments,
-        momentum).
+    def apply_masks(self, with_state=False):
+        """Zero the masked-out weights and SGD momentum buffers and, ``with_state``, all their
+        same-shaped optimizer state (Adam moments too).
 
         On CUDA the per-step re-masking of the weights (one multiplication per sparse weight)
         is replayed as one CUDA graph (a hundred small kernels would otherwise cost more in
@@ -365,12 +426,14 @@ class Masking:
         tensors, masks = [], []
         for k, mask in self.masks.items():
             p = self.params[k]
-            for t in [p] + (_optimizer_state_tensors(self.optimizer, p) if with_state else []):
+            state = _optimizer_state_tensors(self.optimizer, p) if with_state else \
+                _momentum_buffer(self.optimizer, p)
+            for t in [p] + state:
                 tensors.append(t)
                 masks.append(mask)
         if not tensors:
             return
-        if not with_state and self._use_graph and tensors[0].is_cuda and \
+        if self._use_graph and tensors[0].is_cuda and \
                 not torch.cuda.is_current_stream_capturing():
             key = tuple(t.data_ptr() for t in tensors) + tuple(m.data_ptr() for m in masks)
             if self._graph is None or key != self._graph_key:
@@ -419,29 +482,17 @@ class Masking:
         self.ever_active = {k: m.clone() for k, m in loaded.items()}
         self._count_active()
         self._ema_dirty = True
-        self.apply_masks()
+        self.apply_masks(with_state=self.zero_state)
         self._report("masks restored", self.stats())
 
     # ---------------------------------------------------------------------------- training
     def _before_optimizer_step(self, optimizer, args, kwargs):
-        """Optimizer pre-step hook: keep what gradient/momentum growth needs (grads unscaled)."""
+        """Optimizer pre-step hook: keep the gradients gradient growth needs (unscaled)."""
         if not self.masks:
             return
-        with torch.no_grad():
-            if self.growth == "momentum":
-                beta = self._momentum_beta
-                for k in self.masks:
-                    g = self.params[k].grad
-                    if g is None:
-                        continue
-                    buf = self._momentum.get(k)
-                    if buf is None:
-                        self._momentum[k] = g.detach().float().mul(1 - beta)
-                    else:
-                        buf.mul_(beta).add_(g.detach().float(), alpha=1 - beta)
-            elif self.growth == "gradient" and (self.pending or self._adapts_at(self.steps + 1)):
-                self._grads = {k: self.params[k].grad.detach().clone() for k in self.masks
-                               if self.params[k].grad is not None}
+        if self.pending or self._adapts_at(self.steps + 1):
+            self._grads = {k: self.params[k].grad.detach().clone() for k in self.masks
+                           if self.params[k].grad is not None}
 
     def step(self):
         """Call after every optimizer step; returns adaptation stats on adaptation steps."""
@@ -450,15 +501,13 @@ class Masking:
             return None
         adapt = self.pending or self._adapts_at(self.steps)
         if adapt and self.growth == "gradient" and not self._grads:
-            # The step had no gradients (fp16 overflow: the scaler skipped it); adapt next step.
-            grads = {k: self.params[k].grad for k in self.masks if self.params[k].grad is not None}
-            if not grads:
-                self.pending = True
-                self.apply_masks(with_state=False)
-                return None
-            self._grads = {k: g.detach().clone() for k, g in grads.items()}
+            # The optimizer did not step (fp16 overflow: the scaler skipped it, so the pre-step
+            # hook kept no gradients); adapt at the next step.
+            self.pending = True
+            self.apply_masks()
+            return None
+        self.apply_masks()
         if not adapt:
-            self.apply_masks(with_state=False)
             return None
         self.pending = False
         self._adapt()
@@ -474,45 +523,56 @@ class Masking:
         kept, new = {}, {}
         for k, mask in self.masks.items():
             p = self.params[k]
-            n = int(round(rate * self._active[k]))
+            n = min(math.ceil(rate * self._active[k]), self._active[k])
             kept[k] = prune_fn(p, mask, n)
+            score = momentum_score(self.optimizer, p) if self.growth.startswith("momentum") else None
+            if score is None and self.growth.startswith("momentum"):
+                score = torch.zeros_like(p)
             new[k] = grow_fn(kept[k], n, generator=self.generator, grad=self._grads.get(k),
-                             momentum=self._momentum.get(k))
+                             momentum=score)
         new, kept = self._sync(new, kept)
-        self._grown = {}
         for k in self.masks:
             p = self.params[k]
-            # Everything not surviving the prune restarts at zero (regrown entries included).
-            p.mul_(kept[k])
-            for t in _optimizer_state_tensors(self.optimizer, p):
-                t.mul_(kept[k])
-            self._grown[k] = new[k] & ~kept[k]
+            if self.zero_state:  # opt-in: everything not surviving the prune restarts at zero
+                p.mul_(kept[k])
+                for t in _optimizer_state_tensors(self.optimizer, p):
+                    t.mul_(kept[k])
             self.masks[k].copy_(new[k])  # in place: the re-masking CUDA graph reads this tensor
             self.ever_active[k] |= new[k]
+        self._count_active()  # growth can fall short of the prune (see _add_largest)
+        self.apply_masks()
+        self._ema_dirty = True
 
     @torch.no_grad()
     def mask_ema(self, ema_module):
-        """Zero pruned entries of an EMA copy; entries regrown since the last call take the weight.
-
-        An EMA update mixes the EMA with the masked weights, so entries that are zero in both stay
-        exactly zero: the work is done only when the masks changed since the last call (init,
-        restore, adaptation) and, as a safety net, every ``update_frequency`` steps.
-        """
-        if not (self._ema_dirty or self._grown or self.steps % self.update_frequency == 0):
-            return
-        self._ema_dirty = False
+        """Zero the masked-out entries of an EMA copy (its active entries are left as they are)."""
         ema = dict(ema_module.named_parameters())
         for k, mask in self.masks.items():
-            e = ema.get(k)
-            if e is None:
-                continue
-            m = mask.to(e.device)
-            e.mul_(m)
-            grown = self._grown.get(k)
-            if grown is not None:
-                g = grown.to(e.device)
-                e.copy_(torch.where(g, self.params[k].detach().to(e.device, e.dtype), e))
-        self._grown = {}
+            if k in ema:
+                ema[k].mul_(mask.to(ema[k].device))
+
+    @torch.no_grad()
+    def update_ema(self, model_ema, model):
+        """``model_ema.update(model)`` with the masks: masked entries 0, an active entry whose EMA
+        was exactly 0 (newly grown) takes the weight's value, the others the decayed average.
+
+        Entries zero in both the EMA and the masked weights stay exactly zero through the update,
+        so only layers whose masks changed, or that still had active zeros, are looked at.
+        """
+        ema = dict(model_ema.module.named_parameters())
+        check = [k for k in self.masks if k in ema and (self._ema_dirty or k in self._ema_zeros)]
+        was_zero = {k: ema[k] == 0 for k in check}
+        model_ema.update(model)
+        self._ema_dirty = False
+        if not check:
+            return
+        still = []
+        for k in check:
+            e, mask = ema[k], self.masks[k].to(ema[k].device)
+            w = self.params[k].detach().to(e.device, e.dtype)
+            e.copy_(torch.where(mask, torch.where(was_zero[k], w, e), torch.zeros_like(e)))
+            still.append(((e == 0) & mask).any())
+        self._ema_zeros = {k for k, z in zip(check, torch.stack(still).tolist()) if z}
 
     # ---------------------------------------------------------------------------- reports
     def layer_densities(self):
@@ -551,7 +611,7 @@ class Masking:
         return {"steps": self.steps, "pending": self.pending,
                 "ever_active": {k: m.clone() for k, m in self.ever_active.items()},
                 "generator": self.generator.get_state(),
-                "momentum": {k: v.clone() for k, v in self._momentum.items()},
+                "ema_zeros": sorted(self._ema_zeros), "ema_dirty": self._ema_dirty,
                 "total_steps": self.total_steps, "prune_rate": self.prune_rate,
                 "update_frequency": self.update_frequency}
 
@@ -566,5 +626,6 @@ class Masking:
                 self.generator.set_state(state["generator"].cpu())
             except (RuntimeError, ValueError):  # saved on another device type (CPU <-> CUDA)
                 self.generator.manual_seed(int(state["generator"].sum().item()) + self.steps)
-        self._momentum = {k: v.to(self.params[k].device) for k, v in state.get("momentum", {}).items()
-                          if k in self.params}
+        # Layers whose EMA may hold active zeros are looked at on the next EMA update.
+        self._ema_zeros = set(state.get("ema_zeros", self.masks))
+        self._ema_dirty = bool(state.get("ema_dirty", True))

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from timm.utils import ModelEmaV3
 
 import SLaK
 import sparse_core
@@ -41,9 +42,10 @@ def batch(seed, n=4, size=32):
     return images, torch.randint(0, 4, (n,), generator=g)
 
 
-def make(seed=0, total_steps=100, model_kwargs=None, **kwargs):
+def make(seed=0, total_steps=100, model_kwargs=None, sgd=False, **kwargs):
     model = tiny_model(seed, **(model_kwargs or {}))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, nesterov=True) if sgd \
+        else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     masking = sparse_core.Masking(model, optimizer, sparse_args(**kwargs), total_steps)
     images, targets = batch(1000 + seed)
     masking.init(images, targets, nn.CrossEntropyLoss())
@@ -64,7 +66,8 @@ def assert_masked(model, optimizer, masking, state=True):
 
 def train(model, optimizer, masking, steps, amp_dtype=None, scaler=None, seed=0, check=True,
           ema=None, overflow_at=()):
-    """Engine-like loop: autocast forward, (scaled) backward, step, zero_grad, masking.step()."""
+    """Engine-like loop: autocast forward, (scaled) backward, step, masking.step(), zero_grad,
+    EMA update with the masks (``ema``: a timm ModelEmaV3)."""
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     criterion = nn.CrossEntropyLoss()
     all_stats = []
@@ -77,42 +80,61 @@ def train(model, optimizer, masking, steps, amp_dtype=None, scaler=None, seed=0,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         stats = masking.step()
+        optimizer.zero_grad(set_to_none=True)
         all_stats.append(stats)
         if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.mul_(0.9).add_(p, alpha=0.1)
-            masking.mask_ema(ema)
+            masking.update_ema(ema, model)
             if check:
-                ema_params = dict(ema.named_parameters())
+                ema_params = dict(ema.module.named_parameters())
                 assert all(torch.all(ema_params[k][~m] == 0) for k, m in masking.masks.items())
         if check:
             assert_masked(model, optimizer, masking, state=False)
     return all_stats
 
 
-@pytest.mark.parametrize("update_frequency", [100, 2])
-def test_state_masked_when_masks_change_trains_like_per_step_masking(update_frequency):
-    """Per step only the weights are re-masked; the AdamW moments at masked positions are
-    zeroed when masks change. Every weight ends bit for bit as with per-step masking of the
-    moments too, across adaptations, while the moments do differ at masked positions."""
-    runs = []
-    for per_step_state in (False, True):
-        model, optimizer, masking = make(update_frequency=update_frequency)
-        if per_step_state:
-            masking.apply_masks = lambda **_: sparse_core.Masking.apply_masks(masking)
-        stats = train(model, optimizer, masking, 5)
-        runs.append((model, optimizer, masking, stats))
-    (ours, opt, masking, stats), (ref, _, ref_masking, ref_stats) = runs
-    assert (update_frequency == 2) == any(stats) and stats == ref_stats
-    assert all(torch.equal(masking.masks[k], ref_masking.masks[k]) for k in masking.masks)
-    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
-    params = dict(ours.named_parameters())
-    assert any(torch.any(t[~m] != 0) for k, m in masking.masks.items()
-               for t in opt.state[params[k]].values() if torch.is_tensor(t) and t.shape == m.shape)
-    assert_masked(ref, runs[1][1], ref_masking)
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_adam_moments_kept_unless_sparse_zero_state(zero_state):
+    """Default (the original's): AdamW moments are never masked, they keep accumulating at
+    masked positions; ``--sparse_zero_state`` zeroes them wherever masked after every change."""
+    model, optimizer, masking = make(update_frequency=2, sparse_zero_state=zero_state)
+    assert any(train(model, optimizer, masking, 4))
+    params = dict(model.named_parameters())
+    masked_state = [t[~m] for k, m in masking.masks.items()
+                    for t in optimizer.state[params[k]].values()
+                    if torch.is_tensor(t) and t.shape == m.shape]
+    assert all(torch.all(t == 0) for t in masked_state) == zero_state
+
+
+def test_sgd_momentum_masked_every_step():
+    model, optimizer, masking = make(update_frequency=100, sgd=True)
+    params = dict(model.named_parameters())
+    for _ in range(2):
+        train(model, optimizer, masking, 1)
+        for k, m in masking.masks.items():
+            assert torch.all(optimizer.state[params[k]]["momentum_buffer"][~m] == 0), k
+
+
+def test_pruned_and_regrown_weight_keeps_its_value():
+    """At an adaptation the weights are masked with the new masks only: a weight pruned and
+    regrown in one adaptation keeps its value; one grown from inactive starts at 0."""
+    model, optimizer, masking = make(update_frequency=1, growth="gradient", prune_rate=0.9)
+    images, targets = batch(5)
+    nn.CrossEntropyLoss()(model(images), targets).backward()
+    optimizer.step()
+    masking.apply_masks()  # what step() does first: the snapshot is the weights it adapts
+    before = {k: m.clone() for k, m in masking.masks.items()}
+    snapshot = {k: p.detach().clone() for k, p in model.named_parameters()}
+    assert masking.step() is not None
+    regrown = 0
+    for k, p in model.named_parameters():
+        if k in masking.masks:
+            stayed = masking.masks[k] & before[k]
+            assert torch.equal(p[stayed], snapshot[k][stayed]), k
+            assert torch.all(p[masking.masks[k] & ~before[k]] == 0), k
+            # prune rate 0.9 removes 90% of the active weights: those still active were regrown
+            regrown += int(stayed.sum()) - int(0.1 * int(before[k].sum())) - 1
+    assert regrown > 0
 
 
 # ------------------------------------------------------------------------------------ init
@@ -187,8 +209,8 @@ def test_prune_and_grow_rules():
     assert grown.sum() == 5 and torch.all(grown[pruned])
 
 
-@pytest.mark.parametrize("growth", ["random", "gradient", "momentum"])
-def test_adaptation_keeps_layer_counts_and_zeroes_regrown(growth):
+@pytest.mark.parametrize("growth", ["random", "gradient", "momentum", "momentum_neuron"])
+def test_adaptation_counts_and_regrown_start_at_zero(growth):
     model, optimizer, masking = make(growth=growth, update_frequency=3)
     counts = {k: m.sum().item() for k, m in masking.masks.items()}
     before = {k: m.clone() for k, m in masking.masks.items()}
@@ -197,8 +219,12 @@ def test_adaptation_keeps_layer_counts_and_zeroes_regrown(growth):
     snapshot = {k: v.detach().clone() for k, v in model.named_parameters()}
     stats = train(model, optimizer, masking, 1, seed=7)[0]
     assert set(stats) >= {"density", "prune_rate", "ever_active"}
-    assert abs(stats["density"] - TARGET) < 0.005
-    assert {k: m.sum().item() for k, m in masking.masks.items()} == counts
+    assert abs(stats["density"] - TARGET) < (0.005 if growth == "random" else 0.05)
+    # As the original: a layer keeps its count unless fewer inactive positions than it regrows
+    # score above 0 (zero gradients at 1x1 maps), then zero-score picks can land on active ones.
+    after = {k: m.sum().item() for k, m in masking.masks.items()}
+    assert after == counts if growth in ("random", "momentum_neuron") else \
+        all(after[k] <= counts[k] for k in counts)
     changed = sum((masking.masks[k] != before[k]).sum().item() for k in counts)
     assert changed > 0
     assert stats["ever_active"] > TARGET
@@ -206,17 +232,15 @@ def test_adaptation_keeps_layer_counts_and_zeroes_regrown(growth):
     for k, mask in masking.masks.items():
         grown = mask & ~before[k]
         assert torch.all(params[k][grown] == 0)  # regrown weights start at zero
-        for t in optimizer.state[params[k]].values():
-            if torch.is_tensor(t) and t.shape == mask.shape:
-                assert torch.all(t[grown] == 0)
     assert snapshot  # (weights were trained before)
 
 
 def test_prune_rate_cosine_decay_and_fix():
     _, _, masking = make(total_steps=100, prune_rate=0.5)
+    # The original's schedule: cosine from --prune_rate to a floor of 0.005.
     assert masking.current_prune_rate(0) == pytest.approx(0.5)
-    assert masking.current_prune_rate(50) == pytest.approx(0.25)
-    assert masking.current_prune_rate(100) == pytest.approx(0.0)
+    assert masking.current_prune_rate(50) == pytest.approx(0.2525)
+    assert masking.current_prune_rate(100) == pytest.approx(0.005)
     model, optimizer, fixed = make(fix=True, update_frequency=1)
     before = {k: m.clone() for k, m in fixed.masks.items()}
     assert train(model, optimizer, fixed, 3) == [None] * 3
@@ -284,21 +308,28 @@ def test_random_growth_is_seeded():
 
 
 def test_ema_respects_masks():
+    """Masked EMA entries are 0; a newly grown entry (EMA exactly 0) takes the weight's value at
+    each update until it is non-zero; the others are the fixed-decay average (no warm-up)."""
     model, optimizer, masking = make(update_frequency=2)
-    ema = copy.deepcopy(model)
+    ema = ModelEmaV3(model, decay=0.9)
     with torch.no_grad():
-        for e in ema.parameters():
+        for e in ema.module.parameters():
             e.add_(1.0)  # an EMA far from the weights: pruned entries must still end at zero
-    masking.mask_ema(ema)
     before = {k: m.clone() for k, m in masking.masks.items()}
     train(model, optimizer, masking, 2, ema=ema)  # adaptation at step 2
-    ema_params, params = dict(ema.named_parameters()), dict(model.named_parameters())
+    ema_params, params = dict(ema.module.named_parameters()), dict(model.named_parameters())
+    grown = {k: m & ~before[k] for k, m in masking.masks.items()}
     for k, mask in masking.masks.items():
         assert torch.all(ema_params[k][~mask] == 0)
-        grown = mask & ~before[k]
-        assert torch.equal(ema_params[k][grown], params[k][grown])
-    # Step 3 skips the (numerically no-op) EMA masking; train() checks the zeros after it.
+        assert torch.equal(ema_params[k][grown[k]], params[k][grown[k]])  # (0: grown at 0)
+    old = {k: e.detach().clone() for k, e in ema_params.items()}
     train(model, optimizer, masking, 1, ema=ema)
+    for k, mask in masking.masks.items():
+        assert torch.equal(ema_params[k][grown[k]], params[k][grown[k]])  # took the weight
+        kept = mask & before[k]
+        torch.testing.assert_close(ema_params[k][kept], 0.9 * old[k][kept] + 0.1 * params[k][kept])
+    head = "head.bias"
+    torch.testing.assert_close(ema_params[head], 0.9 * old[head] + 0.1 * params[head].detach())
 
 
 # ------------------------------------------------------------------------------ DDP (gloo)
@@ -483,7 +514,10 @@ def test_cli_checkpoint_without_masks_resumes_with_sparse_init_resume(tmp_path):
     resumed = _ckpt(tmp_path / "b" / "checkpoint-1.pth")
     assert resumed["masks"].keys() == masks.keys()
     active = sum(m.sum().item() for m in resumed["masks"].values())
-    assert active == sum(m.sum().item() for m in masks.values())  # adaptation keeps the counts
+    # Adaptation keeps the counts, less (as the original) regrowth picks that land on active
+    # weights where too few inactive ones have a non-zero score.
+    assert 0.99 * sum(m.sum().item() for m in masks.values()) <= active <= \
+        sum(m.sum().item() for m in masks.values())
     for k, m in resumed["masks"].items():
         assert torch.all(resumed["model"][k][~m] == 0)
 
