@@ -14,7 +14,8 @@ the ceiling that a free large-kernel convolution would give), ``slak_base`` (SLa
 51 49 47 13 5, Decom), ``convnext_timm`` (timm's ``convnext_tiny``).
 
 ``--grad_checkpointing on|off|both`` times the models with per-block activation checkpointing
-(``set_grad_checkpointing``) too; e.g. SLaK-B's peak memory and images/s with and without it:
+(``set_grad_checkpointing``) too; rows of ``slak_sparse`` also report the peak memory of the
+SNIP batch that initialises the masks (``snip_peak_mem_gib``); e.g. SLaK-B's peak memory and images/s with and without it:
 
     python benchmarks/train_throughput.py --batch 64 --dtypes bf16 --compile on \
         --models slak_base --grad_checkpointing both
@@ -119,9 +120,13 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
     # A few distinct batches so the timing is not of one cached input.
     batches = [(torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=memory_format),
                 torch.randint(0, 1000, (batch,), device=device)) for _ in range(3)]
-    masking = None
+    masking, snip_peak = None, None
     if masking_factory is not None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         masking = masking_factory(model, optimizer, *batches[0], criterion, warmup + steps)
+        torch.cuda.synchronize()
+        snip_peak = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     train_model = torch.compile(model, mode=compile_mode) if compile_model else model
 
     def step(i):
@@ -153,6 +158,8 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
                   grad_checkpointing=grad_checkpointing,
                   batch=batch, steps=steps, step_ms=round(ms, 2), img_per_s=round(batch * 1000 / ms, 1),
                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+    if snip_peak is not None:  # the SNIP batch that initialises the masks, before the steps
+        result["snip_peak_mem_gib"] = snip_peak
     del model, optimizer, train_model, batches, masking
     torch._dynamo.reset()
     torch.cuda.empty_cache()
