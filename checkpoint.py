@@ -1,6 +1,7 @@
 """Checkpoint files (atomic writes, rotation, finding the newest) and the training state they hold:
 ``save_training_state`` writes what ``restore_training_state`` continues from (``--resume``)."""
 import glob
+import json
 import os
 import re
 
@@ -11,6 +12,8 @@ from distributed import is_main_process
 from utils import ConfigError
 
 _EPOCH_FILE = re.compile(r"checkpoint-(\d+)\.pth$")
+_TEMPORARY_FILE = re.compile(r"\.tmp-\d+$")  # what save_atomic writes before its rename
+LOG_FILE = "log.txt"
 
 
 class CheckpointError(ConfigError):
@@ -70,6 +73,57 @@ def remove_old_checkpoints(output_dir, keep):
         return
     for _, path in epoch_checkpoints(output_dir)[:-keep]:
         os.remove(path)
+
+
+def prepare_output_dir(output_dir, start_epoch, keep):
+    """Make ``output_dir`` the folder of a run that continues at ``start_epoch`` (main process).
+
+    A run killed at any instant leaves at most: a ``*.tmp-<pid>`` of an unfinished save, log
+    lines and best checkpoints of epochs after its newest epoch checkpoint, and one epoch
+    checkpoint too many (killed before the rotation). The temporaries and the log lines of epochs
+    ``>= start_epoch`` are removed and the rotation is redone; the epochs are then re-run exactly,
+    so the folder ends as that of an uninterrupted run.
+    """
+    if not is_main_process():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):
+        if _TEMPORARY_FILE.search(name):
+            os.remove(os.path.join(output_dir, name))
+    log = os.path.join(output_dir, LOG_FILE)
+    if os.path.isfile(log):
+        with open(log) as f:
+            lines = f.read().splitlines(keepends=True)
+        kept = [line for line in lines if _log_epoch(line) < start_epoch]
+        if kept != lines:
+            _write_text_atomic(log, "".join(kept))
+    remove_old_checkpoints(output_dir, keep)
+
+
+def _log_epoch(line):
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a half-written last line of a killed run: dropped
+
+
+def _write_text_atomic(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_log(output_dir, stats):
+    """Append one epoch's stats as a JSON line to ``log.txt`` (main process)."""
+    if not is_main_process():
+        return
+    with open(os.path.join(output_dir, LOG_FILE), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------------------

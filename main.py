@@ -9,8 +9,9 @@ Single process, ``torchrun --nproc_per_node N main.py ...``, the deprecated
 import argparse
 import datetime
 import importlib.util
-import json
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 import SLaK  # noqa: F401 - registers the SLaK family in timm
 import sparse_core
 import timm
-from checkpoint import (latest_checkpoint, load_checkpoint, remove_old_checkpoints,
+from checkpoint import (append_log, latest_checkpoint, load_checkpoint, prepare_output_dir,
+                        remove_old_checkpoints,
                         restore_training_state, save_training_state)
 from datasets import build_dataset
 from distillation import (DISTILL_TYPES, STUDENT_OVERRIDES, FeatureDistillLoss, add_param_groups,
@@ -485,8 +487,9 @@ def main(args):
         return test_stats
 
     # Everything is validated; only now is anything written.
-    if args.output_dir and is_main_process():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.output_dir:
+        prepare_output_dir(args.output_dir, args.start_epoch,
+                           args.save_ckpt_num if args.save_ckpt else 0)
     log_writer = TensorboardLogger(args.log_dir) if args.log_dir and is_main_process() else None
     wandb_logger = WandbLogger(args) if args.enable_wandb and is_main_process() else None
 
@@ -542,13 +545,6 @@ def main(args):
             amp_dtype=amp_dtype, max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
             masking=masking, channels_last=args.channels_last, log_writer=log_writer)
 
-        if args.output_dir and args.save_ckpt and (
-                (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
-            path = save(f"checkpoint-{epoch}.pth", epoch)
-            remove_old_checkpoints(args.output_dir, args.save_ckpt_num)
-            if wandb_logger is not None and args.wandb_ckpt:
-                wandb_logger.log_checkpoint(path)
-
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "n_parameters": n_parameters}
         if data_loader_val is not None:
@@ -575,11 +571,19 @@ def main(args):
                 if log_writer is not None:
                     log_writer.update(head="perf", step=epoch, test_acc1_ema=ema_stats["acc1"])
 
-        if args.output_dir and is_main_process():
-            if log_writer is not None:
-                log_writer.flush()
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(log_stats) + "\n")
+        # The epoch checkpoint comes last, after the best checkpoints and the log line: a run
+        # killed before it re-runs this epoch, one killed after it has nothing of it left to do.
+        if log_writer is not None:
+            log_writer.flush()
+        if args.output_dir:
+            append_log(args.output_dir, log_stats)
+        if args.output_dir and args.save_ckpt and (
+                (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+            path = save(f"checkpoint-{epoch}.pth", epoch)
+            remove_old_checkpoints(args.output_dir, args.save_ckpt_num)
+            if wandb_logger is not None and args.wandb_ckpt:
+                wandb_logger.log_checkpoint(path)
+
         if wandb_logger is not None:
             wandb_logger.log_epoch(log_stats)
 
@@ -588,8 +592,24 @@ def main(args):
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
+def resume_hint(args, argv):
+    """What to run to continue an interrupted run: its newest complete checkpoint and the command."""
+    newest = latest_checkpoint(args.output_dir) if args.output_dir else None
+    if newest is None:
+        return "no complete epoch checkpoint was written; the same command starts over"
+    command = ["python", "main.py", *argv]
+    if args.distill_type is not None:
+        if "--distill_resume" not in argv:
+            command.append("--distill_resume")
+    elif "--resume" in argv or not args.auto_resume:  # a later --resume overrides an earlier one
+        command += ["--resume", newest]
+    return f"newest complete checkpoint {newest}; resume with: {shlex.join(command)}"
+
+
 def cli(argv=None):
-    run_cli(main, get_args_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(argv)
+    run_cli(main, args, on_interrupt=lambda: resume_hint(args, argv))
 
 
 if __name__ == "__main__":

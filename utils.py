@@ -30,20 +30,32 @@ class TrainingDiverged(RunStopped):
     exit_code = 3
 
 
-def run_cli(main, *args):
+def run_cli(main, *args, on_interrupt=None):
     """Run an entry point's ``main(*args)``; a ``RunStopped`` ends the process with one line.
 
     Every command-line tool of the project goes through this, so bad input is ``error: ...`` on
-    stderr and exit 2 everywhere, without a traceback; under torchrun the process group is
-    destroyed on the way out, whatever the outcome.
+    stderr and exit 2 everywhere, without a traceback. Ctrl-C and SIGTERM end with one line too
+    (exit 130), followed by ``on_interrupt()``'s text when given (e.g. how to resume). SIGTERM is
+    taken over only where nobody else handles it (submitit installs its own for SLURM requeue).
+    Under torchrun the process group is destroyed on the way out, whatever the outcome.
     """
+    import signal
     import sys
 
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
     try:
         return main(*args)
     except RunStopped as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        hint = on_interrupt() if on_interrupt is not None else ""
+        print(f"error: interrupted{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,4 +1,6 @@
 """Runs that fail safe: bad flags, files and data end in one line, exit 2, nothing written."""
+import json
+import signal
 import subprocess
 import sys
 
@@ -63,3 +65,115 @@ def test_other_entry_points_share_the_one_line_errors(tmp_path):
     one_error_line(run_tool("FLOPs_counter.py", "--kernel_size", "51", "49", "48", "13", "5"),
                    "positive odd")
     one_error_line(run_tool("FLOPs_counter.py", "--input_size", "16"), "below 32")
+
+
+# --- Exact resume: a run killed at any instant and auto-resumed ends as an uninterrupted one ----
+
+RESUME_RUN = [*TINY_MODEL, *SYNTHETIC, *FAST, "--epochs", "3", "--batch_size", "16",
+              "--synthetic_train_size", "64", "--model_ema", "true", "--model_ema_eval", "true",
+              "--model_ema_decay", "0.5", "--save_ckpt_num", "2"]
+
+# Test-only: makes torch.save die half-way through writing the file named by KILL_DURING_SAVE_OF.
+KILL_DURING_SAVE = '''
+import os
+target = os.environ.get("KILL_DURING_SAVE_OF")
+if target:
+    import torch
+    real_save = torch.save
+    def save(obj, f, *args, **kwargs):
+        if os.path.basename(str(getattr(f, "name", f))).startswith(target + ".tmp-"):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os._exit(137)
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save
+'''
+
+
+def start_main(*args, env=None):
+    return subprocess.Popen([sys.executable, str(REPO / "main.py"), *map(str, args)], cwd=REPO,
+                            env=env or cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(process, after, line_starts):
+    """SIGKILL ``process`` at the first stdout line starting with ``line_starts`` after ``after``."""
+    seen = False
+    for line in process.stdout:
+        seen = seen or line.startswith(after)
+        if seen and line.startswith(line_starts):
+            process.kill()
+            break
+    process.wait()
+    assert seen, "the run ended before the kill point"
+
+
+def run_folder(path):
+    """What a run leaves: log lines, and per checkpoint its epoch, best accuracies and weights."""
+    import torch
+    logs = [json.loads(line) for line in (path / "log.txt").read_text().splitlines()]
+    checkpoints = {}
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".pth":
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            checkpoints[file.name] = (state["epoch"], state["max_accuracy"], state["max_accuracy_ema"],
+                                      state["model"], state["model_ema"])
+    return logs, checkpoints, sorted(p.name for p in path.iterdir())
+
+
+def assert_same_run(full, other):
+    import torch
+    logs_a, ckpts_a, names_a = run_folder(full)
+    logs_b, ckpts_b, names_b = run_folder(other)
+    assert names_a == names_b
+    assert logs_a == logs_b
+    for name, (epoch, acc, acc_ema, model, ema) in ckpts_a.items():
+        epoch_b, acc_b, acc_ema_b, model_b, ema_b = ckpts_b[name]
+        assert (epoch, acc, acc_ema) == (epoch_b, acc_b, acc_ema_b), name
+        assert all(torch.equal(model[k], model_b[k]) for k in model), name
+        assert all(torch.equal(ema[k], ema_b[k]) for k in ema), name
+
+
+def test_resume_is_exact_after_a_kill_during_validation_or_a_save(tmp_path):
+    import os
+    full = tmp_path / "full"
+    run_main(*RESUME_RUN, "--output_dir", full)
+    assert [entry["epoch"] for entry in run_folder(full)[0]] == [0, 1, 2]
+
+    # Killed while validating epoch 1 (its training is done, nothing of it is written yet).
+    during_validation = tmp_path / "validation"
+    kill_when(start_main(*RESUME_RUN, "--output_dir", during_validation), "Epoch: [1]", "Test:")
+    run_main(*RESUME_RUN, "--output_dir", during_validation)
+    assert_same_run(full, during_validation)
+
+    # Killed half-way through writing checkpoint-1.pth (its log line and best are written).
+    during_save = tmp_path / "save"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_DURING_SAVE)
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
+    env["KILL_DURING_SAVE_OF"] = "checkpoint-1.pth"
+    process = start_main(*RESUME_RUN, "--output_dir", during_save, env=env)
+    process.communicate()
+    assert process.returncode == 137
+    assert not (during_save / "checkpoint-1.pth").exists()
+    assert [p for p in during_save.iterdir() if ".tmp-" in p.name]
+    assert [entry["epoch"] for entry in run_folder(during_save)[0]] == [0, 1]
+    run_main(*RESUME_RUN, "--output_dir", during_save)
+    assert_same_run(full, during_save)
+
+
+def test_sigterm_names_the_newest_checkpoint_and_the_resume_command(tmp_path):
+    out = tmp_path / "out"
+    process = start_main(*RESUME_RUN, "--epochs", "5", "--output_dir", out)
+    for line in process.stdout:
+        if line.startswith("Epoch: [1]"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert f"newest complete checkpoint {out / 'checkpoint-0.pth'}" in lines[0]
+    assert "resume with: python main.py" in lines[0]
