@@ -1,4 +1,5 @@
 """Data sets: ImageNet (``IMNET``), any ImageFolder, CIFAR-100 from disk, and a built-in synthetic set."""
+import multiprocessing
 import os
 
 import numpy as np
@@ -64,6 +65,75 @@ class SyntheticImageDataset(Dataset):
         return image, label
 
 
+# What PIL raises for a file that is not a readable image (truncated, foreign, empty).
+UNREADABLE = (OSError, ValueError, SyntaxError)
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """An ``ImageFolder`` that skips unreadable images instead of ending the run.
+
+    An image that cannot be decoded is reported in one warning line naming the file and replaced
+    by the next readable one (deterministically, so a resumed epoch still replays exactly);
+    ``skipped`` counts them across data-loader workers (forked processes share it). With
+    ``check=True`` every image is decoded once at start-up and the unreadable ones are dropped.
+    Empty class folders and folders without class folders are a ``ConfigError``.
+    """
+
+    def __init__(self, root, transform=None, check=False):
+        try:
+            super().__init__(root, transform=transform)
+        except FileNotFoundError as exc:  # torchvision: no class folder, or a class without images
+            raise ConfigError(f"{root}: {str(exc).split('. Supported')[0]}; every class folder "
+                              f"needs at least one image") from None
+        self.skipped = multiprocessing.Value("i", 0)
+        if check:
+            self._drop_unreadable()
+
+    def _drop_unreadable(self):
+        readable = []
+        for path, target in self.samples:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                readable.append((path, target))
+            except UNREADABLE as exc:
+                print(f"Warning: dropping unreadable image {path} ({type(exc).__name__})", flush=True)
+        dropped = len(self.samples) - len(readable)
+        empty = sorted(set(self.classes) - {self.classes[t] for _, t in readable})
+        if empty:
+            raise ConfigError(f"{self.root}: no readable image in class folder(s) "
+                              f"{', '.join(empty)}; fix or remove them")
+        self.samples = self.imgs = readable
+        self.targets = [t for _, t in readable]
+        print(f"Checked {len(readable) + dropped} images under {self.root}: {dropped} unreadable "
+              f"dropped", flush=True)
+
+    def __getitem__(self, index):
+        for attempt in range(min(len(self.samples), 100)):
+            path = self.samples[(index + attempt) % len(self.samples)][0]
+            try:
+                return super().__getitem__((index + attempt) % len(self.samples))
+            except UNREADABLE as exc:
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                print(f"Warning: skipping unreadable image {path} ({type(exc).__name__}: "
+                      f"{str(exc)[:100]}); pass --check_images true to drop such files at start-up",
+                      flush=True)
+        raise ConfigError(f"{self.root}: 100 images in a row cannot be read; check the data folder")
+
+
+def check_same_classes(dataset_train, dataset_val):
+    """Training and validation folders must name the same classes in the same order."""
+    train, val = getattr(dataset_train, "classes", None), getattr(dataset_val, "classes", None)
+    if train is None or val is None or list(train) == list(val):
+        return
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    what = (f"only in training: {', '.join(only_train[:5]) or '-'}; only in validation: "
+            f"{', '.join(only_val[:5]) or '-'}" if only_train or only_val else "same names, other count")
+    raise ConfigError(f"the training and validation folders have different class folders ({what}); "
+                      f"labels would not match, so give folders with the same class names")
+
+
 def build_transform(is_train, args):
     """timm's training transform (RandAugment, random erasing...) or resize + centre crop."""
     mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
@@ -109,11 +179,15 @@ def build_dataset(is_train, args):
     if args.data_set == "IMNET":
         root = os.path.join(_require_dir(args.data_path, "--data_path"), "train" if is_train else "val")
         _require_dir(root, "--data_path")
-        return datasets.ImageFolder(root, transform=transform), 1000
+        if args.nb_classes != 1000:
+            print(f"Note: --data_set IMNET has 1000 classes; --nb_classes {args.nb_classes} is "
+                  f"ignored (use --data_set image_folder for another number of classes)")
+        return SafeImageFolder(root, transform=transform, check=args.check_images), 1000
     if args.data_set == "image_folder":
         root = args.data_path if is_train else (args.eval_data_path or args.data_path)
         flag = "--eval_data_path" if not is_train and args.eval_data_path else "--data_path"
-        dataset = datasets.ImageFolder(_require_dir(root, flag), transform=transform)
+        dataset = SafeImageFolder(_require_dir(root, flag), transform=transform,
+                                  check=args.check_images)
         if len(dataset.classes) != args.nb_classes:
             raise ConfigError(f"{root} has {len(dataset.classes)} class folders but --nb_classes is "
                               f"{args.nb_classes}; make them agree")

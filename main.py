@@ -29,10 +29,11 @@ import timm
 from checkpoint import (append_log, latest_checkpoint, load_checkpoint, prepare_output_dir,
                         remove_old_checkpoints,
                         restore_training_state, save_training_state)
-from datasets import build_dataset
+from datasets import build_dataset, check_same_classes
 from distillation import (DISTILL_TYPES, STUDENT_OVERRIDES, FeatureDistillLoss, add_param_groups,
                           build_distillation_loss, freeze)
-from distributed import get_rank, get_world_size, init_distributed_mode, is_main_process
+from distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode,
+                         is_main_process)
 from engine import SupervisedLoss, evaluate, train_one_epoch
 from optim_factory import create_optimizer
 from utils import (ConfigError, TensorboardLogger, WandbLogger, cosine_scheduler,
@@ -122,6 +123,9 @@ def get_args_parser():
     group.add_argument("--synthetic_val_size", default=256, type=int)
     group.add_argument("--num_workers", default=10, type=int)
     group.add_argument("--pin_mem", type=str2bool, default=True)
+    group.add_argument("--check_images", type=str2bool, default=False,
+                       help="decode every image once at start-up and drop unreadable ones "
+                            "(otherwise each is skipped with a warning when met)")
 
     group = parser.add_argument_group("output, checkpoints and logging")
     group.add_argument("--output_dir", default="", help="where to save checkpoints and log.txt")
@@ -379,6 +383,8 @@ def main(args):
 
     dataset_val, nb_classes = build_dataset(False, args)
     dataset_train = None if args.eval else build_dataset(True, args)[0]
+    if dataset_train is not None:
+        check_same_classes(dataset_train, dataset_val)
     args.nb_classes = nb_classes
     if args.disable_eval:
         dataset_val = None
@@ -538,6 +544,7 @@ def main(args):
         data_loader_train.sampler.set_epoch(epoch)
         if log_writer is not None:
             log_writer.set_step(epoch * steps_per_epoch)
+        skipped_before = dataset_train.skipped.value if hasattr(dataset_train, "skipped") else 0
         train_stats = train_one_epoch(
             train_model, loss_fn, data_loader_train, optimizer, device, epoch, scaler,
             steps_per_epoch=steps_per_epoch, start_steps=epoch * steps_per_epoch,
@@ -547,6 +554,9 @@ def main(args):
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "n_parameters": n_parameters}
+        if hasattr(dataset_train, "skipped"):  # unreadable images met this epoch, all processes
+            log_stats["train_skipped_images"] = int(all_reduce_sum(
+                [dataset_train.skipped.value - skipped_before], device)[0])
         if data_loader_val is not None:
             test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.channels_last)
             if test_stats["acc1"] > max_accuracy:

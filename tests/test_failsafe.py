@@ -177,3 +177,65 @@ def test_sigterm_names_the_newest_checkpoint_and_the_resume_command(tmp_path):
     assert len(lines) == 1, stderr
     assert f"newest complete checkpoint {out / 'checkpoint-0.pth'}" in lines[0]
     assert "resume with: python main.py" in lines[0]
+
+
+# --- Data: unreadable images, class folders that disagree, empty classes -------------------------
+
+def image_folder(root, classes, per_class=4, size=36):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(60 + 50 * c, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg")
+    return root
+
+
+def folder_run(train, val, *extra, nb_classes=3):
+    return run_main(*TINY_MODEL, *FAST, "--data_set", "image_folder", "--data_path", train,
+                    "--eval_data_path", val, "--nb_classes", nb_classes, "--device", "cpu",
+                    "--input_size", "32", "--num_workers", "0", "--pin_mem", "false",
+                    "--epochs", "1", "--batch_size", "4", *extra, check=False)
+
+
+def test_an_unreadable_image_is_skipped_with_one_warning_and_counted(tmp_path):
+    train = image_folder(tmp_path / "train", ["a", "b", "c"])
+    val = image_folder(tmp_path / "val", ["a", "b", "c"], per_class=1)
+    broken = train / "b" / "1.jpg"
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated JPEG
+    result = folder_run(train, val, "--output_dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "unreadable image" in line]
+    assert warnings and all(str(broken) in line for line in warnings)
+    log = json.loads((tmp_path / "out" / "log.txt").read_text())
+    assert log["train_skipped_images"] == len(warnings)
+
+    checked = folder_run(train, val, "--check_images", "true", "--output_dir", tmp_path / "checked")
+    assert checked.returncode == 0, checked.stderr
+    assert f"dropping unreadable image {broken}" in checked.stdout
+    assert "skipping unreadable" not in checked.stdout
+    assert json.loads((tmp_path / "checked" / "log.txt").read_text())["train_skipped_images"] == 0
+
+
+def test_class_folders_that_disagree_or_are_empty_are_one_line(tmp_path):
+    train = image_folder(tmp_path / "train", ["cat", "dog", "fox"])
+    val = image_folder(tmp_path / "val", ["cat", "dog", "owl"], per_class=1)
+    out = tmp_path / "out"
+    line = one_error_line(folder_run(train, val, "--output_dir", out), "different class folders")
+    assert "only in training: fox" in line and "only in validation: owl" in line
+    (train / "fox" / "0.jpg").unlink()
+    for image in (train / "fox").iterdir():
+        image.unlink()
+    one_error_line(folder_run(train, train, "--output_dir", out), "fox")
+    assert not out.exists()
+
+
+def test_imagenet_layout_says_nb_classes_is_ignored(tmp_path):
+    image_folder(tmp_path / "imnet" / "train", ["n01", "n02"])
+    image_folder(tmp_path / "imnet" / "val", ["n01", "n02"], per_class=1)
+    result = run_main(*TINY_MODEL, *FAST, "--data_set", "IMNET", "--data_path", tmp_path / "imnet",
+                      "--nb_classes", "2", "--device", "cpu", "--input_size", "32", "--num_workers",
+                      "0", "--epochs", "1", "--batch_size", "4", "--disable_eval", "true")
+    assert "--nb_classes 2 is ignored" in result.stdout
