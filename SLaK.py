@@ -31,7 +31,11 @@ __all__ = ["SLaK", "LargeKernelUnit", "Block", "validate_kernel_size", "checkpoi
 # Checkpoints of the original release pickle their argparse.Namespace and NumPy scalars (its
 # schedules are NumPy arrays); allow exactly those on top of torch's weights-only set, for every
 # loader (checkpoint.py, timm's pretrained=True, the dense-prediction adapters).
-torch.serialization.add_safe_globals([argparse.Namespace, np._core.multiarray.scalar, np.dtype,
+try:  # NumPy 2 (numpy.core is its deprecated alias there)
+    from numpy._core.multiarray import scalar as _np_scalar
+except ImportError:  # NumPy 1.x
+    from numpy.core.multiarray import scalar as _np_scalar
+torch.serialization.add_safe_globals([argparse.Namespace, _np_scalar, np.dtype,
                                       type(np.dtype(np.float64))])
 
 # Stem (4) x three downsampling layers (2 each): the smallest input that reaches the last stage.

@@ -160,12 +160,21 @@ def restore_training_state(checkpoint, path, *, args, model, optimizer, scaler, 
     print(f"Resumed {'student' if flag == '--distill_resume' else 'model'} weights from {path}")
     if feature_loss is not None and "distill" in checkpoint:
         feature_loss.load_state_dict(checkpoint["distill"])
-    if model_ema is not None and "model_ema" in checkpoint:
-        model_ema.module.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint["model_ema"]))
+    if model_ema is not None:
+        if "model_ema" in checkpoint:
+            model_ema.module.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint["model_ema"]))
+        else:  # the EMA starts from the weights continued from, not from the random init
+            model_ema.set(model)
     start_epoch, max_accuracy, max_accuracy_ema = args.start_epoch, 0.0, 0.0
     if not args.eval and "optimizer" in checkpoint and "epoch" in checkpoint:
+        # The original's groups ([decay, no decay], or per layer id) are ours in the same order,
+        # so its state loads as ours; our per-group settings are kept over the saved ones.
+        ours = [{k: g[k] for k in ("lr_scale", "scheduled_weight_decay") if k in g}
+                for g in optimizer.param_groups]
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
+            for group, settings in zip(optimizer.param_groups, ours):
+                group.update(settings)
         except ValueError as exc:
             raise ConfigError(f"{flag} {path}: its optimizer state does not match this run's "
                               f"parameter groups ({exc}); use --finetune to start from its "

@@ -147,10 +147,17 @@ def build_transform(is_train, args):
         if args.input_size <= 32:  # tiny images: random crop with padding instead of resized crops
             transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
         return transform
-    # Below 384 px: resize to size / crop_pct, then centre crop; from 384 px: resize only.
-    crop_pct = args.crop_pct if args.crop_pct else (1.0 if args.input_size >= 384 else 224 / 256)
-    return create_transform(input_size=args.input_size, is_training=False, crop_pct=crop_pct,
-                            interpolation="bicubic", mean=mean, std=std)
+    # As the original: from 384 px the image is warped to a square (crop_pct ignored); below,
+    # resized to size / crop_pct on the shorter side, then centre-cropped.
+    bicubic = transforms.InterpolationMode.BICUBIC
+    size = args.input_size
+    if size >= 384:
+        resize = [transforms.Resize((size, size), interpolation=bicubic)]
+    else:
+        crop_pct = args.crop_pct if args.crop_pct else 224 / 256
+        resize = [transforms.Resize(int(size / crop_pct), interpolation=bicubic),
+                  transforms.CenterCrop(size)]
+    return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def _require_dir(path, flag):

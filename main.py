@@ -111,7 +111,8 @@ def get_args_parser():
     group = parser.add_argument_group("fine-tuning")
     group.add_argument("--finetune", default="", help="checkpoint to initialise the model from")
     group.add_argument("--model_key", default="model|module", type=str)
-    group.add_argument("--model_prefix", default="", type=str)
+    group.add_argument("--model_prefix", default="", type=str,
+                       help="prefix of the checkpoint's keys, stripped before loading")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", default=None, type=str)
@@ -312,9 +313,15 @@ def load_finetune_weights(model, args):
             state_dict = checkpoint[key]
             print(f"Load state_dict by model_key = {key}")
             break
-    state_dict = SLaK.checkpoint_filter_fn(checkpoint if state_dict is None else state_dict, model)
-    if args.model_prefix:
-        state_dict = {args.model_prefix + k: v for k, v in state_dict.items()}
+    state_dict = checkpoint if state_dict is None else state_dict
+    if args.model_prefix:  # as the original: the checkpoint's keys carry the prefix
+        state_dict = {k[len(args.model_prefix):]: v for k, v in state_dict.items()
+                      if k.startswith(args.model_prefix)}
+    state_dict = SLaK.checkpoint_filter_fn(state_dict, model)
+    if not set(state_dict) & set(model.state_dict()):
+        raise ConfigError(f"--finetune {args.finetune}: none of its weights fits --model "
+                          f"{getattr(args, 'model_s', None) if args.distill_type else args.model}; "
+                          f"check --model_key/--model_prefix and the model flags")
     result = model.load_state_dict(state_dict, strict=False)
     print(f"Fine-tuning from {args.finetune}: missing keys {result.missing_keys}, "
           f"unexpected keys {result.unexpected_keys}")
