@@ -113,3 +113,12 @@ def test_eval_resize_as_the_original(size):
     # From 384 px the whole (non-square) image is warped to the square: the red band stays in
     # view; below 384 px the centre crop cuts it away.
     assert bool(red_left) == (size >= 384)
+
+
+def test_main_accepts_the_originals_sparse_flags(tmp_path):
+    result = run_main(*COMMON, "--epochs", "1", "--sparse", "--sparse_init", "uniform",
+                      "--growth", "momentum_neuron", "--redistribution", "magnitude", "-u", "1",
+                      "--prune_rate", "0.5", "--sparse_zero_state", "true")
+    assert "[sparse] step 1:" in result.stdout and "[sparse] step 2:" in result.stdout
+    help_text = run_main("--help").stdout
+    assert "never redistributed" in help_text and "--sparse_zero_state" in help_text
