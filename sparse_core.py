@@ -525,11 +525,14 @@ class Masking:
             p = self.params[k]
             n = min(math.ceil(rate * self._active[k]), self._active[k])
             kept[k] = prune_fn(p, mask, n)
-            score = momentum_score(self.optimizer, p) if self.growth.startswith("momentum") else None
-            if score is None and self.growth.startswith("momentum"):
-                score = torch.zeros_like(p)
-            new[k] = grow_fn(kept[k], n, generator=self.generator, grad=self._grads.get(k),
-                             momentum=score)
+            score = None
+            if self.growth == "gradient":
+                score = self._grads.get(k)
+            elif self.growth.startswith("momentum"):
+                score = momentum_score(self.optimizer, p)
+            if score is None and self.growth != "random":
+                score = torch.zeros_like(p)  # no gradient (unused weight) or state yet: all 0
+            new[k] = grow_fn(kept[k], n, generator=self.generator, grad=score, momentum=score)
         new, kept = self._sync(new, kept)
         for k in self.masks:
             p = self.params[k]
