@@ -1,5 +1,6 @@
-"""Large-to-small kernel distillation (Huang et al., ICML 2023): a frozen SLaK teacher, a ConvNeXt
-student, and the losses between them.
+"""Large-to-small kernel distillation (Huang et al., ICML 2023): a frozen teacher, a student, and
+the losses between them. Teacher and student are SLaK-family models (a SLaK-family student is built
+as a ConvNeXt) or any timm model (ViT, Swin, ResNet, ConvNeXt...).
 
 ``main.py --distill_type {None,KD,NKD,FD,KD_FD,NKD_FD}`` trains the student ``--model_s`` with
 :class:`DistillationLoss`, which has the training loop's loss interface
@@ -10,7 +11,11 @@ autograd, the student with it, and combines
   (or ``--hard``: half cross-entropy with the labels, half with the teacher's predicted class);
 - ``NKD``: :class:`NKDLoss`, normalized KD; it replaces the supervised loss, as in the original;
 - ``FD``: :class:`FeatureDistillLoss` between the last-stage feature maps, weighted by ``--lr_fd``
-  and added to the supervised loss (``FD``), to KD (``KD_FD``) or to NKD (``NKD_FD``);
+  and added to the supervised loss (``FD``), to KD (``KD_FD``) or to NKD (``NKD_FD``). The maps
+  are the outputs of the module that timm's ``feature_info`` names last (``stages.3`` of SLaK and
+  ConvNeXt, ``layer4`` of ResNet, the last block of a ViT, the last stage of a Swin), turned into
+  ``(N, C, H, W)`` by :func:`as_feature_map` (a ViT's class/distillation tokens dropped); the
+  student's map, projected to the teacher's width, is resized bilinearly to the teacher's size;
 - ``None``: the supervised loss only (the student trained alone, as a baseline).
 
 Targets are class indices ``(N,)`` or, under Mixup/CutMix, class probabilities ``(N, C)``; the
@@ -19,11 +24,14 @@ losses that need one class per image take the most probable one.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 
-__all__ = ["DISTILL_TYPES", "STUDENT_OVERRIDES", "KDLoss", "NKDLoss", "FeatureDistillLoss",
-           "LastStageTap", "DistillationLoss", "freeze", "add_param_groups"]
+__all__ = ["DISTILL_TYPES", "FD_LOSS_TYPES", "STUDENT_OVERRIDES", "KDLoss", "NKDLoss",
+           "FeatureDistillLoss", "last_stage", "as_feature_map", "LastStageTap", "DistillationLoss", "freeze", "add_param_groups"]
 
 DISTILL_TYPES = ["None", "KD", "NKD", "FD", "KD_FD", "NKD_FD"]
+# --FDLoss_type spellings: the original's (smoothL1, MSE) and ours.
+FD_LOSS_TYPES = {"smoothL1": "SmoothL1", "SmoothL1": "SmoothL1", "MSE": "MSE"}
 
 # The student is the SLaK family at ConvNeXt settings: 7x7 kernels everywhere, no small branch
 # (100 > 7), no decomposition, width 1 (the paper's ConvNeXt-T/S students).
@@ -117,22 +125,27 @@ class FeatureDistillLoss(nn.Module):
         loss_type: ``"SmoothL1"`` (Huber with ``beta``) or ``"MSE"``.
         beta: SmoothL1 threshold between the quadratic and the linear part.
 
-    ``forward(student_features (N, Cs, H, W), teacher_features (N, Ct, H, W), target=None)``
-    returns the element mean of the loss between ``projector(student)`` and the teacher map
-    (``target`` is unused; it keeps the losses' common signature).
+    ``forward(student_features (N, Cs, Hs, Ws), teacher_features (N, Ct, Ht, Wt), target=None)``
+    returns the element mean of the loss between ``projector(student)``, resized bilinearly to
+    ``(Ht, Wt)`` where the sizes differ (e.g. a ResNet student's 7x7 map against a ViT-S/16
+    teacher's 14x14 tokens), and the teacher map (``target`` is unused; it keeps the losses'
+    common signature).
     """
 
     def __init__(self, student_channels, teacher_channels, loss_type="SmoothL1", beta=2.0):
         super().__init__()
-        if loss_type not in ("SmoothL1", "MSE"):
-            raise ValueError(f"loss_type {loss_type!r}: use 'SmoothL1' or 'MSE'")
-        self.loss_type, self.beta = loss_type, float(beta)
+        if loss_type not in FD_LOSS_TYPES:
+            raise ValueError(f"loss_type {loss_type!r}: use one of {', '.join(FD_LOSS_TYPES)}")
+        self.loss_type, self.beta = FD_LOSS_TYPES[loss_type], float(beta)
         self.projector = nn.Conv2d(student_channels, teacher_channels, kernel_size=1) \
             if student_channels != teacher_channels else nn.Identity()
 
     def forward(self, student_features, teacher_features, target=None):
         projected = self.projector(student_features).float()
         teacher_features = teacher_features.detach().float()
+        if projected.shape[-2:] != teacher_features.shape[-2:]:
+            projected = F.interpolate(projected, size=teacher_features.shape[-2:], mode="bilinear",
+                                      align_corners=False)
         if projected.shape != teacher_features.shape:
             raise ValueError(f"feature distillation compares maps of the same shape; the projected "
                              f"student map is {tuple(projected.shape)} and the teacher's "
@@ -142,18 +155,52 @@ class FeatureDistillLoss(nn.Module):
         return F.smooth_l1_loss(projected, teacher_features, beta=self.beta)
 
 
+def last_stage(model):
+    """``(module, channels)``: the module whose output is the model's last feature map (the last
+    entry of timm's ``feature_info``) and that map's channels."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise ValueError(f"{type(model).__name__} has no feature_info naming its last stage, which "
+                         f"feature distillation taps; use a timm model or one that defines it")
+    last = info[-1] if isinstance(info, (list, tuple)) else info.get_dicts()[-1]
+    return model.get_submodule(last["module"]), int(last["num_chs"])
+
+
+def as_feature_map(features, model, channels):
+    """A last-stage output as ``(N, C, H, W)``: NCHW maps pass, NHWC maps (Swin) are permuted,
+    token sequences ``(N, L, C)`` (ViT) lose their prefix (class/distillation) tokens and are laid
+    on their patch grid."""
+    if features.ndim == 4:
+        if features.shape[1] == channels:
+            return features
+        if features.shape[-1] == channels:
+            return features.permute(0, 3, 1, 2)
+    elif features.ndim == 3 and features.shape[-1] == channels:
+        tokens = features[:, getattr(model, "num_prefix_tokens", 0):]
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        h, w = grid if grid is not None and grid[0] * grid[1] == tokens.shape[1] else \
+            (round(tokens.shape[1] ** 0.5),) * 2
+        if h * w == tokens.shape[1]:
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], channels, h, w)
+    raise ValueError(f"cannot read a {channels}-channel feature map from a last-stage output of "
+                     f"shape {tuple(features.shape)} ({type(model).__name__})")
+
+
 class LastStageTap:
-    """Keeps the output of ``model.stages[-1]`` (the map FD compares) from forwards run inside
-    ``with tap:``, so the student can be called through DDP or ``torch.compile`` as ``model(x)``.
+    """Keeps the last-stage feature map (:func:`last_stage`, the map FD compares) of forwards run
+    inside ``with tap:``, as ``(N, C, H, W)``, so the model can be called through DDP or
+    ``torch.compile`` as ``model(x)``.
     """
 
     def __init__(self, model):
         self.output, self.active = None, False
-        self.handle = model.stages[-1].register_forward_hook(self._keep)
+        module, self.channels = last_stage(model)
+        self.model = model
+        self.handle = module.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
         if self.active:
-            self.output = output
+            self.output = as_feature_map(output, self.model, self.channels)
 
     def __enter__(self):
         self.active, self.output = True, None
@@ -258,7 +305,10 @@ def build_distillation_loss(args, student, teacher, criterion, feature_loss=None
     its projection must be in the optimizer and the checkpoint)."""
     logit_loss = None
     if args.distill_type.startswith("KD"):
-        logit_loss = KDLoss(args.T, args.alpha, args.hard, criterion)
+        # The original's KD supervises with plain cross-entropy on the labels (no label
+        # smoothing) when no mixup mixes them.
+        mixed = isinstance(criterion, SoftTargetCrossEntropy)
+        logit_loss = KDLoss(args.T, args.alpha, args.hard, criterion if mixed else F.cross_entropy)
     elif args.distill_type.startswith("NKD"):
         logit_loss = NKDLoss(args.T)
     return DistillationLoss(args.distill_type, student, teacher, criterion, logit_loss,

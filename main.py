@@ -30,8 +30,8 @@ from checkpoint import (append_log, latest_checkpoint, load_checkpoint, prepare_
                         remove_old_checkpoints,
                         restore_training_state, save_training_state)
 from datasets import build_dataset, check_same_classes
-from distillation import (DISTILL_TYPES, STUDENT_OVERRIDES, FeatureDistillLoss, add_param_groups,
-                          build_distillation_loss, freeze)
+from distillation import (DISTILL_TYPES, FD_LOSS_TYPES, STUDENT_OVERRIDES, FeatureDistillLoss,
+                          add_param_groups, build_distillation_loss, freeze, last_stage)
 from distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode,
                          is_main_process)
 from engine import SupervisedLoss, evaluate, train_one_epoch
@@ -185,13 +185,25 @@ def get_args_parser():
 
     group = parser.add_argument_group("distillation")
     group.add_argument("--distill_type", default=None, choices=DISTILL_TYPES,
-                       help="distil --model (teacher, from --resume) into --model_s")
-    group.add_argument("--model_s", default="SLaK_tiny", type=str, help="student model (a ConvNeXt)")
+                       help="distil --model (teacher, from --resume) into --model_s; off by default")
+    group.add_argument("--model_s", default="SLaK_small", type=str,
+                       help="student: a SLaK-family name (built as a ConvNeXt: 7x7 kernels, width 1) "
+                            "or any timm model (resnet50, convnext_tiny, ...)")
+    group.add_argument("--teacher_pretrained", type=str2bool, default=False,
+                       help="take the teacher --model's weights from timm's pretrained weights "
+                            "(downloaded by timm where online) instead of --resume")
     group.add_argument("--T", type=float, default=1.0, help="distillation temperature")
-    group.add_argument("--alpha", type=float, default=1.0, help="weight of the logit distillation loss")
+    group.add_argument("--alpha", type=float, default=0.1,
+                       help="KD: weight of the distillation term (the labels' cross-entropy gets "
+                            "1 - alpha)")
     group.add_argument("--hard", action="store_true", help="KD with the teacher's hard labels")
-    group.add_argument("--lr_fd", type=float, default=3e-5, help="weight of feature distillation")
-    group.add_argument("--FDLoss_type", default="SmoothL1", choices=["SmoothL1", "MSE"])
+    group.add_argument("--lr_fd", type=float, default=1.0,
+                       help="weight of feature distillation between the last-stage maps (a ViT's "
+                            "tokens laid on their grid, class tokens dropped; a 1x1 projection to "
+                            "the teacher's width; the student map resized bilinearly to the "
+                            "teacher's)")
+    group.add_argument("--FDLoss_type", default="smoothL1", choices=list(FD_LOSS_TYPES),
+                       help="feature distillation loss (SmoothL1 is an alias of smoothL1)")
     group.add_argument("--distill_resume", action="store_true",
                        help="resume the student from --output_dir")
     del add
@@ -264,12 +276,13 @@ def check_args(args):
     if args.finetune and not os.path.isfile(args.finetune):
         raise ConfigError(f"--finetune {args.finetune}: file not found")
     if args.distill_type is not None:
-        if args.distill_type != "None" and not args.resume:
+        if args.distill_type != "None" and not args.resume and not args.teacher_pretrained:
             raise ConfigError(f"--distill_type {args.distill_type} needs the teacher's weights: pass "
-                              f"--resume /path/to/teacher/checkpoint.pth")
-        if args.model_s not in SLaK.MODEL_DEPTHS_DIMS:
-            raise ConfigError(f"--model_s {args.model_s}: the student must be one of "
-                              f"{', '.join(SLaK.MODEL_DEPTHS_DIMS)} (built as a ConvNeXt)")
+                              f"--resume /path/to/teacher/checkpoint.pth (or --teacher_pretrained "
+                              f"true for timm's weights)")
+        if args.resume and args.teacher_pretrained:
+            raise ConfigError("--resume and --teacher_pretrained true both give the teacher's "
+                              "weights; pass one of them")
         if args.distill_resume and not args.output_dir:
             raise ConfigError("--distill_resume continues the student from --output_dir; pass "
                               "--output_dir")
@@ -287,21 +300,27 @@ def check_output_dir(output_dir):
                           f"not writable); pass a folder you can write to")
 
 
-def build_model(args, name, num_classes, **overrides):
-    """A model by registry name; SLaK models get the kernel/width/decomposition flags."""
+def build_model(args, name, num_classes, pretrained=False, **overrides):
+    """A model by registry name; SLaK models get the kernel/width/decomposition flags, other timm
+    models that take an image size (ViT, Swin) get ``--input_size``."""
     kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path)
     if name in SLaK.MODEL_DEPTHS_DIMS:
         kwargs.update(layer_scale_init_value=args.layer_scale_init_value,
                       head_init_scale=args.head_init_scale, kernel_size=args.kernel_size,
                       width_factor=args.width_factor, Decom=args.Decom, bn=args.bn)
+    elif not timm.is_model(name):
+        raise ConfigError(f"--model {name}: unknown model; use one of "
+                          f"{', '.join(SLaK.MODEL_DEPTHS_DIMS)} or a timm model name "
+                          f"(timm.list_models())")
     kwargs.update(overrides)
-    try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ConfigError(f"--model {name}: unknown model; use one of "
-                              f"{', '.join(SLaK.MODEL_DEPTHS_DIMS)}") from None
-        raise
+    if name not in SLaK.MODEL_DEPTHS_DIMS:
+        try:  # ViT, Swin and other token models are built for the run's image size
+            return timm.create_model(name, pretrained=pretrained, img_size=args.input_size,
+                                     **kwargs)
+        except TypeError as exc:  # CNNs take any size and no img_size argument
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def load_finetune_weights(model, args):
@@ -339,11 +358,16 @@ def load_weights_strict(model, state_dict, source, what):
 
 
 def load_teacher(args, num_classes, device):
-    """The frozen teacher: ``--model`` with the model flags, weights from ``--resume``."""
-    teacher = build_model(args, args.model, num_classes)
-    load_weights_strict(teacher, SLaK.checkpoint_filter_fn(load_checkpoint(args.resume)),
-                        f"--resume {args.resume}", f"the teacher --model {args.model}")
-    print(f"Teacher {args.model} loaded from {args.resume}")
+    """The frozen teacher: ``--model`` with the model flags, weights from ``--resume`` (ours, the
+    original's or a plain state dict) or, with ``--teacher_pretrained true``, timm's."""
+    if args.teacher_pretrained:
+        teacher = build_model(args, args.model, num_classes, pretrained=True)
+        print(f"Teacher {args.model} with timm's pretrained weights")
+    else:
+        teacher = build_model(args, args.model, num_classes)
+        load_weights_strict(teacher, SLaK.checkpoint_filter_fn(load_checkpoint(args.resume)),
+                            f"--resume {args.resume}", f"the teacher --model {args.model}")
+        print(f"Teacher {args.model} loaded from {args.resume}")
     teacher.to(device)
     if args.channels_last:
         teacher.to(memory_format=torch.channels_last)
@@ -403,8 +427,9 @@ def main(args):
     distilling = args.distill_type is not None
     teacher, feature_loss = None, None
     if distilling:
-        model = build_model(args, args.model_s, nb_classes, **STUDENT_OVERRIDES)
-        if args.resume:
+        overrides = STUDENT_OVERRIDES if args.model_s in SLaK.MODEL_DEPTHS_DIMS else {}
+        model = build_model(args, args.model_s, nb_classes, **overrides)
+        if args.resume or args.teacher_pretrained:
             teacher = load_teacher(args, nb_classes, device)
     else:
         model = build_model(args, args.model, nb_classes)
@@ -420,7 +445,7 @@ def main(args):
     if distilling and args.distill_type.endswith("FD"):
         # Trained and saved with the student (checkpoint key "distill"): the 1x1 projection from
         # student to teacher width.
-        feature_loss = FeatureDistillLoss(model.num_features, teacher.num_features,
+        feature_loss = FeatureDistillLoss(last_stage(model)[1], last_stage(teacher)[1],
                                           args.FDLoss_type).to(device)
 
     if distilling:
@@ -614,7 +639,8 @@ def resume_hint(args, argv):
     newest = latest_checkpoint(args.output_dir) if args.output_dir else None
     if newest is None:
         return "no complete epoch checkpoint was written; the same command starts over"
-    command = ["python", "main.py", *argv]
+    script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "main.py"
+    command = ["python", script, *argv]
     if args.distill_type is not None:
         if "--distill_resume" not in argv:
             command.append("--distill_resume")
@@ -623,10 +649,14 @@ def resume_hint(args, argv):
     return f"newest complete checkpoint {newest}; resume with: {shlex.join(command)}"
 
 
+def run_main(args, argv):
+    """``main(args)`` with the command line's error handling (one line, exit 2)."""
+    run_cli(main, args, on_interrupt=lambda: resume_hint(args, argv))
+
+
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = get_args_parser().parse_args(argv)
-    run_cli(main, args, on_interrupt=lambda: resume_hint(args, argv))
+    run_main(get_args_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

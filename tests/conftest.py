@@ -22,9 +22,10 @@ def cli_env():
     return env
 
 
-def run_main(*args, check=True, timeout=600, launcher=None):
-    """Run ``python main.py *args`` (or under ``launcher``) in the repo root; returns the result."""
-    command = (launcher or [sys.executable]) + [str(REPO / "main.py"), *map(str, args)]
+def run_main(*args, check=True, timeout=600, launcher=None, script=REPO / "main.py"):
+    """Run ``python main.py *args`` (or ``script``, or under ``launcher``) in the repo root;
+    returns the result."""
+    command = (launcher or [sys.executable]) + [str(script), *map(str, args)]
     result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode != 0:
