@@ -59,9 +59,11 @@ def get_args_parser():
 def build_masks(model, args):
     """``{param name: bool mask}`` for the counted model, or ``{}`` for a dense one."""
     if args.resume:
-        from checkpoint import load_checkpoint
-        checkpoint = load_checkpoint(args.resume)
-        model.load_state_dict(SLaK.checkpoint_filter_fn(checkpoint, model), strict=True)
+        from checkpoint import load_state_dict_checked, model_config, open_checkpoint
+        expected = model_config(args.model, args.kernel_size, args.Decom, args.width_factor,
+                                args.bn, args.nb_classes)
+        checkpoint, state_dict = open_checkpoint(args.resume, "--resume", expected)
+        load_state_dict_checked(model, state_dict, "--resume", args.resume)
         if isinstance(checkpoint, dict) and checkpoint.get("masks"):
             return {k: v.bool() for k, v in checkpoint["masks"].items()}
         args.sparse_init = "resume"  # no masks stored: the zeros of the weights are the masks

@@ -12,16 +12,15 @@ dict. The graph holds standard ONNX operators only: each large-kernel convolutio
 """
 import os
 import re
-import sys
 import tempfile
 
 import torch
 
 import SLaK
-from checkpoint import load_checkpoint
+from checkpoint import args_model_config, load_state_dict_checked, open_checkpoint
 from depthwise_conv2d_implicit_gemm.export import onnx_translation_table
-from main import ArgumentParser, add_model_args, build_model, load_weights_strict
-from utils import ConfigError, str2bool
+from main import ArgumentParser, add_model_args, build_model
+from utils import ConfigError, run_cli, str2bool
 
 # Keys only a deployed checkpoint has: the large-kernel branches carry their folded bias.
 _DEPLOYED_KEY = re.compile(r"\.large_kernel\.(LoRA1|lkb_origin)\.conv\.bias$")
@@ -67,16 +66,15 @@ def check_args(args):
 
 def load_model(args):
     """The model in eval mode, deployed when ``--deploy true``, with ``--checkpoint``'s weights."""
-    state_dict = SLaK.checkpoint_filter_fn(load_checkpoint(args.checkpoint)) if args.checkpoint \
-        else None
+    state_dict = open_checkpoint(args.checkpoint, "--checkpoint", args_model_config(args),
+                                 ignore=("deploy",))[1] if args.checkpoint else None
     deployed_checkpoint = state_dict is not None and any(map(_DEPLOYED_KEY.search, state_dict))
     if deployed_checkpoint and not args.deploy:
         raise ConfigError(f"--checkpoint {args.checkpoint} holds a deployed (re-parameterised) "
                           f"model, which has no training form; pass --deploy true")
     model = build_model(args, args.model, args.nb_classes, deploy=deployed_checkpoint)
     if state_dict is not None:
-        load_weights_strict(model, state_dict, f"--checkpoint {args.checkpoint}",
-                            f"--model {args.model}")
+        load_state_dict_checked(model, state_dict, "--checkpoint", args.checkpoint)
     model.eval()
     if args.deploy:
         model.reparameterize()
@@ -118,12 +116,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli(main, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

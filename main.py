@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 import SLaK  # noqa: F401 - registers the SLaK family in timm
 import sparse_core
 import timm
-from checkpoint import (append_log, latest_checkpoint, load_checkpoint, prepare_output_dir,
+from checkpoint import (append_log, args_model_config, latest_checkpoint,
+                        load_state_dict_checked, open_checkpoint, prepare_output_dir,
                         remove_old_checkpoints,
                         restore_training_state, save_training_state)
 from datasets import build_dataset, check_same_classes
@@ -323,9 +324,13 @@ def build_model(args, name, num_classes, pretrained=False, **overrides):
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def load_finetune_weights(model, args):
-    """Initialise ``model`` from ``--finetune`` (classifier dropped when its shape differs)."""
-    checkpoint = load_checkpoint(args.finetune)
+def load_finetune_weights(model, args, config):
+    """Initialise ``model`` from ``--finetune``; only the classifier may differ (it is dropped).
+
+    ``config``: this run's model_config; a checkpoint of another configuration, or one of which
+    anything but the classifier does not load, is a ``ConfigError``.
+    """
+    checkpoint, _ = open_checkpoint(args.finetune, "--finetune", config, ignore=("nb_classes",))
     state_dict = None
     for key in args.model_key.split("|"):
         if key in checkpoint:
@@ -337,24 +342,16 @@ def load_finetune_weights(model, args):
         state_dict = {k[len(args.model_prefix):]: v for k, v in state_dict.items()
                       if k.startswith(args.model_prefix)}
     state_dict = SLaK.checkpoint_filter_fn(state_dict, model)
-    if not set(state_dict) & set(model.state_dict()):
-        raise ConfigError(f"--finetune {args.finetune}: none of its weights fits --model "
-                          f"{getattr(args, 'model_s', None) if args.distill_type else args.model}; "
-                          f"check --model_key/--model_prefix and the model flags")
-    result = model.load_state_dict(state_dict, strict=False)
+    result = load_state_dict_checked(model, state_dict, "--finetune", args.finetune, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("head.")]
+    if missing or result.unexpected_keys or len(result.missing_keys) == len(model.state_dict()):
+        raise ConfigError(f"--finetune {args.finetune} does not fit the model beyond its "
+                          f"classifier ({len(missing)} weights missing, e.g. "
+                          f"{(missing or ['-'])[0]}; {len(result.unexpected_keys)} unexpected, e.g. "
+                          f"{(result.unexpected_keys or ['-'])[0]}); pass the flags it was trained "
+                          f"with, or --model_key/--model_prefix")
     print(f"Fine-tuning from {args.finetune}: missing keys {result.missing_keys}, "
           f"unexpected keys {result.unexpected_keys}")
-
-
-def load_weights_strict(model, state_dict, source, what):
-    """Load every weight of ``model``; a checkpoint of another configuration is one ConfigError."""
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise ConfigError(f"{source} does not fit {what} (--kernel_size/--width_factor/--Decom/"
-                          f"--bn/--nb_classes) ({first[:200]}); pass the flags it was trained "
-                          f"with") from None
 
 
 def load_teacher(args, num_classes, device):
@@ -365,8 +362,8 @@ def load_teacher(args, num_classes, device):
         print(f"Teacher {args.model} with timm's pretrained weights")
     else:
         teacher = build_model(args, args.model, num_classes)
-        load_weights_strict(teacher, SLaK.checkpoint_filter_fn(load_checkpoint(args.resume)),
-                            f"--resume {args.resume}", f"the teacher --model {args.model}")
+        _, state_dict = open_checkpoint(args.resume, "--resume", args_model_config(args))
+        load_state_dict_checked(teacher, state_dict, "--resume", args.resume)
         print(f"Teacher {args.model} loaded from {args.resume}")
     teacher.to(device)
     if args.channels_last:
@@ -429,12 +426,14 @@ def main(args):
     if distilling:
         overrides = STUDENT_OVERRIDES if args.model_s in SLaK.MODEL_DEPTHS_DIMS else {}
         model = build_model(args, args.model_s, nb_classes, **overrides)
+        config = args_model_config(args, args.model_s, **overrides)
         if args.resume or args.teacher_pretrained:
             teacher = load_teacher(args, nb_classes, device)
     else:
         model = build_model(args, args.model, nb_classes)
+        config = args_model_config(args)
     if args.finetune:
-        load_finetune_weights(model, args)
+        load_finetune_weights(model, args, config)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -457,7 +456,8 @@ def main(args):
         if args.auto_resume and not args.resume and args.output_dir:
             args.resume = latest_checkpoint(args.output_dir) or ""
         resume_path = args.resume
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    resume_flag = "--distill_resume" if distilling else "--resume"
+    checkpoint = open_checkpoint(resume_path, resume_flag, config)[0] if resume_path else None
     if args.sparse and args.sparse_init == "resume" and checkpoint is None and not args.finetune \
             and not args.eval:
         what = "--distill_resume (the student's checkpoint in --output_dir)" if distilling else \
@@ -565,7 +565,8 @@ def main(args):
         return save_training_state(
             os.path.join(args.output_dir, name), args=args, epoch=epoch, model=model_without_ddp,
             optimizer=optimizer, scaler=scaler, model_ema=model_ema, feature_loss=feature_loss,
-            masking=masking, max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema)
+            masking=masking, max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema,
+            model_config=config)
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()

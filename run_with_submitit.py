@@ -14,9 +14,9 @@ job requeues itself and continues from the newest checkpoint in ``--output_dir``
 """
 import argparse
 import os
-import sys
 
 import main as trainer
+from utils import ConfigError, run_cli
 
 
 def parse_args(argv=None):
@@ -78,13 +78,13 @@ def main(argv=None):
     try:
         trainer.check_args(argparse.Namespace(**{**vars(args), "device": "cpu"}))
     except trainer.ConfigError as exc:
-        sys.exit(f"error: {exc}")
+        raise ConfigError(str(exc)) from None
     try:
         import submitit
     except ImportError:
-        sys.exit("error: run_with_submitit.py needs submitit; pip install submitit")
+        raise ConfigError("run_with_submitit.py needs submitit; pip install submitit") from None
     if not args.job_dir:
-        sys.exit("error: give --job_dir, a folder on a file system every node can see")
+        raise ConfigError("give --job_dir, a folder on a file system every node can see")
     args.output_dir = args.output_dir or args.job_dir
     executor = submitit.AutoExecutor(folder=os.path.join(args.job_dir, "%j"), slurm_max_num_timeout=30)
     extra = {"slurm_partition": args.partition} if args.partition else {}
@@ -98,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segmentation.launch import main  # noqa: E402
+from utils import run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    main("test")
+    run_cli(main, "test")

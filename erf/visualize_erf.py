@@ -113,14 +113,8 @@ class LastStage(nn.Module):
 
 
 def _load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise ERFError(f"--weights {path}: no such file; pass the path of a checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which and why, in one line
-        raise ERFError(f"--weights {path} could not be read by torch.load ({err}); pass a PyTorch "
-                       f"checkpoint") from err
+    from checkpoint import load_checkpoint
+    return load_checkpoint(str(path), "--weights")
 
 
 def _from_official_convnext(state_dict):
@@ -130,6 +124,9 @@ def _from_official_convnext(state_dict):
 
 def _load_into(model, state_dict, what):
     own = model.state_dict()
+    # The classifier is not used for the ERF: one of another class count is dropped.
+    state_dict = {k: v for k, v in state_dict.items() if not (
+        k.startswith(("head.", "fc.")) and (k not in own or own[k].shape != v.shape))}
     mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     state_dict = {k: v for k, v in state_dict.items() if k in own and k not in mismatched}
     # The classifier is not used for the ERF; everything else must be there.
@@ -195,12 +192,20 @@ def _slak_family(args):
 
     state_dict = None
     if args.weights:
-        state_dict = SLaK.checkpoint_filter_fn(_load_checkpoint(args.weights))
+        from checkpoint import checkpoint_model_config, model_config, open_checkpoint
+        depths = args.depths or SLaK.MODEL_DEPTHS_DIMS["SLaK_tiny"][0]
+        family = next((n for n, (d, _) in SLaK.MODEL_DEPTHS_DIMS.items() if d == list(depths)), None)
+        expected = model_config(family, kernel_size, decom, width_factor, True, 0)
+        # The classifier is not used (any class count); BatchNorm and the deployed form are
+        # taken from the checkpoint.
+        checkpoint, state_dict = open_checkpoint(str(args.weights), "--weights", expected,
+                                                 ignore=("nb_classes", "bn", "deploy"))
+        found, _ = checkpoint_model_config(checkpoint, family)
         if any(".dwconv." in k for k in state_dict):
             state_dict = _from_official_convnext(state_dict)
         # A re-parameterised checkpoint has biased large-kernel convolutions and no BatchNorm.
-        kwargs["deploy"] = any(k.endswith(("lkb_origin.conv.bias", "LoRA1.conv.bias"))
-                               for k in state_dict)
+        kwargs["deploy"] = bool(found["deploy"])
+        kwargs["bn"] = found["bn"] if found["bn"] is not None else True
     model = timm.create_model("SLaK_tiny", **kwargs)
     if state_dict is None:
         print(f"{what}: randomly initialised (no --weights given); the ERF is not that of a "

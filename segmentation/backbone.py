@@ -131,7 +131,15 @@ def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="cu
     feature LayerNorm (``norm.*``) are dropped first; the per-stage ``norm{i}`` are new and so
     always missing from a classification checkpoint.
     """
-    raw = CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")
+    if prefix is None and os.path.isfile(str(checkpoint)):
+        # A local classification checkpoint: checked like every other loader's (one line naming
+        # what differs); the classifier is dropped below, so its class count does not matter.
+        from checkpoint import infer_model_config, open_checkpoint
+        expected = infer_model_config(backbone.state_dict())
+        raw, _ = open_checkpoint(str(checkpoint), "init_cfg checkpoint", expected,
+                                 ignore=("nb_classes",))
+    else:  # a URL, or a segmentation/detection checkpoint holding the backbone under prefix
+        raw = CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")
     state_dict = checkpoint_filter_fn(raw)
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

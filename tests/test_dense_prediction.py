@@ -317,6 +317,12 @@ def test_checkpoint_formats_and_mismatch(main_checkpoint, tmp_path):
     fresh.init_weights()
     assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in fresh.state_dict().items())
 
+    from utils import ConfigError
     wider = SLaKBackbone(**dict(TINY_BACKBONE, width_factor=0.5), Decom=True)
-    with pytest.raises(ValueError, match="does not fit this SLaK backbone"):
+    with pytest.raises(ConfigError, match="holds a model of --width_factor 0.25; this run has "
+                                          "--width_factor 0.5"):
         load_classification_checkpoint(wider, str(ddp))
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match="is an empty file"):
+        load_classification_checkpoint(backbone, str(empty))

@@ -132,7 +132,8 @@ def test_weights_in_this_project_and_original_formats_load(tmp_path):
     loaded = visualize_erf.build_model(slak_args("--weights", str(path))).model
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    with pytest.raises(visualize_erf.ERFError, match="--kernel_size"):
+    from utils import ConfigError
+    with pytest.raises(ConfigError, match="holds a model of --Decom True; this run has --Decom False"):
         visualize_erf.build_model(slak_args("--weights", str(path), "--Decom", "false"))
 
 

@@ -239,3 +239,61 @@ def test_imagenet_layout_says_nb_classes_is_ignored(tmp_path):
                       "--nb_classes", "2", "--device", "cpu", "--input_size", "32", "--num_workers",
                       "0", "--epochs", "1", "--batch_size", "4", "--disable_eval", "true")
     assert "--nb_classes 2 is ignored" in result.stdout
+
+
+# --- Checkpoints say what they are; every loader checks them through checkpoint.open_checkpoint --
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    run_main(*TINY_MODEL, *SYNTHETIC, *FAST, "--epochs", "1", "--batch_size", "16",
+             "--synthetic_train_size", "32", "--disable_eval", "true", "--output_dir", out)
+    return out / "checkpoint-0.pth"
+
+
+def test_checkpoints_record_their_model_and_mismatched_flags_are_one_line(tmp_path, tiny_checkpoint):
+    import argparse
+
+    import torch
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    assert state["model_config"] == dict(model="SLaK_tiny", kernel_size=[13, 11, 9, 7, 3],
+                                         Decom=True, width_factor=0.25, bn=True, nb_classes=4,
+                                         deploy=False, sparse=False)
+    # The original's: its argparse namespace under "args"; a bare state dict: shapes only.
+    original = tmp_path / "original.pth"
+    torch.save({"model": state["model"], "args": argparse.Namespace(
+        model="SLaK_tiny", kernel_size=[13, 11, 9, 7, 3], Decom=True, width_factor=0.25, bn=True,
+        nb_classes=4, sparse=False)}, original)
+    bare = tmp_path / "bare.pth"
+    torch.save(state["model"], bare)
+    other = ["--model", "SLaK_tiny", "--width_factor", "0.5", "--Decom", "false",
+             "--kernel_size", "15", "11", "9", "7", "3"]
+    for path, how in ((tiny_checkpoint, "was trained with"), (original, "was trained with"),
+                      (bare, "holds a model of")):
+        result = run_main(*other, *SYNTHETIC, "--eval", "true", "--resume", path, check=False)
+        one_error_line(result, f"--resume {path} {how} --kernel_size 13 11 9 7 3 --Decom True "
+                               f"--width_factor 0.25; this run has --kernel_size 15 11 9 7 3 "
+                               f"--Decom False --width_factor 0.5: pass the checkpoint's flags")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is an empty file"), (b"\x80\x02garbage", "cannot be read"),
+    ("list", "holds no model weights"), ("foreign", "holds no SLaK/ConvNeXt weights")])
+def test_unusable_files_are_one_line_for_every_loader(tmp_path, content, message):
+    import torch
+    path = tmp_path / "bad.pth"
+    if content == "list":
+        torch.save([1, 2], path)
+    elif content == "foreign":
+        torch.save({"model": {"conv1.weight": torch.zeros(3)}}, path)
+    else:
+        path.write_bytes(content)
+    out = tmp_path / "out"
+    for flag in (["--eval", "true", "--resume"], ["--finetune"]):
+        result = run_main(*TINY_MODEL, *SYNTHETIC, "--output_dir", out, *flag, path, check=False)
+        one_error_line(result, message)
+    if content == "":
+        one_error_line(run_tool("FLOPs_counter.py", "--resume", path), message)
+        one_error_line(run_tool("erf/visualize_erf.py", "--model", "SLaK", "--data_path", tmp_path,
+                                "--weights", path), message)
+    assert not out.exists()
