@@ -112,9 +112,14 @@ def infer_model_config(state_dict, model=None):
                 sparse=None)
 
 
-def checkpoint_model_config(checkpoint, model=None):
-    """``(config, source)``: the checkpoint's model configuration and where it was read from."""
-    state_dict = SLaK.checkpoint_filter_fn(checkpoint)
+def checkpoint_model_config(checkpoint, model=None, state_dict=None):
+    """``(config, source)``: the checkpoint's model configuration and where it was read from.
+
+    ``state_dict``: the checkpoint's weights when a loader selected them itself (a model key or
+    prefix); by default those that ``SLaK.checkpoint_filter_fn`` finds.
+    """
+    if state_dict is None:
+        state_dict = SLaK.checkpoint_filter_fn(checkpoint)
     inferred = infer_model_config(state_dict, model)
     recorded = checkpoint.get("model_config")
     if isinstance(recorded, dict):
@@ -151,20 +156,39 @@ def _flag_text(flag, value):
     return f"--{flag} {value}"
 
 
-def open_checkpoint(path, flag, expected, ignore=()):
+def select_weights(checkpoint, model_key="", prefix=""):
+    """The model weights of ``checkpoint``: under the first of the ``|``-separated ``model_key``
+    names it holds (else where ``SLaK.checkpoint_filter_fn`` finds them), keys starting with
+    ``prefix`` only, the prefix stripped."""
+    for key in filter(None, model_key.split("|")):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    state_dict = SLaK.checkpoint_filter_fn(checkpoint)
+    if prefix:
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
+
+
+def open_checkpoint(path, flag, expected, ignore=(), model_key="", prefix=""):
     """Load ``path`` (given by ``flag``) and check its model against ``expected`` (a model_config).
 
     Every loader goes through here. A file that cannot be read, holds no weights or holds a
     model of another configuration is one ``CheckpointError`` naming the flags that differ and
     the values the checkpoint needs. ``ignore``: configuration keys this loader does not need to
-    match (e.g. ``nb_classes`` when the classifier is dropped). Returns ``(checkpoint,
-    state_dict)``.
+    match (e.g. ``nb_classes`` when the classifier is dropped); ``model_key``, ``prefix``: where
+    the weights are (``select_weights``). Returns ``(checkpoint, state_dict)``.
     """
     checkpoint = load_checkpoint(path, flag)
+    state_dict = select_weights(checkpoint, model_key, prefix)
     if expected.get("model") not in (None, *SLaK.MODEL_DEPTHS_DIMS):  # another timm model
-        return checkpoint, SLaK.checkpoint_filter_fn(checkpoint)
-    found, source = checkpoint_model_config(checkpoint, expected.get("model"))
+        return checkpoint, state_dict
+    found, source = checkpoint_model_config(checkpoint, expected.get("model"), state_dict)
     if found is None:
+        nested = next((k[:k.index("stages.")] for k in state_dict if "stages." in k), "")
+        if nested and flag == "--finetune":
+            raise CheckpointError(f"{flag} {path} holds its weights under '{nested}': pass "
+                                  f"--model_prefix {nested}")
         raise CheckpointError(f"{flag} {path} holds no SLaK/ConvNeXt weights (no stages or stem); "
                               f"point {flag} at a checkpoint of this model family")
     differ = [k for k in CONFIG_FLAGS if k not in ignore and
@@ -175,7 +199,7 @@ def open_checkpoint(path, flag, expected, ignore=()):
             f"{flag} {path} {how} {' '.join(_flag_text(k, found[k]) for k in differ)}; this run "
             f"has {' '.join(_flag_text(k, expected[k]) for k in differ)}: pass the checkpoint's "
             f"flags")
-    return checkpoint, SLaK.checkpoint_filter_fn(checkpoint)
+    return checkpoint, state_dict
 
 
 def load_state_dict_checked(model, state_dict, flag, path, strict=True):

@@ -330,17 +330,9 @@ def load_finetune_weights(model, args, config):
     ``config``: this run's model_config; a checkpoint of another configuration, or one of which
     anything but the classifier does not load, is a ``ConfigError``.
     """
-    checkpoint, _ = open_checkpoint(args.finetune, "--finetune", config, ignore=("nb_classes",))
-    state_dict = None
-    for key in args.model_key.split("|"):
-        if key in checkpoint:
-            state_dict = checkpoint[key]
-            print(f"Load state_dict by model_key = {key}")
-            break
-    state_dict = checkpoint if state_dict is None else state_dict
-    if args.model_prefix:  # as the original: the checkpoint's keys carry the prefix
-        state_dict = {k[len(args.model_prefix):]: v for k, v in state_dict.items()
-                      if k.startswith(args.model_prefix)}
+    # --model_prefix as the original: the checkpoint's keys carry the prefix, ours do not.
+    _, state_dict = open_checkpoint(args.finetune, "--finetune", config, ignore=("nb_classes",),
+                                    model_key=args.model_key, prefix=args.model_prefix)
     state_dict = SLaK.checkpoint_filter_fn(state_dict, model)
     result = load_state_dict_checked(model, state_dict, "--finetune", args.finetune, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head.")]

@@ -92,7 +92,7 @@ def test_deployed_checkpoint_exports_and_cannot_be_trained_form(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "missing.pth"], "file not found"),
-    (["--checkpoint", "{ckpt}", "--Decom", "false"], "does not fit --model SLaK_tiny"),
+    (["--checkpoint", "{ckpt}", "--Decom", "false"], "--Decom True; this run has --Decom False"),
     (["--kernel_size", "13", "11", "9", "7"], "--kernel_size takes five integers"),
     (["--output", "{tmp}/no/such/folder/x.onnx"], "does not exist"),
     (["--model", "resnet50"], "exports SLaK models"),

@@ -98,7 +98,7 @@ def test_finetune_strips_model_prefix_and_rejects_no_match(tmp_path):
     assert "missing keys []" in result.stdout
     bad = run_main(*COMMON, "--eval", "true", "--finetune", tmp_path / "prefixed.pth",
                    check=False)
-    assert bad.returncode == 2 and "none of its weights fits" in bad.stderr
+    assert bad.returncode == 2 and "pass --model_prefix backbone." in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
 
