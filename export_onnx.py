@@ -19,7 +19,8 @@ import torch
 import SLaK
 from checkpoint import args_model_config, load_state_dict_checked, open_checkpoint
 from depthwise_conv2d_implicit_gemm.export import onnx_translation_table
-from main import ArgumentParser, add_model_args, build_model
+from main import ArgumentParser, add_model_args
+from model_factory import build_model
 from utils import ConfigError, run_cli, str2bool
 
 # Keys only a deployed checkpoint has: the large-kernel branches carry their folded bias.

@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import SLaK  # noqa: F401 - registers the SLaK family in timm
 import sparse_core
-import timm
 from checkpoint import (append_log, args_model_config, latest_checkpoint,
                         load_state_dict_checked, open_checkpoint, prepare_output_dir,
                         remove_old_checkpoints,
@@ -36,6 +35,7 @@ from distillation import (DISTILL_TYPES, FD_LOSS_TYPES, STUDENT_OVERRIDES, Featu
 from distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode,
                          is_main_process)
 from engine import SupervisedLoss, evaluate, train_one_epoch
+from model_factory import build_model
 from optim_factory import create_optimizer
 from utils import (ConfigError, TensorboardLogger, WandbLogger, cosine_scheduler,
                    run_cli, seed_everything, str2bool)
@@ -212,7 +212,7 @@ def get_args_parser():
 
 
 def add_model_args(group):
-    """The flags ``build_model`` reads, shared by main.py and export_onnx.py."""
+    """The flags ``model_factory.build_model`` reads, shared by main.py and export_onnx.py."""
     group.add_argument("--model", default="SLaK_tiny", type=str, help="model name (timm registry)")
     group.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
     group.add_argument("--input_size", default=224, type=int, help="image size")
@@ -299,29 +299,6 @@ def check_output_dir(output_dir):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--output_dir {output_dir} cannot be created or written ({existing} is "
                           f"not writable); pass a folder you can write to")
-
-
-def build_model(args, name, num_classes, pretrained=False, **overrides):
-    """A model by registry name; SLaK models get the kernel/width/decomposition flags, other timm
-    models that take an image size (ViT, Swin) get ``--input_size``."""
-    kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path)
-    if name in SLaK.MODEL_DEPTHS_DIMS:
-        kwargs.update(layer_scale_init_value=args.layer_scale_init_value,
-                      head_init_scale=args.head_init_scale, kernel_size=args.kernel_size,
-                      width_factor=args.width_factor, Decom=args.Decom, bn=args.bn)
-    elif not timm.is_model(name):
-        raise ConfigError(f"--model {name}: unknown model; use one of "
-                          f"{', '.join(SLaK.MODEL_DEPTHS_DIMS)} or a timm model name "
-                          f"(timm.list_models())")
-    kwargs.update(overrides)
-    if name not in SLaK.MODEL_DEPTHS_DIMS:
-        try:  # ViT, Swin and other token models are built for the run's image size
-            return timm.create_model(name, pretrained=pretrained, img_size=args.input_size,
-                                     **kwargs)
-        except TypeError as exc:  # CNNs take any size and no img_size argument
-            if "img_size" not in str(exc):
-                raise
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def load_finetune_weights(model, args, config):
