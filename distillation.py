@@ -18,6 +18,10 @@ autograd, the student with it, and combines
   student's map, projected to the teacher's width, is resized bilinearly to the teacher's size;
 - ``None``: the supervised loss only (the student trained alone, as a baseline).
 
+:func:`build_distillation` builds all of it from main.py's flags: the student, the teacher
+(:func:`load_teacher`) and the feature loss, then the optimizer's extra parameter groups and the
+training loss (:class:`Distillation`).
+
 Targets are class indices ``(N,)`` or, under Mixup/CutMix, class probabilities ``(N, C)``; the
 losses that need one class per image take the most probable one.
 """
@@ -26,8 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
+import SLaK
+from checkpoint import args_model_config, load_state_dict_checked, open_checkpoint
+from model_factory import build_model
+
 __all__ = ["DISTILL_TYPES", "FD_LOSS_TYPES", "STUDENT_OVERRIDES", "KDLoss", "NKDLoss",
-           "FeatureDistillLoss", "last_stage", "as_feature_map", "LastStageTap", "DistillationLoss", "freeze", "add_param_groups"]
+           "FeatureDistillLoss", "last_stage", "as_feature_map", "LastStageTap", "DistillationLoss",
+           "freeze", "add_param_groups", "build_distillation_loss", "load_teacher", "Distillation",
+           "build_distillation"]
 
 DISTILL_TYPES = ["None", "KD", "NKD", "FD", "KD_FD", "NKD_FD"]
 # --FDLoss_type spellings: the original's (smoothL1, MSE) and ours.
@@ -313,3 +323,75 @@ def build_distillation_loss(args, student, teacher, criterion, feature_loss=None
         logit_loss = NKDLoss(args.T)
     return DistillationLoss(args.distill_type, student, teacher, criterion, logit_loss,
                             feature_loss, args.lr_fd, compile_teacher=args.compile)
+
+
+def load_teacher(args, num_classes, device):
+    """The frozen teacher: ``--model`` with the model flags, weights from ``--resume`` (ours, the
+    original's or a plain state dict) or, with ``--teacher_pretrained true``, timm's."""
+    if args.teacher_pretrained:
+        teacher = build_model(args, args.model, num_classes, pretrained=True)
+        print(f"Teacher {args.model} with timm's pretrained weights")
+    else:
+        teacher = build_model(args, args.model, num_classes)
+        _, state_dict = open_checkpoint(args.resume, "--resume", args_model_config(args))
+        load_state_dict_checked(teacher, state_dict, "--resume", args.resume)
+        print(f"Teacher {args.model} loaded from {args.resume}")
+    teacher.to(device)
+    if args.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return freeze(teacher)
+
+
+class Distillation:
+    """What main.py trains with in distillation mode; built by :func:`build_distillation`.
+
+    Attributes:
+        student: the model trained, checkpointed, EMA'd and evaluated (``--model_s``).
+        teacher: the frozen teacher (``--model``), or None when no teacher weights are given
+            (``--distill_type None`` without ``--resume``).
+        feature_loss: for ``*FD`` types the :class:`FeatureDistillLoss`, whose projection trains
+            with the student and is saved with it (checkpoint key ``"distill"``); else None.
+        model_config: the student's ``model_config``, recorded in and checked against its
+            checkpoints.
+    """
+
+    def __init__(self, args, device, student, teacher, feature_loss, model_config):
+        self.args, self.device = args, device
+        self.student, self.teacher = student, teacher
+        self.feature_loss, self.model_config = feature_loss, model_config
+
+    def add_param_groups(self, optimizer):
+        """Add the projection's parameters (if any) to the student's ``optimizer``."""
+        if self.feature_loss is not None:
+            add_param_groups(optimizer, self.feature_loss, self.args.weight_decay)
+
+    def loss(self, criterion):
+        """The training loss (:class:`DistillationLoss`), ``criterion`` the supervised loss."""
+        feature_loss = self.feature_loss
+        if self.args.distributed and feature_loss is not None and any(
+                p.requires_grad for p in feature_loss.parameters()):
+            # The projection trains beside the student, so its gradients are averaged across
+            # processes too; the bare module stays in self.feature_loss for the checkpoint.
+            feature_loss = nn.parallel.DistributedDataParallel(
+                feature_loss, device_ids=[self.args.gpu] if self.device.type == "cuda" else None)
+        return build_distillation_loss(self.args, self.student, self.teacher, criterion,
+                                       feature_loss)
+
+
+def build_distillation(args, nb_classes, device):
+    """:class:`Distillation` from main.py's flags: the student ``--model_s`` (a SLaK-family name
+    built with :data:`STUDENT_OVERRIDES`), the teacher from ``--resume`` or
+    ``--teacher_pretrained``, and for ``*FD`` types the feature loss on ``device``."""
+    overrides = STUDENT_OVERRIDES if args.model_s in SLaK.MODEL_DEPTHS_DIMS else {}
+    student = build_model(args, args.model_s, nb_classes, **overrides)
+    model_config = args_model_config(args, args.model_s, **overrides)
+    teacher = None
+    if args.resume or args.teacher_pretrained:
+        teacher = load_teacher(args, nb_classes, device)
+    feature_loss = None
+    if args.distill_type.endswith("FD"):
+        # Trained and saved with the student (checkpoint key "distill"): the 1x1 projection from
+        # student to teacher width.
+        feature_loss = FeatureDistillLoss(last_stage(student)[1], last_stage(teacher)[1],
+                                          args.FDLoss_type).to(device)
+    return Distillation(args, device, student, teacher, feature_loss, model_config)

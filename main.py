@@ -30,8 +30,7 @@ from checkpoint import (append_log, args_model_config, latest_checkpoint,
                         remove_old_checkpoints,
                         restore_training_state, save_training_state)
 from datasets import build_dataset, check_same_classes
-from distillation import (DISTILL_TYPES, FD_LOSS_TYPES, STUDENT_OVERRIDES, FeatureDistillLoss,
-                          add_param_groups, build_distillation_loss, freeze, last_stage)
+from distillation import DISTILL_TYPES, FD_LOSS_TYPES, build_distillation
 from distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode,
                          is_main_process)
 from engine import SupervisedLoss, evaluate, train_one_epoch
@@ -323,23 +322,6 @@ def load_finetune_weights(model, args, config):
           f"unexpected keys {result.unexpected_keys}")
 
 
-def load_teacher(args, num_classes, device):
-    """The frozen teacher: ``--model`` with the model flags, weights from ``--resume`` (ours, the
-    original's or a plain state dict) or, with ``--teacher_pretrained true``, timm's."""
-    if args.teacher_pretrained:
-        teacher = build_model(args, args.model, num_classes, pretrained=True)
-        print(f"Teacher {args.model} with timm's pretrained weights")
-    else:
-        teacher = build_model(args, args.model, num_classes)
-        _, state_dict = open_checkpoint(args.resume, "--resume", args_model_config(args))
-        load_state_dict_checked(teacher, state_dict, "--resume", args.resume)
-        print(f"Teacher {args.model} loaded from {args.resume}")
-    teacher.to(device)
-    if args.channels_last:
-        teacher.to(memory_format=torch.channels_last)
-    return freeze(teacher)
-
-
 def build_loaders(args, dataset_train, dataset_val):
     world_size, rank = get_world_size(), get_rank()
     # Pinned memory only speeds up copies to a GPU (and warns when there is none).
@@ -391,13 +373,11 @@ def main(args):
     # In distillation mode the model trained, checkpointed, EMA'd and evaluated is the student;
     # --resume holds the teacher's weights and --distill_resume continues the student.
     distilling = args.distill_type is not None
-    teacher, feature_loss = None, None
+    distillation, teacher, feature_loss = None, None, None
     if distilling:
-        overrides = STUDENT_OVERRIDES if args.model_s in SLaK.MODEL_DEPTHS_DIMS else {}
-        model = build_model(args, args.model_s, nb_classes, **overrides)
-        config = args_model_config(args, args.model_s, **overrides)
-        if args.resume or args.teacher_pretrained:
-            teacher = load_teacher(args, nb_classes, device)
+        distillation = build_distillation(args, nb_classes, device)
+        model, config = distillation.student, distillation.model_config
+        teacher, feature_loss = distillation.teacher, distillation.feature_loss
     else:
         model = build_model(args, args.model, nb_classes)
         config = args_model_config(args)
@@ -410,11 +390,6 @@ def main(args):
         model.to(memory_format=torch.channels_last)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"Model {args.model_s if distilling else args.model}: {n_parameters / 1e6:.2f}M parameters")
-    if distilling and args.distill_type.endswith("FD"):
-        # Trained and saved with the student (checkpoint key "distill"): the 1x1 projection from
-        # student to teacher width.
-        feature_loss = FeatureDistillLoss(last_stage(model)[1], last_stage(teacher)[1],
-                                          args.FDLoss_type).to(device)
 
     if distilling:
         resume_path = (latest_checkpoint(args.output_dir) if args.distill_resume else None) or ""
@@ -455,8 +430,8 @@ def main(args):
           f"accumulation x {get_world_size()} processes; {steps_per_epoch} updates per epoch")
 
     optimizer = create_optimizer(args, model_without_ddp)
-    if feature_loss is not None:
-        add_param_groups(optimizer, feature_loss, args.weight_decay)
+    if distilling:
+        distillation.add_param_groups(optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     masking = None
     if args.sparse and not args.eval:
@@ -467,15 +442,6 @@ def main(args):
             checkpoint, resume_path, args=args, model=model_without_ddp, optimizer=optimizer,
             scaler=scaler, model_ema=model_ema, feature_loss=feature_loss, masking=masking,
             flag="--distill_resume" if distilling else "--resume")
-
-    if args.distributed and feature_loss is not None and any(
-            p.requires_grad for p in feature_loss.parameters()):
-        # The projection trains beside the student, so its gradients are averaged across
-        # processes too; the bare module stays in feature_loss for the checkpoint.
-        feature_loss_ddp = nn.parallel.DistributedDataParallel(
-            feature_loss, device_ids=[args.gpu] if device.type == "cuda" else None)
-    else:
-        feature_loss_ddp = feature_loss
 
     if teacher is not None and data_loader_val is not None:
         teacher_stats = evaluate(data_loader_val, teacher, device, amp_dtype, args.channels_last)
@@ -507,10 +473,7 @@ def main(args):
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=nb_classes)
     criterion = build_criterion(args, mixup_active)
-    if distilling:
-        loss_fn = build_distillation_loss(args, model_without_ddp, teacher, criterion, feature_loss_ddp)
-    else:
-        loss_fn = SupervisedLoss(criterion)
+    loss_fn = distillation.loss(criterion) if distilling else SupervisedLoss(criterion)
 
     lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch,
                                    warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps)
