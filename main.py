@@ -180,7 +180,7 @@ def get_args_parser():
     group.add_argument("--fix", action="store_true", help="keep the initial masks (static sparsity)")
     group.add_argument("--only-L", "--only_L", dest="only_L", action="store_true",
                        help="sparsify only the large-kernel (LoRA1/LoRA2) weights; in distillation "
-                            "the student's 7x7 depthwise weights")
+                            "the 7x7 depthwise weights of a SLaK-family student")
     group.add_argument("--verbose", action="store_true", help="per-layer density reports")
 
     group = parser.add_argument_group("distillation")
@@ -257,9 +257,13 @@ def check_args(args):
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity {args.sparsity} must be in [0, 1)")
     if args.only_L and not args.Decom and args.distill_type is None:
-        # (In distillation the student is sparsified: a ConvNeXt, whose large-kernel branch is its
-        # 7x7 lkb_origin whatever the teacher's --Decom.)
+        # (In distillation the student is sparsified: a SLaK-family student is a ConvNeXt, whose
+        # large-kernel branch is its 7x7 lkb_origin whatever the teacher's --Decom.)
         raise ConfigError("--only-L sparsifies the LoRA1/LoRA2 branches, which exist only with --Decom True")
+    if args.only_L and args.distill_type is not None and args.model_s not in SLaK.MODEL_DEPTHS_DIMS:
+        raise ConfigError(f"--only-L sparsifies the large-kernel branches (lkb_origin, "
+                          f"LoRA1/LoRA2), and the student --model_s {args.model_s} has none; "
+                          f"drop --only-L")
     if args.compile_mode != "default" and not args.compile:
         raise ConfigError(f"--compile_mode {args.compile_mode} applies to a compiled model: "
                           f"add --compile true")
