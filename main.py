@@ -256,14 +256,15 @@ def check_args(args):
         raise ConfigError("--batch_size and --update_freq must be at least 1")
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity {args.sparsity} must be in [0, 1)")
+    sparsified = args.model if args.distill_type is None else args.model_s
+    if args.only_L and sparsified not in SLaK.MODEL_DEPTHS_DIMS:
+        which = "--model" if args.distill_type is None else "the student --model_s"
+        raise ConfigError(f"--only-L sparsifies the large-kernel branches (lkb_origin, "
+                          f"LoRA1/LoRA2), and {which} {sparsified} has none; drop --only-L")
     if args.only_L and not args.Decom and args.distill_type is None:
         # (In distillation the student is sparsified: a SLaK-family student is a ConvNeXt, whose
         # large-kernel branch is its 7x7 lkb_origin whatever the teacher's --Decom.)
         raise ConfigError("--only-L sparsifies the LoRA1/LoRA2 branches, which exist only with --Decom True")
-    if args.only_L and args.distill_type is not None and args.model_s not in SLaK.MODEL_DEPTHS_DIMS:
-        raise ConfigError(f"--only-L sparsifies the large-kernel branches (lkb_origin, "
-                          f"LoRA1/LoRA2), and the student --model_s {args.model_s} has none; "
-                          f"drop --only-L")
     if args.compile_mode != "default" and not args.compile:
         raise ConfigError(f"--compile_mode {args.compile_mode} applies to a compiled model: "
                           f"add --compile true")

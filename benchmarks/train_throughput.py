@@ -40,6 +40,9 @@ progress lines and the epoch's total time; see :func:`parse_main_log`). ``--devi
 same on the CPU, as a smoke test of this script (e.g. with ``-- --input_size 32 --width_factor
 0.25``).
 
+``--profile`` adds, per training case, the GPU time of 5 more steps by part (large-kernel
+convolutions, matmuls, norms, pointwise, layout copies, optimizer) and the costliest kernels.
+
 Step mode prints one JSON line per case and a summary table; both modes end with a JSON line
 naming the device and versions.
 """
@@ -103,8 +106,46 @@ def build(name, sparse_update_frequency):
     return model, masking_factory
 
 
+# Kernel-name patterns of the step's parts, first match wins (``--profile``).
+KERNEL_CATEGORIES = [
+    ("large-kernel convs", ("dwconv",)),
+    ("matmuls (pointwise layers, head)", ("gemm", "cutlass", "sm90_", "sm80_", "nvjet", "cublas")),
+    ("optimizer", ("multi_tensor", "fused_adam", "adamw", "foreach")),
+    ("layout copies", ("copy", "transpose", "permute")),
+    ("norms and reductions (Inductor)", ("triton_red", "triton_per")),
+    ("pointwise (Inductor)", ("triton_poi",)),
+]
+
+
+def kernel_category(name):
+    low = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_steps(step, first, count):
+    """GPU milliseconds per step by ``KERNEL_CATEGORIES`` and the ten costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(first, first + count):
+            step(i)
+        torch.cuda.synchronize()
+    kernels = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.time_range.elapsed_us() / count / 1e3
+    categories = {}
+    for name, ms in kernels.items():
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
+    return dict(gpu_ms=round(sum(kernels.values()), 2),
+                gpu_ms_by_part={k: round(v, 2) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+                top_kernels_ms={k[:70]: round(v, 3) for k, v in top})
+
+
 def time_training_step(name, dtype_name, channels_last, compile_model, batch, steps, warmup,
-                       sparse_update_frequency, compile_mode="default", grad_checkpointing=False):
+                       sparse_update_frequency, compile_mode="default", grad_checkpointing=False,
+                       profile=False):
     device = torch.device("cuda")
     torch.manual_seed(0)
     model, masking_factory = build(name, sparse_update_frequency)
@@ -160,6 +201,8 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
     if snip_peak is not None:  # the SNIP batch that initialises the masks, before the steps
         result["snip_peak_mem_gib"] = snip_peak
+    if profile:
+        result.update(profile_steps(step, warmup + steps, 5))
     del model, optimizer, train_model, batches, masking
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -306,6 +349,8 @@ def main():
     parser.add_argument("--grad_checkpointing", default="off", choices=["on", "off", "both"],
                         help="training steps: per-block activation checkpointing")
     parser.add_argument("--sparse_update_frequency", "-u", type=int, default=100)
+    parser.add_argument("--profile", action="store_true",
+                        help="training steps: also split 5 steps' GPU time by part (profiler)")
     parser.add_argument("--json", default=None, help="also write all rows to this file")
     parser.add_argument("--end_to_end", action="store_true", help="time main.py instead")
     parser.add_argument("--inference", action="store_true",
@@ -357,7 +402,7 @@ def main():
                                 row = time_training_step(name, dtype_name, channels_last,
                                                          compile_model, args.batch, args.steps,
                                                          args.warmup, args.sparse_update_frequency,
-                                                         mode, grad_ckpt)
+                                                         mode, grad_ckpt, args.profile)
                         except Exception as exc:  # report and go on with the other cases
                             row = dict(model=name, dtype=dtype_name, channels_last=channels_last,
                                        compile=compile_model, grad_checkpointing=grad_ckpt,

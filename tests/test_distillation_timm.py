@@ -127,3 +127,12 @@ def test_only_L_with_a_student_without_large_kernels_is_one_line(tmp_path):
         "error: --only-L sparsifies the large-kernel branches (lkb_origin, LoRA1/LoRA2), and the "
         "student --model_s resnet18 has none; drop --only-L")
     assert not (tmp_path / "o").exists()  # rejected before anything is written
+
+
+def test_only_L_with_a_model_without_large_kernels_is_one_line(tmp_path):
+    result = run_main(*SYNTHETIC_CPU, "--model", "resnet18", "--sparse", "--only-L",
+                      "--epochs", "1", "--output_dir", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "and --model resnet18 has none; drop --only-L")
+    assert not (tmp_path / "o").exists()
