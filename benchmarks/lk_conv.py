@@ -21,6 +21,8 @@ hidden by CUDA graphs or ``torch.compile`` (``speedup_gpu_*``); the per-kernel s
     python benchmarks/lk_conv.py --batch 64 --models T --check --step --profile --json-out lk.jsonl
 """
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -30,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from depthwise_conv2d_implicit_gemm import op as lk_op  # noqa: E402
-from depthwise_conv2d_implicit_gemm.op import depthwise_conv2d  # noqa: E402
+from depthwise_conv2d_implicit_gemm import depthwise_conv2d, heuristics  # noqa: E402
 
 # (depths, base dims) per model; widths are int(dim * 1.3), kernels 51/49/47/13 with small 5,
 # feature maps 56/28/14/7 for a 224x224 input (SPEC.md, "Models").
@@ -55,6 +56,18 @@ def cases(model):
 
 def cudnn_conv(x, w):
     return F.conv2d(x, w, None, 1, (w.shape[2] // 2, w.shape[3] // 2), 1, x.shape[1])
+
+
+@contextlib.contextmanager
+def tuned(**fields):
+    """Time ours with these ``heuristics.Tuning`` fields changed (launch plans are cached per
+    tuning, so each variant gets its own)."""
+    default = heuristics.TUNING
+    heuristics.TUNING = dataclasses.replace(default, **fields)
+    try:
+        yield
+    finally:
+        heuristics.TUNING = default
 
 
 def bench(fn, grads=()):
@@ -158,8 +171,8 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="also report ours' GPU time per kernel (profiler), without launch gaps")
     p.add_argument("--variants", nargs="*", default=[],
-                   help="extra launch configurations to time for ours, as JSON dicts for "
-                        "op.tile_override, e.g. '{\"num_stages\": 3}'")
+                   help="extra launch configurations to time for ours, as JSON dicts of "
+                        "heuristics.Tuning fields, e.g. '{\"num_stages\": 3}'")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -194,14 +207,14 @@ def main():
                 impls = [] if args.no_cudnn else [("cudnn", cudnn_conv, {})]
                 impls += [(name, depthwise_conv2d, tiles) for name, tiles in variants]
                 for name, fn, tiles in impls:
-                    with lk_op.tile_override(**tiles):
+                    with tuned(**tiles):
                         f_ms, fb_ms = time_case(fn, args.batch, c, size, kernel, dtype)
                     rec[f"{name}_fwd_ms"], rec[f"{name}_fwdbwd_ms"] = f_ms, fb_ms
                     for pas, ms in (("fwd", f_ms), ("fwdbwd", fb_ms)):
                         key = (model, dt_name, name, pas)
                         totals[key] = totals.get(key, 0.0) + ms * blocks
                 for name, fn, tiles in impls if args.profile else ():
-                    with lk_op.tile_override(**tiles):
+                    with tuned(**tiles):
                         kernels = profile_case(fn, args.batch, c, size, kernel, dtype)
                     rec[f"{name}_gpu_kernels_us"] = kernels["fwdbwd"]
                     rec[f"{name}_gpu_fwd_ms"] = sum(kernels["fwd"].values()) / 1e3

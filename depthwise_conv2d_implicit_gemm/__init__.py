@@ -4,6 +4,6 @@
 original release documented; it keeps working here.
 """
 from .conv import DepthWiseConv2dImplicitGEMM
-from .op import depthwise_conv2d
+from .ops import depthwise_conv2d
 
 __all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d"]

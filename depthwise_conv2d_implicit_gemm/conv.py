@@ -2,7 +2,7 @@
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from .op import depthwise_conv2d
+from .ops import depthwise_conv2d
 
 
 class DepthWiseConv2dImplicitGEMM(nn.Conv2d):
@@ -15,7 +15,7 @@ class DepthWiseConv2dImplicitGEMM(nn.Conv2d):
 
     Parameters are those of ``nn.Conv2d`` (``weight`` of shape ``(channels, 1, kh, kw)`` and
     optional ``bias``), so checkpoints are interchangeable with a plain depthwise conv. The
-    forward maps ``(N, channels, H, W)`` to the same shape through ``op.depthwise_conv2d``
+    forward maps ``(N, channels, H, W)`` to the same shape through ``ops.depthwise_conv2d``
     (Triton kernels on CUDA, ``F.conv2d`` on the CPU).
     """
 

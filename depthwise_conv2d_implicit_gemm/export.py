@@ -8,7 +8,7 @@ standard ONNX depthwise ``Conv`` (``group`` = channels, same padding), so any ON
 """
 import torch
 
-from . import op  # noqa: F401 - defines torch.ops.slak.dwconv2d
+from . import ops  # noqa: F401 - defines torch.ops.slak.dwconv2d
 
 
 def _dwconv2d_onnx(x, weight, bias=None):

@@ -12,7 +12,7 @@ input chunks that meet the band are visited.
 Maps of at most 64 pixels (SLaK's 7x7 stage) use the whole-plane variants at the end of this
 file instead: one GEMM per block of images with a 2-D Toeplitz matrix, no lines at all.
 
-Geometry shared by the line kernels (the launcher in ``op.py`` maps NCHW onto it):
+Geometry shared by the line kernels (``plans.py`` maps NCHW onto it):
 
 * ``A`` is the axis the long kernel side runs along (length ``LA``, kernel taps ``KA``),
   ``B`` the other spatial axis (``LB``, ``KB`` taps). ``LONG_IS_H`` says whether ``A`` is the
@@ -29,7 +29,7 @@ Geometry shared by the line kernels (the launcher in ``op.py`` maps NCHW onto it
   swap the kernel's axes.
 * ``LA_ONE_BLOCK`` (the long axis's length when one tile spans it, else 0), ``ALIGN`` (a
   power of two dividing every input line's start offset, 1 when the long axis is H) and the
-  output's ``Y_ALIGN``, ``Y_M_CONTIG`` and ``EVEN_M`` (see ``op._store_hints``) are hints that
+  output's ``Y_ALIGN``, ``Y_M_CONTIG`` and ``EVEN_M`` (see ``heuristics.store_hints``) are hints that
   the launcher derives from the tensors: with them Triton proves the alignment and the mask
   uniformity that 16-byte vector loads, stores and asynchronous copies need, which it cannot
   from runtime sizes and strides (specialising those would compile a kernel per shape).
@@ -40,9 +40,15 @@ functions that ``@triton.jit`` wrapped for the compiler. That includes the jit-d
 ``triton.language`` whenever Triton was imported without the variable (as in a test run that
 sets it per test), hence ``tl.full`` instead of ``tl.zeros`` and ``tl.reduce`` with the
 standard sum combiner (which the interpreter maps to ``numpy.sum``) instead of ``tl.sum``.
+That combiner is private to Triton: it is used only on the Triton 3 releases that have it
+(``SUM_COMBINE``), and ``tl.sum`` otherwise (compiled kernels, and the interpreter when Triton
+was imported under ``TRITON_INTERPRET=1``, are fine with it).
 """
 import triton
 import triton.language as tl
+
+SUM_COMBINE = tl.constexpr(triton.__version__.split(".")[0] == "3" and
+                           hasattr(tl.standard, "_sum_combine"))
 
 
 def dwconv_fwd_kernel(
@@ -284,7 +290,10 @@ def dwconv_wgrad_kernel(
     kk = j[:, None] - PA - (k0 - a0) + ra[None, :]      # G row holding tap j in column ra
     diag = tl.load(scratch + kk * BLOCK_A + ra[None, :], mask=(kk >= 0) & (kk < BLOCK_K),
                    other=0.0, cache_modifier=".cg")
-    dsum = tl.reduce(diag, 1, tl.standard._sum_combine)
+    if SUM_COMBINE:
+        dsum = tl.reduce(diag, 1, tl.standard._sum_combine)
+    else:
+        dsum = tl.sum(diag, 1)
     slot = pid_ak * SPLIT_M + pid_s
     tl.store(dw_ptr + slot * swslot + c * swc + i * swi + j * swj,
              dsum.to(dw_ptr.dtype.element_ty), mask=j < KA)
@@ -381,12 +390,15 @@ def dwconv_plane_wgrad_kernel(
     ok = (tap < KH * KW)[:, None] & pix_ok[None, :] & (hq >= 0) & (hq < H) & (wq >= 0) & (wq < W)
     vals = tl.load(scratch + (hq * W + wq) * PLANE + pix[None, :], mask=ok, other=0.0,
                    cache_modifier=".cg")
-    dsum = tl.reduce(vals, 1, tl.standard._sum_combine)
+    if SUM_COMBINE:
+        dsum = tl.reduce(vals, 1, tl.standard._sum_combine)
+    else:
+        dsum = tl.sum(vals, 1)
     tl.store(dw_ptr + c * swc + i * swh + j * sww, dsum.to(dw_ptr.dtype.element_ty),
              mask=tap < KH * KW)
 
 
-# Lazily compiled variants, keyed by "interpret" (see op.py).
+# Lazily compiled variants, keyed by "interpret" (see ops.py).
 _COMPILED = {}
 
 

@@ -5,7 +5,9 @@ On a machine without CUDA every test runs the real Triton kernels in Triton's in
 each numerical test asserts that kernels were launched, so a silent fallback cannot pass.
 With CUDA the same tests run the compiled kernels on the GPU.
 """
+import dataclasses
 import random
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ import torch.nn as nn
 pytest.importorskip("triton", reason="the kernels under test are Triton kernels")
 
 from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, depthwise_conv2d
-from depthwise_conv2d_implicit_gemm import op as lk_op
+from depthwise_conv2d_implicit_gemm import external, heuristics, plans
+from depthwise_conv2d_implicit_gemm.heuristics import TRANSPOSED, choose_strategy
 from depthwise_conv2d_implicit_gemm.reference import (depthwise_conv2d_reference,
                                                       depthwise_conv2d_reference_grads)
 
@@ -34,12 +37,35 @@ def triton_path(monkeypatch):
     yield
 
 
+@contextmanager
+def launches(**tuning):
+    """The launch plans run inside the block, in order (a spy on ``plans.launch``), with the
+    heuristic's ``Tuning`` fields changed as given."""
+    launched = []
+    real_launch, real_tuning = plans.launch, heuristics.TUNING
+
+    def spy(plan, tensors):
+        launched.append(plan)
+        real_launch(plan, tensors)
+    plans.launch = spy
+    heuristics.TUNING = dataclasses.replace(real_tuning, **tuning)
+    try:
+        yield launched
+    finally:
+        plans.launch, heuristics.TUNING = real_launch, real_tuning
+
+
+def ran_forward_and_both_gradients(launched):
+    names = [p.name for p in launched]
+    return sum(n.endswith("fwd_kernel") for n in names) >= 2 and any("wgrad" in n for n in names)
+
+
 def rel_err(out, ref):
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def check_against_reference(x, weight, bias, dtype, tol=None, tiles=None):
+def check_against_reference(x, weight, bias, dtype, tol=None, tuning=None):
     """Forward, input/weight/bias gradients of ``depthwise_conv2d`` vs float64 ``F.conv2d``.
 
     ``x`` may be any view; the reference sees the same values rounded to ``dtype``."""
@@ -47,12 +73,11 @@ def check_against_reference(x, weight, bias, dtype, tol=None, tiles=None):
     x = x.to(dtype).requires_grad_()
     w = weight.to(DEVICE, dtype).requires_grad_()
     b = bias.to(DEVICE, dtype).requires_grad_() if bias is not None else None
-    launches = dict(lk_op.launch_counts)
-    with lk_op.tile_override(**(tiles or {})):
+    with launches(**(tuning or {})) as launched:
         y = depthwise_conv2d(x, w, b)
         gy = torch.randn(y.shape, device=DEVICE, dtype=torch.float64)
         y.backward(gy.to(dtype))
-    assert all(lk_op.launch_counts[k] > launches[k] for k in launches), "Triton path did not run"
+    assert ran_forward_and_both_gradients(launched), "Triton path did not run"
     assert y.dtype == dtype and y.shape == x.shape
 
     xr, wr = x.detach().double(), w.detach().double()
@@ -120,7 +145,8 @@ def test_lines_longer_than_one_tile(kernel):
     torch.manual_seed(0)
     x = torch.randn(2, 2, 37, 40, device=DEVICE)
     check_against_reference(x, torch.randn(2, 1, *kernel), torch.randn(2), torch.float32,
-                            tiles=dict(block_m=16, block_a=16, block_m_wgrad=16))
+                            tuning=dict(max_block_a=16, narrow_tile_lines=16, wgrad_lines=16,
+                                        wgrad_lines_fp32=16))
 
 
 @pytest.mark.parametrize("transpose_tall", [True, False])
@@ -128,10 +154,10 @@ def test_tall_kernels_direct_and_transposed(transpose_tall):
     """Tall kernels run either along H directly or as wide ones on transposed images."""
     torch.manual_seed(7)
     x = torch.randn(2, 3, 12, 9, device=DEVICE)
-    assert lk_op._transposes_tall(x, 13, 3)
+    assert choose_strategy(x.shape, (13, 3)) == TRANSPOSED
     for dtype in (torch.float32, torch.bfloat16):
         check_against_reference(x.clone(), torch.randn(3, 1, 13, 3), torch.randn(3), dtype,
-                                tiles=dict(transpose_tall=transpose_tall))
+                                tuning=dict(transpose_align=4 if transpose_tall else 0))
 
 
 @pytest.mark.parametrize("plane", [True, False])
@@ -142,12 +168,14 @@ def test_small_maps_whole_planes_and_lines(shape, kernel, plane):
     70 images); the line kernels, which they replace there, still compute the same."""
     torch.manual_seed(sum(shape))
     x = torch.randn(shape, device=DEVICE)
-    lk_op._PLANS.clear()
-    for dtype in (torch.float32, torch.bfloat16):
-        check_against_reference(x.clone(), torch.randn(shape[1], 1, *kernel),
-                                torch.randn(shape[1]), dtype, tiles=dict(plane=plane))
-    kinds = {key[0] for key in lk_op._PLANS}
-    assert kinds == ({"plane", "plane_wgrad"} if plane else {"conv", "wgrad"})
+    with launches() as launched:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_against_reference(x.clone(), torch.randn(shape[1], 1, *kernel),
+                                    torch.randn(shape[1]), dtype,
+                                    tuning=dict(plane_pixels=64 if plane else 0))
+    kinds = {p.name for p in launched}
+    assert kinds == ({"dwconv_plane_fwd_kernel", "dwconv_plane_wgrad_kernel"} if plane else
+                     {"dwconv_fwd_kernel", "dwconv_wgrad_kernel"})
 
 
 def test_transposed_results_written_in_the_callers_layout():
@@ -155,12 +183,11 @@ def test_transposed_results_written_in_the_callers_layout():
     vectors across lines when every run of lines lies inside one image and is aligned (the
     hints promise no more than that), and without a line mask when the blocks divide the lines."""
     x = torch.randn(2, 3, 8, 16, device=DEVICE)
-    assert lk_op._transposes_tall(x, 13, 3)
-    g = lk_op._geometry(x.transpose(2, 3), torch.empty(1, 1, 3, 13))
+    assert choose_strategy(x.shape, (13, 3)) == TRANSPOSED
+    g = heuristics.geometry(x.transpose(2, 3), (3, 13))
 
     def hints(y, block_m=32):
-        return lk_op._store_hints(dict(vectorize=True), g, y.transpose(2, 3), block_m,
-                                  x.shape[0] * g["LB"])
+        return heuristics.store_hints(g, y.transpose(2, 3), block_m, x.shape[0] * g["LB"])
     assert hints(x.bfloat16()) == dict(Y_ALIGN=1, Y_M_CONTIG=8, EVEN_M=True)
     assert hints(x)["Y_M_CONTIG"] == 4
     assert hints(torch.randn(2, 3, 8, 24)[..., 1:17])["Y_M_CONTIG"] == 1   # start one element in
@@ -178,29 +205,30 @@ def test_repeated_calls_reuse_their_launch_plan(size):
     x = torch.randn(2, 3, *size, device=DEVICE, requires_grad=True)
     w = torch.randn(3, 1, 13, 5, device=DEVICE, requires_grad=True)
     gy = torch.randn(2, 3, *size, device=DEVICE)
-    first = [depthwise_conv2d(x, w)]
-    first += torch.autograd.grad(first[0], (x, w), gy)
-    plans = len(lk_op._PLANS)
-    launches = dict(lk_op.launch_counts)
-    again = [depthwise_conv2d(x, w)]
-    again += torch.autograd.grad(again[0], (x, w), gy)
-    assert len(lk_op._PLANS) == plans
-    assert all(lk_op.launch_counts[k] > launches[k] for k in launches)
+    with launches() as launched_first:
+        first = [depthwise_conv2d(x, w)]
+        first += torch.autograd.grad(first[0], (x, w), gy)
+    with launches() as launched_again:
+        again = [depthwise_conv2d(x, w)]
+        again += torch.autograd.grad(again[0], (x, w), gy)
+    assert ran_forward_and_both_gradients(launched_again)
+    assert [id(p) for p in launched_again] == [id(p) for p in launched_first]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     wide = w.detach().transpose(2, 3).contiguous()   # read in place, not through a copy
-    aligned = depthwise_conv2d(x.detach(), wide)
-    plans = len(lk_op._PLANS)
+    with launches() as launched_aligned:
+        aligned = depthwise_conv2d(x.detach(), wide)
     shifted = torch.randn(x.numel() + 1, device=DEVICE)[1:].view(x.shape)
     shifted.copy_(x.detach())
-    assert torch.equal(depthwise_conv2d(shifted, wide), aligned)
-    assert len(lk_op._PLANS) > plans
+    with launches() as launched_shifted:
+        assert torch.equal(depthwise_conv2d(shifted, wide), aligned)
+    assert launched_shifted[0] is not launched_aligned[0]
 
 
 def test_vector_width_follows_alignment():
     """The alignment hints promise only what holds: line starts divisible by the vector width,
     16 bytes at most, and no hint where the taps shift lines along the contiguous axis."""
     def width(t, kernel=(5, 31)):
-        return lk_op._vector_width(lk_op._geometry(t, torch.empty(1, 1, *kernel)), t)
+        return heuristics.vector_width(heuristics.geometry(t, kernel), t)
     x = torch.randn(2, 3, 8, 56)
     assert width(x) == 4 and width(x.bfloat16()) == 8
     assert width(torch.randn(2, 3, 8, 6)) == 2                  # lines 24 bytes apart
@@ -237,9 +265,9 @@ def test_module_is_a_drop_in_for_conv2d():
     plain.load_state_dict(ours.state_dict())
     assert set(ours.state_dict()) == {"weight", "bias"}
     x = torch.randn(2, 5, 11, 17, device=DEVICE)
-    launches = lk_op.launch_counts["fwd"]
-    assert rel_err(ours(x), plain(x.double().float())) < 1e-5
-    assert lk_op.launch_counts["fwd"] > launches
+    with launches() as launched:
+        assert rel_err(ours(x), plain(x.double().float())) < 1e-5
+    assert [p.name for p in launched] == ["dwconv_fwd_kernel"]
     with pytest.raises(ValueError, match="odd"):
         DepthWiseConv2dImplicitGEMM(5, (4, 3))
 
@@ -278,10 +306,10 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
     x = torch.randn(2, 3, 10, 19, device=DEVICE, requires_grad=True)
-    launches = dict(lk_op.launch_counts)
-    y = compiled(x)
-    y.sum().backward()
-    assert all(lk_op.launch_counts[k] > launches[k] for k in launches)
+    with launches() as launched:
+        y = compiled(x)
+        y.sum().backward()
+    assert ran_forward_and_both_gradients(launched)
     x_ref = x.detach().clone().requires_grad_()
     f(x_ref).sum().backward()
     assert rel_err(y, f(x_ref)) < 1e-5 and rel_err(x.grad, x_ref.grad) < 1e-5
@@ -291,22 +319,22 @@ def test_cpu_without_interpreter_uses_conv2d(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.randn(1, 2, 9, 9)
     w = torch.randn(2, 1, 3, 11)
-    launches = dict(lk_op.launch_counts)
-    assert rel_err(depthwise_conv2d(x, w), depthwise_conv2d_reference(x, w)) < 1e-6
-    assert lk_op.launch_counts == launches
+    with launches() as launched:
+        assert rel_err(depthwise_conv2d(x, w), depthwise_conv2d_reference(x, w)) < 1e-6
+    assert launched == []
 
 
 def test_external_build_missing_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(lk_op, "_external", None)
+    monkeypatch.setattr(external, "_external", None)
     monkeypatch.setattr("sys.path", list(__import__("sys").path))
     with pytest.raises(ImportError, match="LARGE_KERNEL_CONV_IMPL=.*unset the variable"):
-        lk_op._load_external(str(tmp_path))
+        external.load_external(str(tmp_path))
 
 
 def test_64_bit_offsets(monkeypatch):
     """The 64-bit addressing variant (for tensors of 2**31 elements or more, which no test
     can allocate) computes the same thing."""
-    monkeypatch.setattr(lk_op, "_needs_index_64", lambda *tensors: True)
+    monkeypatch.setattr(heuristics, "needs_index_64", lambda *tensors: True)
     torch.manual_seed(5)
     x = torch.randn(2, 3, 11, 20, device=DEVICE)
     check_against_reference(x, torch.randn(3, 1, 5, 23), torch.randn(3), torch.float32)
