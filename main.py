@@ -407,6 +407,11 @@ def main(args):
         resume_path = args.resume
     resume_flag = "--distill_resume" if distilling else "--resume"
     checkpoint = open_checkpoint(resume_path, resume_flag, config)[0] if resume_path else None
+    if checkpoint is not None and checkpoint.get("masks") and not args.sparse and not args.eval:
+        # Continuing without the masks would silently train the pruned weights back to dense.
+        raise ConfigError(f"{resume_flag} {resume_path} continues a sparse run: add --sparse "
+                          f"with the run's sparsity flags, or start a dense run from its weights "
+                          f"with --finetune")
     if args.sparse and args.sparse_init == "resume" and checkpoint is None and not args.finetune \
             and not args.eval:
         what = "--distill_resume (the student's checkpoint in --output_dir)" if distilling else \

@@ -276,6 +276,20 @@ def test_checkpoints_record_their_model_and_mismatched_flags_are_one_line(tmp_pa
                                f"--Decom False --width_factor 0.5: pass the checkpoint's flags")
 
 
+def test_resuming_a_sparse_run_without_sparse_is_one_line(tmp_path, tiny_checkpoint):
+    import torch
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    state["masks"] = {"stages.0.0.large_kernel.LoRA1.weight": torch.ones(2, dtype=torch.bool)}
+    sparse_run = tmp_path / "checkpoint-0.pth"
+    torch.save(state, sparse_run)
+    result = run_main(*TINY_MODEL, *SYNTHETIC, *FAST, "--epochs", "2", "--batch_size", "16",
+                      "--output_dir", tmp_path, "--auto_resume", "true", check=False)
+    one_error_line(result, f"--resume {sparse_run} continues a sparse run: add --sparse with the "
+                           f"run's sparsity flags, or start a dense run from its weights with "
+                           f"--finetune")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0.pth"]
+
+
 @pytest.mark.parametrize("content,message", [
     (b"", "is an empty file"), (b"\x80\x02garbage", "cannot be read"),
     ("list", "holds no model weights"), ("foreign", "holds no SLaK/ConvNeXt weights")])
