@@ -123,10 +123,12 @@ def kernel_category(name):
 
 
 def profile_steps(step, first, count):
-    """GPU milliseconds per step by ``KERNEL_CATEGORIES`` and the ten costliest kernels."""
+    """GPU milliseconds per step by ``KERNEL_CATEGORIES``, the ten costliest kernels, and the
+    eager PyTorch operators that launched the most GPU time (in a compiled step, the code that
+    Inductor did not generate: inside custom ops, fallbacks, the optimizer)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(first, first + count):
             step(i)
         torch.cuda.synchronize()
@@ -138,7 +140,10 @@ def profile_steps(step, first, count):
     for name, ms in kernels.items():
         categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
+    aten = sorted(((e.key, e.self_device_time_total / count / 1e3) for e in prof.key_averages()
+                   if e.key.startswith("aten::")), key=lambda kv: -kv[1])[:10]
     return dict(gpu_ms=round(sum(kernels.values()), 2),
+                top_aten_ops_ms={k: round(v, 3) for k, v in aten if v > 0},
                 gpu_ms_by_part={k: round(v, 2) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
                 top_kernels_ms={k[:70]: round(v, 3) for k, v in top})
 
