@@ -25,8 +25,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM
 
-__all__ = ["SLaK", "LargeKernelUnit", "Block", "validate_kernel_size", "checkpoint_filter_fn",
-           "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
+__all__ = ["SLaK", "LargeKernelUnit", "Block", "aligned_linear", "validate_kernel_size",
+           "checkpoint_filter_fn", "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
 
 # Checkpoints of the original release pickle their argparse.Namespace and NumPy scalars (its
 # schedules are NumPy arrays); allow exactly those on top of torch's weights-only set, for every
@@ -174,6 +174,26 @@ class LargeKernelUnit(nn.Module):
         self.deploy = True
 
 
+# Rows of a half-precision GEMM operand start 16 bytes apart only when their length is a
+# multiple of 8; otherwise cuBLAS falls back to slow kernels (BENCHMARKS.md, "Where the step's
+# time goes": SLaK's width-1.3 channel counts are 124, 249, 499, 998).
+GEMM_ALIGN = 8
+
+
+def aligned_linear(x, linear):
+    """``linear(x)`` computed on operands zero-padded to multiples of ``GEMM_ALIGN`` along the
+    reduction and output dimensions, then sliced back. The zeros add nothing, so the result is
+    the same up to the GEMM's summation order; under ``torch.compile`` the padding and slicing
+    fuse into the neighbouring LayerNorm, GELU and scale kernels."""
+    n, k = linear.weight.shape
+    pad_k, pad_n = -k % GEMM_ALIGN, -n % GEMM_ALIGN
+    if not (pad_k or pad_n):
+        return linear(x)
+    weight = F.pad(linear.weight, (0, pad_k, 0, pad_n))
+    bias = None if linear.bias is None else F.pad(linear.bias, (0, pad_n))
+    return F.linear(F.pad(x, (0, pad_k)), weight, bias)[..., :n]
+
+
 class Block(nn.Module):
     """SLaK block: large-kernel unit -> LayerNorm -> Linear(4d) -> GELU -> Linear(d) -> scale -> residual.
 
@@ -183,11 +203,14 @@ class Block(nn.Module):
         layer_scale_init_value: initial per-channel scale ``gamma``; no scale when <= 0.
         kernel_size: ``(K, s)``, the stage kernel and the small kernel.
         Decom, bn, deploy: see :class:`LargeKernelUnit`.
+        align_pointwise: compiled forwards run the two Linear layers through
+            :func:`aligned_linear` (eager ones never: there the padding would be extra copies).
     """
 
     def __init__(self, dim, drop_path=0.0, layer_scale_init_value=1e-6, kernel_size=(7, 5),
-                 Decom=False, bn=True, deploy=False):
+                 Decom=False, bn=True, deploy=False, align_pointwise=False):
         super().__init__()
+        self.align_pointwise = align_pointwise
         self.large_kernel = LargeKernelUnit(dim, kernel_size[0], kernel_size[1], Decom, bn, deploy)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
@@ -201,7 +224,10 @@ class Block(nn.Module):
         shortcut = x
         x = self.large_kernel(x)
         x = x.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C) for LayerNorm and Linear
-        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        if self.align_pointwise and torch.compiler.is_compiling():
+            x = aligned_linear(self.act(aligned_linear(self.norm(x), self.pwconv1)), self.pwconv2)
+        else:
+            x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
         if self.gamma is not None:
             x = self.gamma * x
         x = x.permute(0, 3, 1, 2)
@@ -265,6 +291,7 @@ class SLaK(nn.Module):
         Decom: decompose each K x K kernel into (K, s) + (s, K).
         bn: BatchNorm in each large-kernel branch.
         deploy: build the re-parameterised inference form (see :meth:`reparameterize`).
+        align_pointwise: see :class:`Block` (the weights and their names are the same).
 
     ``forward(x)``: ``(N, in_chans, H, W)`` -> logits ``(N, num_classes)``.
     ``forward_features(x)``: pooled, normalised features ``(N, num_features)``.
@@ -274,7 +301,7 @@ class SLaK(nn.Module):
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  drop_path_rate=0.0, layer_scale_init_value=1e-6, head_init_scale=1.0,
                  kernel_size=(51, 49, 47, 13, 5), width_factor=1.0, Decom=False, bn=True,
-                 deploy=False):
+                 deploy=False, align_pointwise=False):
         super().__init__()
         kernel_size = validate_kernel_size(kernel_size)
         dims = [int(d * width_factor) for d in dims]
@@ -295,7 +322,7 @@ class SLaK(nn.Module):
             first = sum(depths[:i])
             self.stages.append(nn.Sequential(*[
                 Block(dims[i], rates[first + j], layer_scale_init_value,
-                      (kernel_size[i], kernel_size[4]), Decom, bn, deploy)
+                      (kernel_size[i], kernel_size[4]), Decom, bn, deploy, align_pointwise)
                 for j in range(depth)]))
         self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
                              for i, d in enumerate(dims)]

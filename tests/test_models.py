@@ -153,3 +153,29 @@ def test_timm_pretrained_loads_checkpoint_file(layout, tmp_path):
     with pytest.raises(RuntimeError, match="lkb_origin"):
         timm.create_model("SLaK_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                           **dict(kwargs, Decom=False))
+
+
+def test_aligned_pointwise_layers_compute_the_same():
+    """``align_pointwise``: compiled forwards pad the Linear layers' operands to 8-element rows
+    (width 0.3 gives 28, 57, 115 and 230 channels); outputs and gradients are the unpadded
+    model's, and the state dict is the same."""
+    kwargs = dict(width_factor=0.3, kernel_size=[13, 11, 9, 7, 3], Decom=True, num_classes=5)
+    torch.manual_seed(0)
+    plain = timm.create_model("SLaK_tiny", **kwargs).double()
+    aligned = timm.create_model("SLaK_tiny", align_pointwise=True, **kwargs).double()
+    aligned.load_state_dict(plain.state_dict())
+    graphs = []
+
+    def record(gm, example_inputs):   # a backend that runs the traced graph as traced
+        graphs.append(gm)
+        return gm.forward
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    out = torch.compile(aligned, backend=record)(x)
+    assert any(node.target is torch.nn.functional.pad or "pad" in str(node.target)
+               for gm in graphs for node in gm.graph.nodes)
+    ref = plain(x)
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(aligned.named_parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-12), name
