@@ -204,11 +204,12 @@ class Block(nn.Module):
         kernel_size: ``(K, s)``, the stage kernel and the small kernel.
         Decom, bn, deploy: see :class:`LargeKernelUnit`.
         align_pointwise: compiled forwards run the two Linear layers through
-            :func:`aligned_linear` (eager ones never: there the padding would be extra copies).
+            :func:`aligned_linear` (eager ones never: there the padding would be extra copies);
+            on the H200 it cut the compiled SLaK-T step by 9% (BENCHMARKS.md).
     """
 
     def __init__(self, dim, drop_path=0.0, layer_scale_init_value=1e-6, kernel_size=(7, 5),
-                 Decom=False, bn=True, deploy=False, align_pointwise=False):
+                 Decom=False, bn=True, deploy=False, align_pointwise=True):
         super().__init__()
         self.align_pointwise = align_pointwise
         self.large_kernel = LargeKernelUnit(dim, kernel_size[0], kernel_size[1], Decom, bn, deploy)
@@ -301,7 +302,7 @@ class SLaK(nn.Module):
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  drop_path_rate=0.0, layer_scale_init_value=1e-6, head_init_scale=1.0,
                  kernel_size=(51, 49, 47, 13, 5), width_factor=1.0, Decom=False, bn=True,
-                 deploy=False, align_pointwise=False):
+                 deploy=False, align_pointwise=True):
         super().__init__()
         kernel_size = validate_kernel_size(kernel_size)
         dims = [int(d * width_factor) for d in dims]

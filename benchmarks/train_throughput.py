@@ -8,8 +8,8 @@ combination of the chosen models, precisions, channels-last and torch.compile se
 
 Models: ``slak`` (SLaK-T, width 1.3, 51 49 47 13 5, Decom, our large-kernel convolution),
 ``slak_sparse`` (the same with dynamic sparsity, ``-u`` adaptations included in the timed steps),
-``slak_aligned`` (the same with ``align_pointwise=True``: compiled pointwise layers on
-operands padded to 8-element rows), ``slak_cudnn`` (the same network with its large-kernel
+``slak_unaligned`` (the same with ``align_pointwise=False``: compiled pointwise layers on
+the width-1.3 channel counts as they are, not on operands padded to 8-element rows), ``slak_cudnn`` (the same network with its large-kernel
 convolutions through cuDNN, ``F.conv2d``),
 ``slak_freelk`` (the same network with every large-kernel convolution replaced by the identity:
 the ceiling that a free large-kernel convolution would give), ``slak_base`` (SLaK-B, width 1.3,
@@ -24,7 +24,7 @@ SNIP batch that initialises the masks (``snip_peak_mem_gib``); e.g. SLaK-B's pea
 
 Inference mode (``--inference``) times eval-mode forwards without autograd, in the same process,
 of ``slak`` (the train form), ``slak_deploy`` (after ``reparameterize()``: two biased convolutions
-per unit), ``slak_deploy_aligned`` (the same with ``align_pointwise=True``),
+per unit), ``slak_deploy_unaligned`` (the same with ``align_pointwise=False``),
 ``slak_deploy_cudnn`` (the deployed model through cuDNN) and ``convnext_timm``:
 
     python benchmarks/train_throughput.py --inference --batch 256 --dtypes bf16 --compile on \
@@ -74,9 +74,9 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)
 
 
-TRAIN_MODELS = ["slak", "slak_aligned", "slak_sparse", "slak_cudnn", "slak_freelk", "slak_base",
+TRAIN_MODELS = ["slak", "slak_unaligned", "slak_sparse", "slak_cudnn", "slak_freelk", "slak_base",
                 "convnext_timm"]
-INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_aligned", "slak_deploy_cudnn",
+INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_unaligned", "slak_deploy_cudnn",
                     "convnext_timm"]
 
 
@@ -89,7 +89,7 @@ def build(name, sparse_update_frequency):
     if name == "convnext_timm":
         return timm.create_model("convnext_tiny", drop_path_rate=0.1), None
     model = timm.create_model("SLaK_base" if name == "slak_base" else "SLaK_tiny",
-                              align_pointwise=name.endswith("aligned"), **SLAK_T)
+                              align_pointwise=not name.endswith("unaligned"), **SLAK_T)
     if name.startswith("slak_deploy"):
         model.eval().reparameterize()
     replacement = {"slak_cudnn": nn.Conv2d.forward, "slak_deploy_cudnn": nn.Conv2d.forward,

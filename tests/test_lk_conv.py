@@ -338,3 +338,41 @@ def test_64_bit_offsets(monkeypatch):
     torch.manual_seed(5)
     x = torch.randn(2, 3, 11, 20, device=DEVICE)
     check_against_reference(x, torch.randn(3, 1, 5, 23), torch.randn(3), torch.float32)
+
+
+def test_compiled_ops_receive_their_inputs_in_the_kernels_layout(monkeypatch):
+    """Under ``torch.compile`` a channels-last input and its output gradient reach the kernels
+    already in the layout they read (NCHW, or H fastest for transposed tall kernels): the
+    traced graph changes the layout, where Inductor fuses it into the producing kernel, rather
+    than an eager copy inside the op for every branch and pass."""
+    from depthwise_conv2d_implicit_gemm import ops
+    seen = []
+    real_forward, real_backward = ops.conv_forward, ops.conv_backward
+
+    def forward(x, weight, bias):
+        seen.append(("x", weight.shape[2:], x.stride()))
+        return real_forward(x, weight, bias)
+
+    def backward(grad, x, weight, need_input, need_weight):
+        seen.append(("grad", weight.shape[2:], grad.stride()))
+        return real_backward(grad, x, weight, need_input, need_weight)
+    monkeypatch.setattr(ops, "conv_forward", forward)
+    monkeypatch.setattr(ops, "conv_backward", backward)
+    torch.manual_seed(5)
+    tall, wide = (DepthWiseConv2dImplicitGEMM(3, k).to(DEVICE) for k in [(13, 3), (3, 13)])
+    x = torch.randn(2, 3, 8, 12, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    compiled = torch.compile(lambda t: (tall(t) * wide(t)).relu(), fullgraph=True,
+                             backend="inductor" if CUDA else "aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    assert choose_strategy(x.shape, (13, 3)) == TRANSPOSED
+    h_fastest = torch.empty(2, 3, 12, 8).transpose(2, 3).stride()
+    nchw = torch.empty(2, 3, 8, 12).stride()
+    expected = {(13, 3): h_fastest, (3, 13): nchw}
+    assert len(seen) == 4
+    for what, kernel, stride in seen:
+        assert stride == expected[tuple(kernel)], (what, tuple(kernel), stride)
+    x_ref = x.detach().clone().requires_grad_()
+    (tall(x_ref) * wide(x_ref)).relu().sum().backward()
+    assert rel_err(x.grad, x_ref.grad) < 1e-5

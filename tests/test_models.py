@@ -161,8 +161,8 @@ def test_aligned_pointwise_layers_compute_the_same():
     model's, and the state dict is the same."""
     kwargs = dict(width_factor=0.3, kernel_size=[13, 11, 9, 7, 3], Decom=True, num_classes=5)
     torch.manual_seed(0)
-    plain = timm.create_model("SLaK_tiny", **kwargs).double()
-    aligned = timm.create_model("SLaK_tiny", align_pointwise=True, **kwargs).double()
+    plain = timm.create_model("SLaK_tiny", align_pointwise=False, **kwargs).double()
+    aligned = timm.create_model("SLaK_tiny", **kwargs).double()   # aligned by default
     aligned.load_state_dict(plain.state_dict())
     graphs = []
 
