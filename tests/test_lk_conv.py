@@ -342,9 +342,9 @@ def test_64_bit_offsets(monkeypatch):
 
 def test_compiled_ops_receive_their_inputs_in_the_kernels_layout(monkeypatch):
     """Under ``torch.compile`` a channels-last input and its output gradient reach the kernels
-    already in the layout they read (NCHW, or H fastest for transposed tall kernels): the
-    traced graph changes the layout, where Inductor fuses it into the producing kernel, rather
-    than an eager copy inside the op for every branch and pass."""
+    already in the layout they read (NCHW; the gradient with H fastest for transposed tall
+    kernels): the traced graph changes the layout, where Inductor fuses it into the producing
+    kernel, rather than an eager copy inside the op for every branch and pass."""
     from depthwise_conv2d_implicit_gemm import ops
     seen = []
     real_forward, real_backward = ops.conv_forward, ops.conv_backward
@@ -369,10 +369,11 @@ def test_compiled_ops_receive_their_inputs_in_the_kernels_layout(monkeypatch):
     assert choose_strategy(x.shape, (13, 3)) == TRANSPOSED
     h_fastest = torch.empty(2, 3, 12, 8).transpose(2, 3).stride()
     nchw = torch.empty(2, 3, 8, 12).stride()
-    expected = {(13, 3): h_fastest, (3, 13): nchw}
+    expected = {("x", (13, 3)): nchw, ("x", (3, 13)): nchw,
+                ("grad", (13, 3)): h_fastest, ("grad", (3, 13)): nchw}
     assert len(seen) == 4
     for what, kernel, stride in seen:
-        assert stride == expected[tuple(kernel)], (what, tuple(kernel), stride)
+        assert stride == expected[what, tuple(kernel)], (what, tuple(kernel), stride)
     x_ref = x.detach().clone().requires_grad_()
     (tall(x_ref) * wide(x_ref)).relu().sum().backward()
     assert rel_err(x.grad, x_ref.grad) < 1e-5
