@@ -23,7 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM
+from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, depthwise_conv2d_pair, pairs
 
 __all__ = ["SLaK", "LargeKernelUnit", "Block", "aligned_linear", "validate_kernel_size",
            "checkpoint_filter_fn", "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
@@ -90,6 +90,11 @@ def fuse_conv_bn(branch):
     return weight * scale.view(-1, 1, 1, 1), bn.bias + (bias - bn.running_mean) * scale
 
 
+def _after_conv(branch, z):
+    """The rest of a ``conv_bn`` branch after its convolution (its BatchNorm, if any)."""
+    return branch.bn(z) if hasattr(branch, "bn") else z
+
+
 def pad_kernel_to(weight, shape):
     """Zero-pad a ``(C, 1, kh, kw)`` kernel symmetrically to ``(C, 1, *shape)``."""
     dh, dw = shape[0] - weight.shape[2], shape[1] - weight.shape[3]
@@ -108,6 +113,10 @@ class LargeKernelUnit(nn.Module):
         deploy: build the re-parameterised inference form (biased convolutions, no BN, small
             kernel merged); see :meth:`reparameterize`.
 
+    Attribute ``fuse_small`` (default True): where the Triton kernels run, the (s, K) (or
+    (K, K)) branch and the small one convolve in one pass (``depthwise_conv2d_pair``); False
+    runs them as separate convolutions. Either way each keeps its own BatchNorm and weights.
+
     Input and output: ``(N, channels, H, W)``.
     """
 
@@ -115,6 +124,7 @@ class LargeKernelUnit(nn.Module):
         super().__init__()
         self.kernel_size, self.small_kernel, self.Decom = kernel_size, small_kernel, Decom
         self.deploy = deploy
+        self.fuse_small = True
         if deploy:
             # Two biased branches (K, s) + (s, K), or one biased (K, K) branch.
             if Decom:
@@ -141,6 +151,12 @@ class LargeKernelUnit(nn.Module):
             # channels-last input here (fused into its producer under torch.compile) is
             # shared by all branches, instead of a copy per branch and per pass inside each.
             x = x.contiguous()
+        wide = self.LoRA2 if self.Decom else self.lkb_origin
+        if self._pairs_small_branch(x, wide):
+            # The wide branch and the small one in one pass (depthwise_conv2d_pair).
+            z, z_small = depthwise_conv2d_pair(x, wide.conv.weight, self.small_conv.conv.weight)
+            out = self.LoRA1(x) + _after_conv(wide, z) if self.Decom else _after_conv(wide, z)
+            return out + _after_conv(self.small_conv, z_small)
         if self.Decom:
             out = self.LoRA1(x) + self.LoRA2(x)
         else:
@@ -148,6 +164,12 @@ class LargeKernelUnit(nn.Module):
         if hasattr(self, "small_conv"):
             out = out + self.small_conv(x)
         return out
+
+    def _pairs_small_branch(self, x, wide):
+        return (self.fuse_small and hasattr(self, "small_conv") and not self.deploy and
+                wide.conv.bias is None and self.small_conv.conv.bias is None and
+                not wide.conv._forward_hooks and not self.small_conv.conv._forward_hooks and
+                pairs(x, wide.conv.weight, self.small_conv.conv.weight))
 
     @torch.no_grad()
     def reparameterize(self):

@@ -182,6 +182,133 @@ def dwconv_fwd_kernel(
                  mask=mask)
 
 
+def dwconv_pair_kernel(
+    x_ptr, x2_ptr, w_ptr, w2_ptr, y_ptr, y2_ptr,
+    N, LA, LB, KA, KB, KA2, KB2,
+    sxn, sxc, sxa, sxb,
+    syn, syc, sya, syb,
+    swc, swa, swb, sw2c, sw2a, sw2b,
+    FLIP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+    LA_ONE_BLOCK: tl.constexpr = 0, ALIGN: tl.constexpr = 1, Y_ALIGN: tl.constexpr = 1,
+    EVEN_M: tl.constexpr = False,
+):
+    """Two wide kernels of one unit in one pass: a ``(KB, KA)`` kernel ``w`` and a smaller
+    ``(KB2, KA2)`` kernel ``w2`` centred in it (SLaK's ``(s, K)`` and ``(s, s)`` branches),
+    long axis W (``A``), lines along W as in ``dwconv_fwd_kernel``.
+
+    * Forward (``FLIP`` False): ``y = conv(x, w)`` and ``y2 = conv(x, w2)`` from one read of
+      each ``x`` tile; ``x2_ptr`` is unused.
+    * Input gradient (``FLIP``): ``y = conv(x, rot(w)) + conv(x2, rot(w2))``, ``x`` and ``x2``
+      the two branches' output gradients, summed in the float32 accumulator; ``y2_ptr`` is
+      unused.
+
+    The small kernel's row ``i - (KB - KB2) // 2`` meets the big kernel's row ``i`` on the same
+    input line, and its band is the big band's middle ``KA2`` diagonals, so both Toeplitz
+    blocks act on the same tile. ``x``/``x2`` and ``y``/``y2`` share their strides. Grid:
+    ``(cdiv(N * LB, BLOCK_M), cdiv(LA, BLOCK_A), C)``.
+    """
+    pid_m = tl.program_id(0)
+    pid_a = tl.program_id(1)
+    c = tl.program_id(2)
+    PA = KA // 2
+    PB = KB // 2
+    OA = (KA - KA2) // 2   # the small kernel's offset inside the big one
+    OB = (KB - KB2) // 2
+
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < N * LB
+    n = m // LB
+    b = m % LB
+    if INDEX_64:
+        c = c.to(tl.int64)
+        n = n.to(tl.int64)
+    a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a0 = pid_a * BLOCK_A
+    if LA_ONE_BLOCK:
+        la = LA_ONE_BLOCK
+        k_lo = 0
+        k_hi = LA_ONE_BLOCK
+    else:
+        la = LA
+        k_lo = tl.maximum(a0 - PA, 0)
+        k_hi = tl.minimum(a0 + BLOCK_A + PA, LA)
+
+    x_base = x_ptr + c * sxc
+    x2_base = x2_ptr + c * sxc
+    if ALIGN > 1:
+        x_base = tl.multiple_of(x_base, ALIGN * (x_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        x2_base = tl.multiple_of(x2_base,
+                                 ALIGN * (x2_ptr.dtype.element_ty.primitive_bitwidth // 8))
+    w_base = w_ptr + c * swc
+    w2_base = w2_ptr + c * sw2c
+    acc = tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32)
+    acc2 = tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32)
+
+    n_chunks = (k_hi - k_lo + BLOCK_K - 1) // BLOCK_K
+    for step in range(0, KB * n_chunks):
+        i = step // n_chunks
+        k0 = k_lo + (step - i * n_chunks) * BLOCK_K
+        b_in = b + i - PB
+        line_ok = m_ok & (b_in >= 0) & (b_in < LB)
+        line_off = n * sxn + b_in * sxb
+        if ALIGN > 1:
+            line_off = tl.multiple_of(line_off, ALIGN)
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        offs = line_off[:, None] + k[None, :] * sxa
+        tile_ok = line_ok[:, None] & k_ok[None, :]
+        xt = tl.load(x_base + offs, mask=tile_ok, other=0.0)
+        d = k[:, None] - a[None, :] + PA
+        i2 = i - OB
+        d2 = d - OA
+        if FLIP:
+            tap_b = KB - 1 - i
+            tap_a = KA - 1 - d
+            tap_b2 = KB2 - 1 - i2
+            tap_a2 = KA2 - 1 - d2
+        else:
+            tap_b = i
+            tap_a = d
+            tap_b2 = i2
+            tap_a2 = d2
+        t = tl.load(w_base + tap_b * swb + tap_a * swa, mask=(d >= 0) & (d < KA), other=0.0)
+        t2 = tl.load(w2_base + tap_b2 * sw2b + tap_a2 * sw2a,
+                     mask=(d2 >= 0) & (d2 < KA2) & (i2 >= 0) & (i2 < KB2), other=0.0)
+        t = t.to(xt.dtype)
+        t2 = t2.to(xt.dtype)
+        if DOT_UPCAST:
+            xt = xt.to(tl.float32)
+            t = t.to(tl.float32)
+            t2 = t2.to(tl.float32)
+        acc = tl.dot(xt, t, acc, input_precision=DOT_PRECISION)
+        if FLIP:
+            x2t = tl.load(x2_base + offs, mask=tile_ok, other=0.0)
+            if DOT_UPCAST:
+                x2t = x2t.to(tl.float32)
+            acc = tl.dot(x2t, t2, acc, input_precision=DOT_PRECISION)
+        else:
+            acc2 = tl.dot(xt, t2, acc2, input_precision=DOT_PRECISION)
+
+    out_off = n * syn + b * syb
+    y_base = y_ptr + c * syc
+    y2_base = y2_ptr + c * syc
+    if Y_ALIGN > 1:
+        y_base = tl.multiple_of(y_base, Y_ALIGN * (y_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        y2_base = tl.multiple_of(y2_base,
+                                 Y_ALIGN * (y2_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        out_off = tl.multiple_of(out_off, Y_ALIGN)
+    if EVEN_M:
+        mask = (a < la)[None, :]
+    else:
+        mask = m_ok[:, None] & (a < la)[None, :]
+    y_offs = out_off[:, None] + a[None, :] * sya
+    tl.store(y_base + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if not FLIP:
+        tl.store(y2_base + y_offs, acc2.to(y2_ptr.dtype.element_ty), mask=mask)
+
+
 def dwconv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, scratch_ptr,
     N, LA, LB, KA, KB, N_KCHUNK, SPLIT_M,
@@ -403,7 +530,7 @@ _COMPILED = {}
 
 
 def get_kernels(interpret):
-    """The four kernels, compiled for the GPU or wrapped for ``TRITON_INTERPRET=1``, by the
+    """The kernels, compiled for the GPU or wrapped for ``TRITON_INTERPRET=1``, by the
     name of their Python function (``{"dwconv_fwd_kernel": ..., ...}``).
 
     ``triton.jit`` decides between compiler and interpreter from the environment when it wraps
@@ -416,14 +543,15 @@ def get_kernels(interpret):
         # compilation to a few dozen kernels for all SLaK shapes. Unit strides still are.
         lines = ["N", "C", "LA", "LB", "KA", "KB", "N_KCHUNK", "SPLIT_M"] + [
             p + s for p in ("sx", "sy", "sd") for s in "ncb"] + [
-            "swc", "swa", "swb", "swslot", "swi", "swj"]
+            "swc", "swa", "swb", "swslot", "swi", "swj", "KA2", "KB2", "sw2c", "sw2a", "sw2b"]
         # The plane kernels address whole planes, so nothing is specialised but unit strides.
         planes = ["N", "H", "W", "KH", "KW", "sxn", "sxc", "syn", "syc", "sdn", "sdc", "swc",
                   "swh"]
         _COMPILED[interpret] = {
             fn.__name__: triton.jit(fn, do_not_specialize=[
                 a for a in unspecialised if a in fn.__code__.co_varnames])
-            for fn, unspecialised in ((dwconv_fwd_kernel, lines), (dwconv_wgrad_kernel, lines),
+            for fn, unspecialised in ((dwconv_fwd_kernel, lines), (dwconv_pair_kernel, lines),
+                                      (dwconv_wgrad_kernel, lines),
                                       (dwconv_plane_fwd_kernel, planes),
                                       (dwconv_plane_wgrad_kernel, planes))}
     return _COMPILED[interpret]

@@ -38,7 +38,7 @@ def _interpret():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _use_triton(x):
+def use_triton(x):
     if plans is None:
         if x.is_cuda:
             warnings.warn("Triton is not installed: DepthWiseConv2dImplicitGEMM falls back to "
@@ -88,7 +88,7 @@ def _convolve(x, weight, bias, flip):
     return y.contiguous(memory_format=output_format(x))
 
 
-def _check(x, weight, bias):
+def check_args(x, weight, bias):
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
         raise ValueError(f"depthwise conv expects x (N, C, H, W) and weight (C, 1, kh, kw), got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -105,8 +105,8 @@ def _check(x, weight, bias):
 
 def conv_forward(x, weight, bias):
     """x ``(N, C, H, W)``, weight ``(C, 1, kh, kw)``, bias ``(C,)`` or None -> ``(N, C, H, W)``."""
-    _check(x, weight, bias)
-    if _use_triton(x):
+    check_args(x, weight, bias)
+    if use_triton(x):
         return _convolve(x, weight, bias, flip=False)
     return depthwise_conv2d_reference(x, weight, bias).contiguous(memory_format=output_format(x))
 
@@ -119,7 +119,7 @@ def conv_backward(grad, x, weight, need_input, need_weight):
     grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
     weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
     kh, kw = weight.shape[2:]
-    if _use_triton(x):
+    if use_triton(x):
         grad = grad_layout(grad, (kh, kw))   # once, for both gradients
     else:
         dx, dw, _ = torch.ops.aten.convolution_backward(
@@ -147,18 +147,21 @@ def conv_backward(grad, x, weight, need_input, need_weight):
     return dx, dw
 
 
+def as_parameter_grad(dw, weight):
+    """``dw`` in the dtype and strides of its parameter: a gradient laid out like its
+    parameter (e.g. a channels-last model's weights) is one DDP can reduce in place, without
+    the "grad strides do not match" copy and warning."""
+    if dw is None:
+        return None
+    dw = dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
+    return dw if dw.stride() == weight.stride() else torch.empty_like(weight).copy_(dw)
+
+
 def _backward_impl(grad, x, weight, has_bias, needs, backward):
     need_x, need_w, need_b = needs
     dx, dw = backward(grad, x, weight, need_x, need_w)
-    if dw is not None:
-        dw = dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
-        if dw.stride() != weight.stride():
-            # A gradient laid out like its parameter (e.g. a channels-last model's weights) is
-            # one DDP can reduce in place, without the "grad strides do not match" copy and
-            # warning.
-            dw = torch.empty_like(weight).copy_(dw)
     db = grad.sum((0, 2, 3)).to(weight.dtype) if (has_bias and need_b) else None
-    return dx, dw, db
+    return dx, as_parameter_grad(dw, weight), db
 
 
 @torch.library.custom_op("slak::dwconv2d", mutates_args=())
@@ -170,7 +173,7 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 @dwconv2d.register_fake
 def _(x, weight, bias):
-    _check(x, weight, bias)
+    check_args(x, weight, bias)
     return torch.empty_like(x, memory_format=output_format(x))
 
 
@@ -187,7 +190,7 @@ def dwconv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, need_input: bool,
 def _(grad, x, weight, need_input, need_weight):
     # The kernels take the gradient in their own layout (``grad_layout``), in which
     # ``output_format`` is the contiguous one.
-    fmt = torch.contiguous_format if _use_triton(x) else output_format(grad)
+    fmt = torch.contiguous_format if use_triton(x) else output_format(grad)
     dx = torch.empty_like(grad, memory_format=fmt) if need_input else x.new_empty(0)
     dw = x.new_empty(weight.shape) if need_weight else x.new_empty(0)
     return dx, dw
@@ -206,7 +209,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    if _use_triton(x):
+    if use_triton(x):
         grad = grad_layout(grad, weight.shape[2:])
     return _backward_impl(grad, x, weight, ctx.has_bias, ctx.needs_input_grad,
                           _compiled_backward)
@@ -233,6 +236,16 @@ class _EagerConv(torch.autograd.Function):
                               conv_backward)
 
 
+def autocast_inputs(x, *tensors):
+    """``x`` and ``tensors`` (None kept) cast as autocast casts conv2d's inputs: all to the
+    autocast dtype when autocast is on for ``x``'s device. Autocast does not see custom ops."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda") or (
+            x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return tuple(t if t is None else t.to(dtype) for t in (x, *tensors))
+    return (x, *tensors)
+
+
 def depthwise_conv2d(x, weight, bias=None):
     """Depthwise conv, stride 1, same padding, any odd ``(kh, kw)``; the drop-in ``F.conv2d``.
 
@@ -243,17 +256,12 @@ def depthwise_conv2d(x, weight, bias=None):
     Returns:
         ``(N, C, H, W)``, channels-last when ``x`` is.
     """
-    if x.is_cuda and torch.is_autocast_enabled("cuda") or (
-            x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
-        # Autocast does not see custom ops; cast as it casts conv2d (all to the autocast dtype).
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    x, weight, bias = autocast_inputs(x, weight, bias)
     folder = os.environ.get("LARGE_KERNEL_CONV_IMPL")
     if folder and x.is_cuda:
         from .external import external_conv
         return external_conv(x, weight, bias, folder)
-    if not _use_triton(x):
+    if not use_triton(x):
         return _dispatch(x, weight, bias)
     out_format = output_format(x)
     y = _dispatch(input_layout(x), weight, bias)

@@ -12,11 +12,9 @@ import torch
 import triton
 
 from . import heuristics
-from .kernels import (dwconv_fwd_kernel, dwconv_plane_fwd_kernel, dwconv_plane_wgrad_kernel,
-                      dwconv_wgrad_kernel, get_kernels)
+from .kernels import (dwconv_fwd_kernel, dwconv_pair_kernel, dwconv_plane_fwd_kernel,
+                      dwconv_plane_wgrad_kernel, dwconv_wgrad_kernel, get_kernels)
 
-# Each kernel's leading arguments are its four tensors.
-_N_TENSOR_ARGS = 4
 _MAX_PLANS = 4096
 
 
@@ -32,7 +30,9 @@ class Plan:
     def __init__(self, kernel_fn, interpret, grid, values, num_warps, num_stages, scratch=None):
         self.name = kernel_fn.__name__
         self.kernel = get_kernels(interpret)[self.name]
-        params = list(inspect.signature(kernel_fn).parameters.values())[_N_TENSOR_ARGS:]
+        # The leading ``*_ptr`` arguments are the tensors, passed at launch.
+        params = [p for p in inspect.signature(kernel_fn).parameters.values()
+                  if not p.name.endswith("_ptr")]
         missing = [p.name for p in params if p.name not in values and p.default is p.empty]
         assert not missing, f"{self.name}: no value for {missing}"
         self.args = tuple(values.get(p.name, p.default) for p in params)
@@ -117,6 +117,40 @@ def _conv_plan(x, weight, bias, flip, y):
         BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
     grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
     return Plan(dwconv_fwd_kernel, not x.is_cuda, grid, values, t["num_warps"], t["num_stages"])
+
+
+def pair_conv(x, x2, weight, weight2, flip, y, y2):
+    """A wide kernel and a smaller one centred in it, in one pass (``dwconv_pair_kernel``):
+    forward ``y, y2 = conv(x, weight), conv(x, weight2)`` (``x2`` and ``flip`` unused), or
+    with ``flip`` the input gradient ``y = conv(x, rot(weight)) + conv(x2, rot(weight2))``
+    (``y2`` unused). ``x``/``x2`` and ``y``/``y2`` share shapes and strides, unit stride
+    along W."""
+    if y.numel() == 0:
+        return
+    plan = _cached(_key("pair", flip, x, x2, weight, weight2, y),
+                   lambda: _pair_plan(x, x2, weight, weight2, flip, y))
+    launch(plan, (x, x2, weight, weight2, y, y2))
+
+
+def _pair_plan(x, x2, weight, weight2, flip, y):
+    N, C = x.shape[:2]
+    g = heuristics.geometry(x, weight.shape[2:])
+    assert not g["long_is_h"] and x.stride(3) == 1 and x2.stride() == x.stride()
+    n_lines = N * g["LB"]
+    t = heuristics.tiles(g, n_lines, x.dtype)
+    store = heuristics.store_hints(g, y, t["block_m"], n_lines)
+    values = dict(
+        N=N, LA=g["LA"], LB=g["LB"], KA=g["KA"], KB=g["KB"],
+        KA2=weight2.shape[3], KB2=weight2.shape[2],
+        sxn=x.stride(0), sxc=x.stride(1), sxa=x.stride(3), sxb=x.stride(2),
+        syn=y.stride(0), syc=y.stride(1), sya=y.stride(3), syb=y.stride(2),
+        swc=weight.stride(0), swa=weight.stride(3), swb=weight.stride(2),
+        sw2c=weight2.stride(0), sw2a=weight2.stride(3), sw2b=weight2.stride(2),
+        FLIP=flip, **heuristics.dot_args(x), INDEX_64=heuristics.needs_index_64(x, x2, y),
+        **heuristics.load_hints(t, g, x, x2), Y_ALIGN=store["Y_ALIGN"], EVEN_M=store["EVEN_M"],
+        BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
+    grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
+    return Plan(dwconv_pair_kernel, not x.is_cuda, grid, values, t["num_warps"], t["num_stages"])
 
 
 @functools.lru_cache(maxsize=None)
