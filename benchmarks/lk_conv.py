@@ -19,6 +19,14 @@ hidden by CUDA graphs or ``torch.compile`` (``speedup_gpu_*``); the per-kernel s
 ``*_gpu_kernels_us``.
 
     python benchmarks/lk_conv.py --batch 64 --models T --check --step --profile --json-out lk.jsonl
+
+``--unit`` times whole large-kernel units instead (``SLaK.LargeKernelUnit`` in training mode:
+the three branch convolutions, their BatchNorms and the sum, forward and backward, under
+autocast in each ``--dtypes`` entry): the fused unit (wide and small branches in one pass,
+``depthwise_conv2d_pair``) against the same unit with separate convolutions, eager and in GPU
+time, per stage and per training step:
+
+    python benchmarks/lk_conv.py --unit --batch 64 --dtypes bf16
 """
 import argparse
 import contextlib
@@ -126,6 +134,58 @@ def profile_case(impl, n, c, size, kernel, dtype, iters=5):
     return out
 
 
+def time_unit(n, c, size, kernel, dtype, fuse_small):
+    """Eager median ms and profiled GPU ms of one training-mode unit's forward+backward."""
+    from torch.profiler import ProfilerActivity, profile
+    from SLaK import LargeKernelUnit
+    unit = LargeKernelUnit(c, kernel, SMALL, Decom=True).cuda()
+    unit.fuse_small = fuse_small
+    x = torch.randn(n, c, size, size, device="cuda", requires_grad=True)
+    gy = torch.randn(n, c, size, size, device="cuda", dtype=dtype)
+    inputs = [x, *unit.parameters()]
+
+    def fwd_bwd():
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = unit(x.to(dtype))
+        torch.autograd.grad(out, inputs, gy)
+    eager = bench(fwd_bwd)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    gpu = sum(e.time_range.elapsed_us() for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA) / 5e3
+    return eager, gpu
+
+
+def unit_main(args, emit):
+    totals = {}
+    for model in args.models:
+        depths, dims = MODELS[model]
+        for dt_name in args.dtypes:
+            for stage, (depth, dim, k, size) in enumerate(zip(depths, dims, KERNELS, SIZES), 1):
+                if stage not in args.stages:
+                    continue
+                c = int(dim * WIDTH)
+                rec = {"model": f"SLaK-{model}", "unit_stage": stage, "channels": c, "size": size,
+                       "kernel": k, "blocks": depth, "dtype": dt_name, "batch": args.batch}
+                for name, fuse in (("fused", True), ("separate", False)):
+                    eager, gpu = time_unit(args.batch, c, size, k, DTYPES[dt_name], fuse)
+                    rec[f"{name}_eager_ms"], rec[f"{name}_gpu_ms"] = eager, gpu
+                    for what, ms in (("eager", eager), ("gpu", gpu)):
+                        key = (f"SLaK-{model}", dt_name, name, what)
+                        totals[key] = totals.get(key, 0.0) + ms * depth
+                emit(rec)
+    print(f"\nPer-step totals of the units' forward+backward, ms (batch {args.batch})")
+    print(f"{'model':8} {'dtype':5} {'fused eager':>12} {'separate eager':>15} "
+          f"{'fused GPU':>10} {'separate GPU':>13}")
+    for model, dt_name in sorted({k[:2] for k in totals}):
+        t = {k[2:]: v for k, v in totals.items() if k[:2] == (model, dt_name)}
+        print(f"{model:8} {dt_name:5} {t['fused', 'eager']:12.2f} {t['separate', 'eager']:15.2f} "
+              f"{t['fused', 'gpu']:10.2f} {t['separate', 'gpu']:13.2f}")
+
+
 def check_case(c, size, kernel, dtype):
     """Relative errors (forward, input grad, weight grad) at batch 2 against float64 cuDNN."""
     x = torch.randn(2, c, size, size, device="cuda", dtype=torch.float64)
@@ -174,6 +234,8 @@ def main():
                    help="extra launch configurations to time for ours, as JSON dicts of "
                         "heuristics.Tuning fields, e.g. '{\"num_stages\": 3}'")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--unit", action="store_true",
+                   help="time whole units, fused against separate branch convolutions")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/lk_conv.py needs a CUDA GPU")
@@ -190,6 +252,9 @@ def main():
         if out:
             out.write(line + "\n")
     emit({"env": env})
+    if args.unit:
+        unit_main(args, emit)
+        return
 
     variants = [("ours", {})] + [(f"ours{v}", json.loads(v)) for v in args.variants]
     totals = {}   # (model, dtype, impl, pass) -> ms per step

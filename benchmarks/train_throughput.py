@@ -11,7 +11,8 @@ Models: ``slak`` (SLaK-T, width 1.3, 51 49 47 13 5, Decom, our large-kernel conv
 ``slak_unaligned`` (the same with ``align_pointwise=False``: compiled pointwise layers on
 the width-1.3 channel counts as they are, not on operands padded to 8-element rows), ``slak_cudnn`` (the same network with its large-kernel
 convolutions through cuDNN, ``F.conv2d``),
-``slak_freelk`` (the same network with every large-kernel convolution replaced by the identity:
+``slak_separate`` (the same with ``fuse_small`` off: each unit's wide and small branches as
+separate convolutions instead of one pass), ``slak_freelk`` (the same network with every large-kernel convolution replaced by the identity:
 the ceiling that a free large-kernel convolution would give), ``slak_base`` (SLaK-B, width 1.3,
 51 49 47 13 5, Decom), ``convnext_timm`` (timm's ``convnext_tiny``).
 
@@ -37,7 +38,8 @@ Decom) at 224x224 unless flags after ``--``, which go to ``main.py`` last, say o
     python benchmarks/train_throughput.py --end_to_end --iters 200 --batch 64 -- --compile true \
         --use_amp true --amp_dtype bfloat16 --channels_last true --sparse -u 100
 
-It prints one JSON line with ``img_per_s_epoch`` (the whole epoch, first-step compilation
+``--ddp both`` runs it plainly and under ``torchrun --nproc_per_node 1`` (DDP, SyncBatchNorm)
+and prints their ratio. It prints one JSON line per run with ``img_per_s_epoch`` (the whole epoch, first-step compilation
 included) and ``img_per_s_steady`` (the iterations after the first logged window, from the
 progress lines and the epoch's total time; see :func:`parse_main_log`). ``--device cpu`` runs the
 same on the CPU, as a smoke test of this script (e.g. with ``-- --input_size 32 --width_factor
@@ -74,7 +76,7 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)
 
 
-TRAIN_MODELS = ["slak", "slak_unaligned", "slak_sparse", "slak_cudnn", "slak_freelk", "slak_base",
+TRAIN_MODELS = ["slak", "slak_unaligned", "slak_separate", "slak_sparse", "slak_cudnn", "slak_freelk", "slak_base",
                 "convnext_timm"]
 INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_unaligned", "slak_deploy_cudnn",
                     "convnext_timm"]
@@ -92,6 +94,10 @@ def build(name, sparse_update_frequency):
                               align_pointwise=not name.endswith("unaligned"), **SLAK_T)
     if name.startswith("slak_deploy"):
         model.eval().reparameterize()
+    if name == "slak_separate":
+        for m in model.modules():
+            if isinstance(m, SLaK.LargeKernelUnit):
+                m.fuse_small = False
     replacement = {"slak_cudnn": nn.Conv2d.forward, "slak_deploy_cudnn": nn.Conv2d.forward,
                    "slak_freelk": identity_forward}.get(name)
     if replacement is not None:
@@ -305,13 +311,17 @@ def parse_main_log(stdout, window=None):
     return epoch, rest / (total - k - 1), k + 1
 
 
-def end_to_end(args, extra):
-    """Run main.py for ``iters`` optimizer steps on synthetic data; images/s of the epoch."""
+def end_to_end(args, extra, ddp=False):
+    """Run main.py for ``iters`` optimizer steps on synthetic data; images/s of the epoch.
+    ``ddp``: under ``torchrun --standalone --nproc_per_node 1`` (DistributedDataParallel,
+    SyncBatchNorm, NCCL on the GPU)."""
     out = Path(args.output_dir)
     update_freq = argparse.ArgumentParser(add_help=False)
     update_freq.add_argument("--update_freq", type=int, default=1)
     micro_batches = args.iters * max(1, update_freq.parse_known_args(extra)[0].update_freq)
-    command = [sys.executable, str(REPO / "main.py"), "--data_set", "synthetic",
+    launcher = [sys.executable] + (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if ddp else [])
+    command = [*launcher, str(REPO / "main.py"), "--data_set", "synthetic",
                "--device", args.device, "--input_size", "224", "--nb_classes", "1000",
                "--model", "SLaK_tiny", "--width_factor", "1.3", "--Decom", "true",
                "--kernel_size", *map(str, SLAK_T["kernel_size"]), "--drop_path", "0.1",
@@ -334,7 +344,7 @@ def end_to_end(args, extra):
         print(result.stdout[-3000:], file=sys.stderr)
         raise SystemExit(f"error: {exc}\ncommand: {' '.join(command)}") from None
     batch = args.batch  # images per iteration (one micro-batch of one process)
-    row = dict(mode="end_to_end", device=args.device, command=" ".join(command[1:]),
+    row = dict(mode="end_to_end", ddp=ddp, device=args.device, command=" ".join(command[1:]),
                wall_s=round(wall, 1), iterations=micro_batches, warmup_iterations=warmup,
                img_per_s_epoch=round(batch / epoch, 1), img_per_s_steady=round(batch / steady, 1))
     print(json.dumps(row), flush=True)
@@ -369,6 +379,8 @@ def main():
     parser.add_argument("--iters", type=int, default=200, help="end-to-end: optimizer steps")
     parser.add_argument("--num_workers", type=int, default=12)
     parser.add_argument("--output_dir", default="/tmp/slak_e2e")
+    parser.add_argument("--ddp", default="off", choices=["on", "off", "both"],
+                        help="end-to-end: also (on: only) under torchrun with one process")
     parser.add_argument("--device", default="cuda",
                         help="end-to-end: main.py's --device (cpu for a smoke test); step mode: cuda only")
     args, extra = parser.parse_known_args()
@@ -391,7 +403,12 @@ def main():
                      "main.py's -- --grad_checkpointing true")
 
     if args.end_to_end:
-        rows = [end_to_end(args, [e for e in extra if e != "--"])]
+        extra = [e for e in extra if e != "--"]
+        rows = [end_to_end(args, extra, ddp)
+                for ddp in {"on": [True], "off": [False], "both": [False, True]}[args.ddp]]
+        if len(rows) == 2:
+            print(f"torchrun (1 process) vs plain: "
+                  f"{rows[1]['img_per_s_steady'] / rows[0]['img_per_s_steady']:.3f}")
     else:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
