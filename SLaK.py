@@ -112,19 +112,21 @@ class LargeKernelUnit(nn.Module):
         bn: BatchNorm after each branch's convolution.
         deploy: build the re-parameterised inference form (biased convolutions, no BN, small
             kernel merged); see :meth:`reparameterize`.
-
-    Attribute ``fuse_small`` (default True): where the Triton kernels run, the (s, K) (or
-    (K, K)) branch and the small one convolve in one pass (``depthwise_conv2d_pair``); False
-    runs them as separate convolutions. Either way each keeps its own BatchNorm and weights.
+        fuse_small: run the (s, K) (or (K, K)) branch and the small one in one pass
+            (``depthwise_conv2d_pair``) where the Triton kernels run; each keeps its own
+            BatchNorm and weights. Opt-in: on the H200 the pair took 1.6% less GPU time per
+            unit, but the compiled SLaK-T step ran 1.4% slower with it (BENCHMARKS.md). Also
+            the attribute of the same name.
 
     Input and output: ``(N, channels, H, W)``.
     """
 
-    def __init__(self, channels, kernel_size, small_kernel, Decom=False, bn=True, deploy=False):
+    def __init__(self, channels, kernel_size, small_kernel, Decom=False, bn=True, deploy=False,
+                 fuse_small=False):
         super().__init__()
         self.kernel_size, self.small_kernel, self.Decom = kernel_size, small_kernel, Decom
         self.deploy = deploy
-        self.fuse_small = True
+        self.fuse_small = fuse_small
         if deploy:
             # Two biased branches (K, s) + (s, K), or one biased (K, K) branch.
             if Decom:
@@ -224,17 +226,18 @@ class Block(nn.Module):
         drop_path: stochastic depth rate of the residual branch.
         layer_scale_init_value: initial per-channel scale ``gamma``; no scale when <= 0.
         kernel_size: ``(K, s)``, the stage kernel and the small kernel.
-        Decom, bn, deploy: see :class:`LargeKernelUnit`.
+        Decom, bn, deploy, fuse_small: see :class:`LargeKernelUnit`.
         align_pointwise: compiled forwards run the two Linear layers through
             :func:`aligned_linear` (eager ones never: there the padding would be extra copies);
             on the H200 it cut the compiled SLaK-T step by 9% (BENCHMARKS.md).
     """
 
     def __init__(self, dim, drop_path=0.0, layer_scale_init_value=1e-6, kernel_size=(7, 5),
-                 Decom=False, bn=True, deploy=False, align_pointwise=True):
+                 Decom=False, bn=True, deploy=False, align_pointwise=True, fuse_small=False):
         super().__init__()
         self.align_pointwise = align_pointwise
-        self.large_kernel = LargeKernelUnit(dim, kernel_size[0], kernel_size[1], Decom, bn, deploy)
+        self.large_kernel = LargeKernelUnit(dim, kernel_size[0], kernel_size[1], Decom, bn, deploy,
+                                            fuse_small)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
@@ -315,6 +318,7 @@ class SLaK(nn.Module):
         bn: BatchNorm in each large-kernel branch.
         deploy: build the re-parameterised inference form (see :meth:`reparameterize`).
         align_pointwise: see :class:`Block` (the weights and their names are the same).
+        fuse_small: see :class:`LargeKernelUnit` (the same weights and names too).
 
     ``forward(x)``: ``(N, in_chans, H, W)`` -> logits ``(N, num_classes)``.
     ``forward_features(x)``: pooled, normalised features ``(N, num_features)``.
@@ -324,7 +328,7 @@ class SLaK(nn.Module):
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  drop_path_rate=0.0, layer_scale_init_value=1e-6, head_init_scale=1.0,
                  kernel_size=(51, 49, 47, 13, 5), width_factor=1.0, Decom=False, bn=True,
-                 deploy=False, align_pointwise=True):
+                 deploy=False, align_pointwise=True, fuse_small=False):
         super().__init__()
         kernel_size = validate_kernel_size(kernel_size)
         dims = [int(d * width_factor) for d in dims]
@@ -345,7 +349,8 @@ class SLaK(nn.Module):
             first = sum(depths[:i])
             self.stages.append(nn.Sequential(*[
                 Block(dims[i], rates[first + j], layer_scale_init_value,
-                      (kernel_size[i], kernel_size[4]), Decom, bn, deploy, align_pointwise)
+                      (kernel_size[i], kernel_size[4]), Decom, bn, deploy, align_pointwise,
+                      fuse_small)
                 for j in range(depth)]))
         self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
                              for i, d in enumerate(dims)]

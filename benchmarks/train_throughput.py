@@ -11,8 +11,8 @@ Models: ``slak`` (SLaK-T, width 1.3, 51 49 47 13 5, Decom, our large-kernel conv
 ``slak_unaligned`` (the same with ``align_pointwise=False``: compiled pointwise layers on
 the width-1.3 channel counts as they are, not on operands padded to 8-element rows), ``slak_cudnn`` (the same network with its large-kernel
 convolutions through cuDNN, ``F.conv2d``),
-``slak_separate`` (the same with ``fuse_small`` off: each unit's wide and small branches as
-separate convolutions instead of one pass), ``slak_freelk`` (the same network with every large-kernel convolution replaced by the identity:
+``slak_fused`` (the same with ``fuse_small`` on: each unit's wide and small branches in one
+pass), ``slak_freelk`` (the same network with every large-kernel convolution replaced by the identity:
 the ceiling that a free large-kernel convolution would give), ``slak_base`` (SLaK-B, width 1.3,
 51 49 47 13 5, Decom), ``convnext_timm`` (timm's ``convnext_tiny``).
 
@@ -76,7 +76,7 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)
 
 
-TRAIN_MODELS = ["slak", "slak_unaligned", "slak_separate", "slak_sparse", "slak_cudnn", "slak_freelk", "slak_base",
+TRAIN_MODELS = ["slak", "slak_unaligned", "slak_fused", "slak_sparse", "slak_cudnn", "slak_freelk", "slak_base",
                 "convnext_timm"]
 INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_unaligned", "slak_deploy_cudnn",
                     "convnext_timm"]
@@ -94,10 +94,10 @@ def build(name, sparse_update_frequency):
                               align_pointwise=not name.endswith("unaligned"), **SLAK_T)
     if name.startswith("slak_deploy"):
         model.eval().reparameterize()
-    if name == "slak_separate":
-        for m in model.modules():
-            if isinstance(m, SLaK.LargeKernelUnit):
-                m.fuse_small = False
+    for m in model.modules():
+        if isinstance(m, SLaK.LargeKernelUnit):
+            # slak_freelk: every convolution through its module, so that all become identities.
+            m.fuse_small = name == "slak_fused"
     replacement = {"slak_cudnn": nn.Conv2d.forward, "slak_deploy_cudnn": nn.Conv2d.forward,
                    "slak_freelk": identity_forward}.get(name)
     if replacement is not None:

@@ -95,6 +95,7 @@ def test_pairs_only_wide_line_kernels():
 def units(Decom, bn, memory_format):
     torch.manual_seed(11)
     fused = LargeKernelUnit(3, 13, 3, Decom=Decom, bn=bn)
+    fused.fuse_small = True
     for m in fused.modules():   # non-trivial BatchNorm parameters and statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_()
@@ -139,3 +140,25 @@ def test_compiled_unit_traces_the_pair_op_without_graph_breaks(launched):
     ref = separate(xr)
     ref.square().sum().backward()
     assert rel_err(out, ref) < 1e-5 and rel_err(x.grad, xr.grad) < 1e-5
+
+
+def test_model_with_fuse_small_trains_like_the_plain_model(launched):
+    """``timm.create_model(..., fuse_small=True)``: the same outputs and gradients as the
+    default model with the same weights (stage 1, 9x9, runs the pair kernel; the smaller
+    stages fall back to the separate whole-plane kernels)."""
+    import timm
+    kwargs = dict(width_factor=0.25, kernel_size=[13, 11, 9, 7, 3], Decom=True, num_classes=4,
+                  depths=[1, 1, 1, 1])
+    torch.manual_seed(0)
+    fused = timm.create_model("SLaK_tiny", fuse_small=True, **kwargs).to(DEVICE)
+    plain = timm.create_model("SLaK_tiny", **kwargs).to(DEVICE)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 3, 36, 36, device=DEVICE)
+    out = fused(x)
+    assert "dwconv_pair_kernel" in launched
+    ref = plain(x)
+    assert rel_err(out, ref) < 1e-5
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-4, name
