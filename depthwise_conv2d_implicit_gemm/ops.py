@@ -52,26 +52,32 @@ def _transposed(t):
     return t.transpose(2, 3).contiguous()
 
 
-def grad_layout(grad, kernel):
-    """The output gradient in the memory layout that the backward kernels for ``kernel`` read
-    without a copy of their own: contiguous NCHW, or with H fastest for the ``transposed``
-    strategy (a ``(N, C, H, W)`` view of a contiguous ``(N, C, W, H)`` tensor).
+def kernel_layout(t, kernel):
+    """``t`` in the memory layout that the kernels for ``kernel`` read without a copy of their
+    own: contiguous NCHW, or with H fastest for the ``transposed`` strategy (a ``(N, C, H, W)``
+    view of a contiguous ``(N, C, W, H)`` tensor).
 
-    Called outside the custom ops, so that under ``torch.compile`` the change of layout is
-    Inductor's: the kernel producing the gradient (a BatchNorm backward, say) writes it in
-    this layout directly. Inside the ops it was an eager copy per branch (a channels-last
-    gradient: 9 ms of a compiled SLaK-T step on the H200). The forward input stays NCHW
-    (``input_layout``) even for the transposed strategy, which transposes a copy of its own:
-    autograd keeps the op's input for the backward pass, and the unit's other branches keep
-    the NCHW one, so a transposed input would be a second saved copy of the image."""
-    if choose_strategy(grad.shape, kernel) == TRANSPOSED:
-        return grad.transpose(2, 3).contiguous().transpose(2, 3)
-    return grad.contiguous()
+    Called outside the custom ops on output gradients and on inputs, so that under
+    ``torch.compile`` the change of layout is Inductor's: the kernel producing the tensor (a
+    BatchNorm backward, say) writes it in this layout directly. Inside the ops it was an eager
+    copy per branch and pass (channels-last gradients: 9 ms of a compiled SLaK-T step on the
+    H200). See ``input_layout`` for the one exception."""
+    if choose_strategy(t.shape, kernel) == TRANSPOSED:
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    return t.contiguous()
 
 
-def input_layout(x):
-    """The forward input in the layout the kernels read: contiguous NCHW."""
-    return x.contiguous()
+def input_layout(x, kernel, saved):
+    """The forward input as the op should receive it: ``kernel_layout``, except that an input
+    autograd keeps for the backward pass (``saved``) stays contiguous NCHW even for the
+    transposed strategy, whose op then transposes a copy of its own: the unit's other branches
+    keep the NCHW image, so a transposed one would be a second saved copy of it."""
+    return x.contiguous() if saved else kernel_layout(x, kernel)
+
+
+def needs_autograd(*tensors):
+    """Whether an op on ``tensors`` records an autograd node (and so keeps its inputs)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _convolve(x, weight, bias, flip):
@@ -120,7 +126,7 @@ def conv_backward(grad, x, weight, need_input, need_weight):
     weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
     kh, kw = weight.shape[2:]
     if use_triton(x):
-        grad = grad_layout(grad, (kh, kw))   # once, for both gradients
+        grad = kernel_layout(grad, (kh, kw))   # once, for both gradients
     else:
         dx, dw, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
@@ -188,7 +194,7 @@ def dwconv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, need_input: bool,
 
 @dwconv2d_backward.register_fake
 def _(grad, x, weight, need_input, need_weight):
-    # The kernels take the gradient in their own layout (``grad_layout``), in which
+    # The kernels take the gradient in their own layout (``kernel_layout``), in which
     # ``output_format`` is the contiguous one.
     fmt = torch.contiguous_format if use_triton(x) else output_format(grad)
     dx = torch.empty_like(grad, memory_format=fmt) if need_input else x.new_empty(0)
@@ -210,7 +216,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     if use_triton(x):
-        grad = grad_layout(grad, weight.shape[2:])
+        grad = kernel_layout(grad, weight.shape[2:])
     return _backward_impl(grad, x, weight, ctx.has_bias, ctx.needs_input_grad,
                           _compiled_backward)
 
@@ -264,14 +270,14 @@ def depthwise_conv2d(x, weight, bias=None):
     if not use_triton(x):
         return _dispatch(x, weight, bias)
     out_format = output_format(x)
-    y = _dispatch(input_layout(x), weight, bias)
+    needs_grad = needs_autograd(x, weight, bias)
+    y = _dispatch(input_layout(x, weight.shape[2:], needs_grad), weight, bias, needs_grad)
     return y.contiguous(memory_format=out_format)
 
 
-def _dispatch(x, weight, bias):
+def _dispatch(x, weight, bias, needs_grad):
     if torch.compiler.is_compiling():
         return torch.ops.slak.dwconv2d(x, weight, bias)
-    if not torch.is_grad_enabled() or not (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if not needs_grad:
         return conv_forward(x, weight, bias)   # inference: no autograd node to build
     return _EagerConv.apply(x, weight, bias)

@@ -142,11 +142,10 @@ def depthwise_conv2d_pair(x, weight, weight_small):
     if not pairs(x, weight, weight_small):
         return ops.depthwise_conv2d(x, weight), ops.depthwise_conv2d(x, weight_small)
     out_format = ops.output_format(x)
-    x = ops.input_layout(x)
+    x = x.contiguous()   # pairs are line kernels along W: NCHW
     if torch.compiler.is_compiling():
         y, y_small = torch.ops.slak.dwconv2d_pair(x, weight, weight_small)
-    elif not torch.is_grad_enabled() or not (
-            x.requires_grad or weight.requires_grad or weight_small.requires_grad):
+    elif not ops.needs_autograd(x, weight, weight_small):
         y, y_small = pair_forward(x, weight, weight_small)
     else:
         y, y_small = _EagerPair.apply(x, weight, weight_small)

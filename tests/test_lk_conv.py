@@ -342,9 +342,9 @@ def test_64_bit_offsets(monkeypatch):
 
 def test_compiled_ops_receive_their_inputs_in_the_kernels_layout(monkeypatch):
     """Under ``torch.compile`` a channels-last input and its output gradient reach the kernels
-    already in the layout they read (NCHW; the gradient with H fastest for transposed tall
-    kernels): the traced graph changes the layout, where Inductor fuses it into the producing
-    kernel, rather than an eager copy inside the op for every branch and pass."""
+    already in the layout they read (NCHW; with H fastest for transposed tall kernels, except an
+    input autograd keeps): the traced graph changes the layout, where Inductor fuses it into the
+    producing kernel, rather than an eager copy inside the op for every branch and pass."""
     from depthwise_conv2d_implicit_gemm import ops
     seen = []
     real_forward, real_backward = ops.conv_forward, ops.conv_backward
@@ -377,3 +377,14 @@ def test_compiled_ops_receive_their_inputs_in_the_kernels_layout(monkeypatch):
     x_ref = x.detach().clone().requires_grad_()
     (tall(x_ref) * wide(x_ref)).relu().sum().backward()
     assert rel_err(x.grad, x_ref.grad) < 1e-5
+
+    # Without autograd nothing is kept for a backward pass: the tall kernel's input comes
+    # transposed (H fastest) from the traced graph too.
+    seen.clear()
+    with torch.no_grad():
+        for p in [*tall.parameters(), *wide.parameters()]:
+            p.requires_grad_(False)
+        y = compiled(x.detach())
+    assert sorted((what, tuple(k), st) for what, k, st in seen) == [
+        ("x", (3, 13), nchw), ("x", (13, 3), h_fastest)]
+    assert rel_err(y, (tall(x_ref) * wide(x_ref)).relu()) < 1e-5
