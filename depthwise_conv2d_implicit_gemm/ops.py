@@ -267,10 +267,10 @@ def depthwise_conv2d(x, weight, bias=None):
     if folder and x.is_cuda:
         from .external import external_conv
         return external_conv(x, weight, bias, folder)
-    if not use_triton(x):
-        return _dispatch(x, weight, bias)
-    out_format = output_format(x)
     needs_grad = needs_autograd(x, weight, bias)
+    if not use_triton(x):
+        return _dispatch(x, weight, bias, needs_grad)
+    out_format = output_format(x)
     y = _dispatch(input_layout(x, weight.shape[2:], needs_grad), weight, bias, needs_grad)
     return y.contiguous(memory_format=out_format)
 

@@ -147,13 +147,13 @@ def test_model_with_fuse_small_trains_like_the_plain_model(launched):
     default model with the same weights (stage 1, 9x9, runs the pair kernel; the smaller
     stages fall back to the separate whole-plane kernels)."""
     import timm
-    kwargs = dict(width_factor=0.25, kernel_size=[13, 11, 9, 7, 3], Decom=True, num_classes=4,
+    kwargs = dict(width_factor=0.1, kernel_size=[13, 11, 9, 7, 3], Decom=True, num_classes=4,
                   depths=[1, 1, 1, 1])
     torch.manual_seed(0)
     fused = timm.create_model("SLaK_tiny", fuse_small=True, **kwargs).to(DEVICE)
     plain = timm.create_model("SLaK_tiny", **kwargs).to(DEVICE)
     plain.load_state_dict(fused.state_dict())
-    x = torch.randn(1, 3, 36, 36, device=DEVICE)
+    x = torch.randn(2, 3, 36, 36, device=DEVICE)
     out = fused(x)
     assert "dwconv_pair_kernel" in launched
     ref = plain(x)
