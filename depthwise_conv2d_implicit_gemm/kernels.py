@@ -207,7 +207,8 @@ def dwconv_pair_kernel(
     The small kernel's row ``i - (KB - KB2) // 2`` meets the big kernel's row ``i`` on the same
     input line, and its band is the big band's middle ``KA2`` diagonals, so both Toeplitz
     blocks act on the same tile. ``x``/``x2`` and ``y``/``y2`` share their strides. Grid:
-    ``(cdiv(N * LB, BLOCK_M), cdiv(LA, BLOCK_A), C)``.
+    ``(cdiv(N * LB, BLOCK_M), cdiv(LA, BLOCK_A), C)``. The line geometry repeats
+    ``dwconv_fwd_kernel``'s, as kernels cannot share jitted helpers here (module docstring).
     """
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
