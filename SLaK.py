@@ -23,7 +23,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, depthwise_conv2d_pair, pairs
+from depthwise_conv2d_implicit_gemm import (DepthWiseConv2dImplicitGEMM, can_pair,
+                                             depthwise_conv2d_pair)
 
 __all__ = ["SLaK", "LargeKernelUnit", "Block", "aligned_linear", "validate_kernel_size",
            "checkpoint_filter_fn", "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
@@ -171,7 +172,7 @@ class LargeKernelUnit(nn.Module):
         return (self.fuse_small and hasattr(self, "small_conv") and not self.deploy and
                 wide.conv.bias is None and self.small_conv.conv.bias is None and
                 not wide.conv._forward_hooks and not self.small_conv.conv._forward_hooks and
-                pairs(x, wide.conv.weight, self.small_conv.conv.weight))
+                can_pair(x, wide.conv.weight, self.small_conv.conv.weight))
 
     @torch.no_grad()
     def reparameterize(self):

@@ -5,6 +5,6 @@ original release documented; it keeps working here.
 """
 from .conv import DepthWiseConv2dImplicitGEMM
 from .ops import depthwise_conv2d
-from .pair import depthwise_conv2d_pair, pairs
+from .pair import can_pair, depthwise_conv2d_pair
 
-__all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d", "depthwise_conv2d_pair", "pairs"]
+__all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d", "depthwise_conv2d_pair", "can_pair"]

@@ -8,7 +8,7 @@ separate sum). Each output stays a tensor of its own: the branches' BatchNorms n
 statistics. The weight gradients are the single kernels' (``ops.conv_backward``).
 
 Public entry point: ``depthwise_conv2d_pair(x, weight, weight_small)``, for the pairs
-``pairs(x, weight, weight_small)`` accepts; the op, its backward op, their fake
+``can_pair(x, weight, weight_small)`` accepts; the op, its backward op, their fake
 implementations and autograd follow ``ops.py``'s pattern (custom ops under ``torch.compile``,
 an ``autograd.Function`` in eager mode).
 """
@@ -21,7 +21,7 @@ from . import ops
 from .heuristics import LINES, choose_strategy
 
 
-def pairs(x, weight, weight_small):
+def can_pair(x, weight, weight_small):
     """Whether ``depthwise_conv2d_pair`` runs the pair kernel for these tensors: the Triton
     kernels run (CUDA, or the interpreter on the CPU), no external build is selected, the big
     kernel is wide (``kh <= kw``) and runs as lines along W (maps over 64 pixels), and the small
@@ -58,7 +58,7 @@ def pair_backward(grad, grad_small, x, weight, weight_small, need_input, need_we
 
 @torch.library.custom_op("slak::dwconv2d_pair", mutates_args=())
 def dwconv2d_pair(x: Tensor, weight: Tensor, weight_small: Tensor) -> tuple[Tensor, Tensor]:
-    """``(conv(x, weight), conv(x, weight_small))`` for a contiguous ``x``; see ``pairs``."""
+    """``(conv(x, weight), conv(x, weight_small))`` for a contiguous ``x``; see ``can_pair``."""
     return pair_forward(x, weight, weight_small)
 
 
@@ -135,11 +135,11 @@ def depthwise_conv2d_pair(x, weight, weight_small):
         weight: ``(C, 1, kh, kw)`` with ``kh <= kw``.
         weight_small: ``(C, 1, sh, sw)`` with ``sh <= kh`` and ``sw <= kw``, centred in it.
     Returns:
-        Both outputs, channels-last when ``x`` is. Where ``pairs`` says no, the two single
+        Both outputs, channels-last when ``x`` is. Where ``can_pair`` says no, the two single
         convolutions compute them.
     """
     x, weight, weight_small = ops.autocast_inputs(x, weight, weight_small)
-    if not pairs(x, weight, weight_small):
+    if not can_pair(x, weight, weight_small):
         return ops.depthwise_conv2d(x, weight), ops.depthwise_conv2d(x, weight_small)
     out_format = ops.output_format(x)
     x = x.contiguous()   # pairs are line kernels along W: NCHW

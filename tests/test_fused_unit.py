@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton", reason="the kernels under test are Triton kernels")
 
-from depthwise_conv2d_implicit_gemm import depthwise_conv2d_pair, pairs, plans  # noqa: E402
+from depthwise_conv2d_implicit_gemm import can_pair, depthwise_conv2d_pair, plans  # noqa: E402
 from depthwise_conv2d_implicit_gemm.reference import depthwise_conv2d_reference  # noqa: E402
 from SLaK import LargeKernelUnit  # noqa: E402
 
@@ -56,7 +56,7 @@ def test_pair_matches_two_single_convolutions(shape, kernel, small, dtype, launc
     x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
     w = torch.randn(shape[1], 1, *kernel, device=DEVICE).to(dtype).requires_grad_()
     ws = torch.randn(shape[1], 1, *small, device=DEVICE).to(dtype).requires_grad_()
-    assert pairs(x, w, ws)
+    assert can_pair(x, w, ws)
     y, ys = depthwise_conv2d_pair(x, w, ws)
     g, gs = torch.randn_like(y), torch.randn_like(ys)
     torch.autograd.backward((y, ys), (g, gs))
@@ -83,13 +83,13 @@ def test_pair_with_one_output_unused(launched):
     assert ws.grad is None or not ws.grad.any()
 
 
-def test_pairs_only_wide_line_kernels():
+def test_only_wide_line_kernels_pair():
     x = torch.randn(2, 3, 9, 12, device=DEVICE)
     w = lambda *k: torch.randn(3, 1, *k, device=DEVICE)  # noqa: E731
-    assert pairs(x, w(5, 13), w(5, 5))
-    assert not pairs(x, w(13, 5), w(5, 5))          # tall: its own (transposed) path
-    assert not pairs(x, w(5, 13), w(7, 7))          # small kernel taller than the big one
-    assert not pairs(x[:, :, :7, :7], w(5, 13), w(5, 5))   # 49 pixels: whole-plane kernels
+    assert can_pair(x, w(5, 13), w(5, 5))
+    assert not can_pair(x, w(13, 5), w(5, 5))          # tall: its own (transposed) path
+    assert not can_pair(x, w(5, 13), w(7, 7))          # small kernel taller than the big one
+    assert not can_pair(x[:, :, :7, :7], w(5, 13), w(5, 5))   # 49 pixels: whole-plane kernels
 
 
 def units(Decom, bn, memory_format):
