@@ -32,6 +32,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 import SLaK
 from checkpoint import args_model_config, load_state_dict_checked, open_checkpoint
+from distributed import data_parallel
 from model_factory import build_model
 
 __all__ = ["DISTILL_TYPES", "FD_LOSS_TYPES", "STUDENT_OVERRIDES", "KDLoss", "NKDLoss",
@@ -372,8 +373,7 @@ class Distillation:
                 p.requires_grad for p in feature_loss.parameters()):
             # The projection trains beside the student, so its gradients are averaged across
             # processes too; the bare module stays in self.feature_loss for the checkpoint.
-            feature_loss = nn.parallel.DistributedDataParallel(
-                feature_loss, device_ids=[self.args.gpu] if self.device.type == "cuda" else None)
+            feature_loss = data_parallel(feature_loss, self.device)
         return build_distillation_loss(self.args, self.student, self.teacher, criterion,
                                        feature_loss)
 

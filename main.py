@@ -31,8 +31,8 @@ from checkpoint import (append_log, args_model_config, latest_checkpoint,
                         restore_training_state, save_training_state)
 from datasets import build_dataset, check_same_classes
 from distillation import DISTILL_TYPES, FD_LOSS_TYPES, build_distillation
-from distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode,
-                         is_main_process)
+from distributed import (all_reduce_sum, data_parallel, get_rank, get_world_size,
+                         init_distributed_mode, is_main_process)
 from engine import SupervisedLoss, evaluate, train_one_epoch
 from model_factory import build_model
 from optim_factory import create_optimizer
@@ -427,8 +427,7 @@ def main(args):
                                device=torch.device("cpu") if args.model_ema_force_cpu else None)
     model_without_ddp = model
     if args.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model = data_parallel(model, device)
     train_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     total_batch_size = args.batch_size * args.update_freq * get_world_size()

@@ -13,7 +13,9 @@ the width-1.3 channel counts as they are, not on operands padded to 8-element ro
 convolutions through cuDNN, ``F.conv2d``),
 ``slak_fused`` (the same with ``fuse_small`` on: each unit's wide and small branches in one
 pass), ``slak_freelk`` (the same network with every large-kernel convolution replaced by the identity:
-the ceiling that a free large-kernel convolution would give), ``slak_base`` (SLaK-B, width 1.3,
+the ceiling that a free large-kernel convolution would give), ``slak_ddp`` (the default model
+wrapped as ``main.py`` wraps it under ``torchrun --nproc_per_node 1``: SyncBatchNorm and
+DistributedDataParallel over one NCCL process), ``slak_base`` (SLaK-B, width 1.3,
 51 49 47 13 5, Decom), ``convnext_timm`` (timm's ``convnext_tiny``).
 
 ``--grad_checkpointing on|off|both`` times the models with per-block activation checkpointing
@@ -45,13 +47,14 @@ progress lines and the epoch's total time; see :func:`parse_main_log`). ``--devi
 same on the CPU, as a smoke test of this script (e.g. with ``-- --input_size 32 --width_factor
 0.25``).
 
-``--profile`` adds, per training case, the GPU time of 5 more steps by part (large-kernel
+``--profile`` adds, per case, the GPU time of 5 more steps (or forwards) by part (large-kernel
 convolutions, matmuls, norms, pointwise, layout copies, optimizer) and the costliest kernels.
 
 Step mode prints one JSON line per case and a summary table; both modes end with a JSON line
 naming the device and versions.
 """
 import argparse
+import dataclasses
 import json
 import platform
 import re
@@ -70,20 +73,33 @@ sys.path.insert(0, str(REPO))
 import timm  # noqa: E402
 
 import SLaK  # noqa: E402,F401 - registers the SLaK models
-from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM  # noqa: E402
+from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, heuristics  # noqa: E402
+from distributed import data_parallel  # noqa: E402
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)
 
 
-TRAIN_MODELS = ["slak", "slak_unaligned", "slak_fused", "slak_sparse", "slak_cudnn", "slak_freelk", "slak_base",
-                "convnext_timm"]
+TRAIN_MODELS = ["slak", "slak_unaligned", "slak_fused", "slak_sparse", "slak_cudnn", "slak_freelk",
+                "slak_ddp", "slak_base", "convnext_timm"]
 INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_unaligned", "slak_deploy_cudnn",
                     "convnext_timm"]
 
 
 def identity_forward(self, x):
     return x
+
+
+def single_process_ddp(model):
+    """``model`` as ``main.py`` trains it under ``torchrun --nproc_per_node 1``: SyncBatchNorm,
+    then DistributedDataParallel over a one-process NCCL group (SyncBatchNorm runs no
+    collective for one process, as in that run; DDP's gradient all-reduce and, under
+    ``torch.compile``, its graph splits at bucket boundaries remain)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return data_parallel(model, torch.device("cuda", torch.cuda.current_device()))
 
 
 def build(name, sparse_update_frequency):
@@ -146,7 +162,10 @@ def profile_steps(step, first, count):
         torch.cuda.synchronize()
     kernels = {}
     for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
+        # GPU-side annotations (``Optimizer.step#AdamW.step``, ``DistributedDataParallel.forward``)
+        # span kernels that are counted on their own.
+        if evt.device_type == torch.autograd.DeviceType.CUDA and \
+                not getattr(evt, "is_user_annotation", False):
             kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.time_range.elapsed_us() / count / 1e3
     categories = {}
     for name, ms in kernels.items():
@@ -170,6 +189,8 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if name == "slak_ddp":
+        model = single_process_ddp(model)
     amp_dtype = DTYPES[dtype_name]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -228,8 +249,9 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
 
 @torch.no_grad()
 def time_inference(name, dtype_name, channels_last, compile_model, batch, steps, warmup,
-                   compile_mode="default"):
-    """Eval-mode forward passes of ``batch`` 224x224 images: images/s and peak memory."""
+                   compile_mode="default", profile=False):
+    """Eval-mode forward passes of ``batch`` 224x224 images: images/s and peak memory (and with
+    ``profile`` the GPU time by part, as for training steps)."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     model, _ = build(name, None)
@@ -262,6 +284,8 @@ def time_inference(name, dtype_name, channels_last, compile_model, batch, steps,
                   compile=compile_model, batch=batch, steps=steps, step_ms=round(ms, 2),
                   img_per_s=round(batch * 1000 / ms, 1),
                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+    if profile:
+        result.update(profile_steps(forward, warmup + steps, 5))
     del model, run_model, images
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -371,7 +395,10 @@ def main():
                         help="training steps: per-block activation checkpointing")
     parser.add_argument("--sparse_update_frequency", "-u", type=int, default=100)
     parser.add_argument("--profile", action="store_true",
-                        help="training steps: also split 5 steps' GPU time by part (profiler)")
+                        help="also split the GPU time of 5 more steps (or forwards) by part (profiler)")
+    parser.add_argument("--tuning", type=json.loads, default={},
+                        help="step and inference modes: heuristics.Tuning fields for the whole "
+                             "process, as a JSON dict, e.g. '{\"transpose_align\": 2}'")
     parser.add_argument("--json", default=None, help="also write all rows to this file")
     parser.add_argument("--end_to_end", action="store_true", help="time main.py instead")
     parser.add_argument("--inference", action="store_true",
@@ -392,7 +419,7 @@ def main():
 
     if args.models is None:
         args.models = INFERENCE_MODELS if args.inference else \
-            [m for m in TRAIN_MODELS if m != "slak_freelk"]
+            [m for m in TRAIN_MODELS if m not in ("slak_freelk", "slak_ddp")]
     wrong = [m for m in args.models if m not in (INFERENCE_MODELS if args.inference else TRAIN_MODELS)]
     if wrong and not args.end_to_end:
         parser.error(f"--models {' '.join(wrong)}: not timed in "
@@ -401,6 +428,14 @@ def main():
     if args.grad_checkpointing != "off" and (args.inference or args.end_to_end):
         parser.error("--grad_checkpointing applies to training steps; for --end_to_end pass "
                      "main.py's -- --grad_checkpointing true")
+
+    if args.tuning:
+        if args.end_to_end:
+            parser.error("--tuning applies to step and inference modes")
+        try:
+            heuristics.TUNING = dataclasses.replace(heuristics.TUNING, **args.tuning)
+        except TypeError as exc:
+            parser.error(f"--tuning: {exc}")
 
     if args.end_to_end:
         extra = [e for e in extra if e != "--"]
@@ -425,7 +460,8 @@ def main():
                         try:
                             if args.inference:
                                 row = time_inference(name, dtype_name, channels_last, compile_model,
-                                                     args.batch, args.steps, args.warmup, mode)
+                                                     args.batch, args.steps, args.warmup, mode,
+                                                     args.profile)
                             else:
                                 row = time_training_step(name, dtype_name, channels_last,
                                                          compile_model, args.batch, args.steps,
@@ -445,7 +481,7 @@ def main():
         Path(args.json).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         platform.processor() or platform.machine()
-    print(json.dumps(dict(device=device, torch=torch.__version__,
+    print(json.dumps(dict(device=device, torch=torch.__version__, tuning=args.tuning,
                           cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                           timm=timm.__version__)))
 
