@@ -156,6 +156,25 @@ def test_two_process_gloo_training(tmp_path, launcher):
     assert "(64 images)" in result.stdout  # the whole validation set, split across the ranks
 
 
+def test_one_process_ddp_trains_exactly_like_the_plain_run(tmp_path):
+    # DDP (gloo, gradients as views into its buckets) with one process must change nothing:
+    # same sampler order, same gradients, accumulation (no_sync) and set-to-None zeroing included.
+    common = [*TINY_MODEL, *SYNTHETIC, *FAST, *NO_AUG, "--epochs", "1", "--batch_size", "8",
+              "--update_freq", "2", "--synthetic_train_size", "64", "--disable_eval", "true",
+              "--layer_scale_init_value", "1"]
+    run_main(*common, "--output_dir", tmp_path / "plain")
+    port = str(29500 + hash(str(tmp_path)) % 1000)
+    result = run_main(*common, "--output_dir", tmp_path / "ddp", launcher=[
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", port])
+    assert "1 processes" in result.stdout
+    plain = final_weights(tmp_path / "plain" / "checkpoint-0.pth")
+    ddp = final_weights(tmp_path / "ddp" / "checkpoint-0.pth")
+    assert not torch.equal(plain["head.weight"], SLaK_initial_weights()["head.weight"])  # it trained
+    assert plain.keys() == ddp.keys()
+    for key in plain:
+        torch.testing.assert_close(ddp[key], plain[key], rtol=0, atol=0, msg=key)
+
+
 def _write_image_folder(root, classes, per_class, size=40):
     """An ImageFolder tree of small PNGs (solid colours plus noise) for the real-files code path."""
     import numpy as np
