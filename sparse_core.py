@@ -205,6 +205,24 @@ def _random_mask(shape, density, generator, device):
     return mask.view(shape)
 
 
+def pack_bits(mask):
+    """A bool tensor as a flat uint8 bitmap, eight entries a byte (entry ``i`` is bit ``i % 8``
+    of byte ``i // 8``)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+    packed = flat[:, 0].clone()
+    for bit in range(1, 8):
+        packed |= flat[:, bit] << bit
+    return packed
+
+
+def unpack_bits(packed, shape):
+    """The bool tensor of ``shape`` that :func:`pack_bits` packed."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed[:, None] >> shifts) & 1
+    return bits.view(-1)[:math.prod(shape)].view(shape).bool()
+
+
 def _sums(masks):
     """``[int(m.sum())]`` for a list of masks with a single host synchronisation."""
     if not masks:
@@ -279,7 +297,9 @@ class Masking:
                              "LoRA1/LoRA2/lkb_origin convolutions)")
         self.masks = {}
         self._active = {}
-        self.ever_active = {}
+        # Which weights have been active at some point (the "ever active" share of the reports):
+        # bitmaps, an eighth of a bool mask's memory on the GPU.
+        self._ever_active_bits = {}
         self.steps = 0
         self.pending = False  # an adaptation postponed because its step had no gradient
         device = next(iter(self.params.values())).device
@@ -340,7 +360,7 @@ class Masking:
                 if densities[k] < DENSE_THRESHOLD:
                     masks[k] = mask
             self.masks = self._sync(masks)
-        self.ever_active = {k: m.clone() for k, m in self.masks.items()}
+        self._ever_active_bits = {k: pack_bits(m) for k, m in self.masks.items()}
         self._count_active()
         self._ema_dirty = True
         self.apply_masks(with_state=self.zero_state)
@@ -479,7 +499,7 @@ class Masking:
                                  f"{tuple(p.shape)}")
             loaded[k] = m.to(device=p.device, dtype=torch.bool)
         self.masks = loaded
-        self.ever_active = {k: m.clone() for k, m in loaded.items()}
+        self._ever_active_bits = {k: pack_bits(m) for k, m in loaded.items()}
         self._count_active()
         self._ema_dirty = True
         self.apply_masks(with_state=self.zero_state)
@@ -541,7 +561,7 @@ class Masking:
                 for t in _optimizer_state_tensors(self.optimizer, p):
                     t.mul_(kept[k])
             self.masks[k].copy_(new[k])  # in place: the re-masking CUDA graph reads this tensor
-            self.ever_active[k] |= new[k]
+            self._ever_active_bits[k] |= pack_bits(new[k])
         self._count_active()  # growth can fall short of the prune (see _add_largest)
         self.apply_masks()
         self._ema_dirty = True
@@ -578,6 +598,11 @@ class Masking:
         self._ema_zeros = {k for k, z in zip(check, torch.stack(still).tolist()) if z}
 
     # ---------------------------------------------------------------------------- reports
+    @property
+    def ever_active(self):
+        """``{name: bool mask}`` of the weights that have been active at some point of training."""
+        return {k: unpack_bits(b, self.params[k].shape) for k, b in self._ever_active_bits.items()}
+
     def layer_densities(self):
         """``{name: density}`` of every sparsifiable weight (1.0 for dense ones)."""
         return {k: (self._active[k] / p.numel() if k in self.masks else 1.0)
@@ -589,7 +614,9 @@ class Masking:
         active = sum((self._active[k] if k in self.masks else p.numel())
                      for k, p in self.params.items())
         masked_total = sum(m.numel() for m in self.masks.values())
-        ever = sum(_sums(list(self.ever_active.values())))
+        # One layer unpacked at a time, one host synchronisation.
+        ever = [unpack_bits(b, self.params[k].shape).sum() for k, b in self._ever_active_bits.items()]
+        ever = int(torch.stack(ever).sum()) if ever else 0
         out = {"density": active / total, "prune_rate": self.current_prune_rate(),
                "ever_active": ever / masked_total if masked_total else 1.0,
                "sparse_layers": float(len(self.masks))}
@@ -612,7 +639,7 @@ class Masking:
     def state_dict(self):
         """Everything but the masks: step counter, ever-active masks, RNG and growth state."""
         return {"steps": self.steps, "pending": self.pending,
-                "ever_active": {k: m.clone() for k, m in self.ever_active.items()},
+                "ever_active": self.ever_active,
                 "generator": self.generator.get_state(),
                 "ema_zeros": sorted(self._ema_zeros), "ema_dirty": self._ema_dirty,
                 "total_steps": self.total_steps, "prune_rate": self.prune_rate,
@@ -623,7 +650,8 @@ class Masking:
         self.pending = bool(state.get("pending", False))
         for k, m in state.get("ever_active", {}).items():
             if k in self.params:
-                self.ever_active[k] = m.to(device=self.params[k].device, dtype=torch.bool)
+                self._ever_active_bits[k] = pack_bits(m.to(device=self.params[k].device,
+                                                           dtype=torch.bool))
         if "generator" in state:
             try:
                 self.generator.set_state(state["generator"].cpu())

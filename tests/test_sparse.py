@@ -227,6 +227,10 @@ def test_adaptation_counts_and_regrown_start_at_zero(growth):
         all(after[k] <= counts[k] for k in counts)
     changed = sum((masking.masks[k] != before[k]).sum().item() for k in counts)
     assert changed > 0
+    # Ever active: the initial masks and the adapted ones, exactly.
+    assert all(torch.equal(masking.ever_active[k], before[k] | masking.masks[k]) for k in counts)
+    union = sum((before[k] | masking.masks[k]).sum().item() for k in counts)
+    assert stats["ever_active"] == pytest.approx(union / sum(m.numel() for m in before.values()))
     assert stats["ever_active"] > TARGET
     params = dict(model.named_parameters())
     for k, mask in masking.masks.items():
