@@ -1,0 +1,38 @@
+"""The built-in synthetic data set: every item is the image its definition gives, in every
+process and run."""
+import numpy as np
+import pytest
+
+from datasets import SyntheticImageDataset
+
+
+def defined_image(ds, index):
+    """Item ``index`` as the class docstring defines it, written plainly: the class colour
+    (jittered) times an oriented stripe pattern with a random phase, plus pixel noise."""
+    label = index % ds.num_classes
+    rng = np.random.default_rng([ds.seed, ds.split, index])
+    coords = np.linspace(0.0, 1.0, ds.image_size)
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    angle = ds.angles[label]
+    phase = rng.uniform(0, 2 * np.pi)
+    stripes = np.sin(2 * np.pi * ds.frequencies[label]
+                     * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+    colour = ds.colours[label] + rng.normal(0, 0.05, size=3)
+    image = colour[None, None, :] * (0.75 + 0.25 * stripes[..., None])
+    image = image + rng.normal(0, 0.08, size=image.shape)
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8), label
+
+
+@pytest.mark.parametrize("size,classes,seed,split", [(32, 4, 0, 0), (57, 10, 3, 1), (224, 1000, 0, 0)])
+def test_items_are_the_defined_images_bit_for_bit(size, classes, seed, split):
+    ds = SyntheticImageDataset(100, classes, size, seed=seed, split=split)
+    again = SyntheticImageDataset(100, classes, size, seed=seed, split=split)
+    for index in range(0, 100, 7):
+        image, label = ds.render(index)
+        expected, expected_label = defined_image(ds, index)
+        assert label == expected_label and image.dtype == np.uint8
+        np.testing.assert_array_equal(image, expected)
+        np.testing.assert_array_equal(again.render(index)[0], image)
+    # The two splits draw different samples of the same classes.
+    other = SyntheticImageDataset(100, classes, size, seed=seed, split=1 - split)
+    assert not np.array_equal(other.render(0)[0], ds.render(0)[0])
