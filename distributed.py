@@ -39,10 +39,11 @@ def all_reduce_sum(values, device):
 def data_parallel(module, device):
     """``module`` in DistributedDataParallel on ``device`` (``cuda:<index>``, or the CPU with gloo).
 
-    Gradients are views into DDP's communication buckets (``gradient_as_bucket_view``): the
-    backward pass writes them there, instead of DDP copying every gradient into its bucket
-    before the all-reduce and back after it, and one gradient-sized buffer is saved. The values
-    are the same as with the default."""
+    Gradients are views into DDP's communication buckets (``gradient_as_bucket_view``): after
+    the all-reduce DDP copies no bucket back into separate gradient tensors, and none stay
+    allocated beside the buckets. (With ``zero_grad(set_to_none=True)`` each step's fresh
+    gradients are still copied into the buckets once.) The values are the same as with the
+    default."""
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=True)
