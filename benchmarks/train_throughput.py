@@ -55,6 +55,7 @@ naming the device and versions.
 """
 import argparse
 import dataclasses
+import gc
 import json
 import platform
 import re
@@ -179,6 +180,15 @@ def profile_steps(step, first, count):
                 top_kernels_ms={k[:70]: round(v, 3) for k, v in top})
 
 
+def release_gpu_memory():
+    """Free what a finished case left on the GPU before the next one is measured: compiled
+    graphs with their CUDA-graph pools, and objects held in reference cycles (DDP's reducer and
+    its buckets), which would otherwise count in the next case's peak memory."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def time_training_step(name, dtype_name, channels_last, compile_model, batch, steps, warmup,
                        sparse_update_frequency, compile_mode="default", grad_checkpointing=False,
                        profile=False):
@@ -242,8 +252,7 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
     if profile:
         result.update(profile_steps(step, warmup + steps, 5))
     del model, optimizer, train_model, batches, masking
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
+    release_gpu_memory()
     return result
 
 
@@ -287,8 +296,7 @@ def time_inference(name, dtype_name, channels_last, compile_model, batch, steps,
     if profile:
         result.update(profile_steps(forward, warmup + steps, 5))
     del model, run_model, images
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
+    release_gpu_memory()
     return result
 
 
@@ -471,8 +479,7 @@ def main():
                             row = dict(model=name, dtype=dtype_name, channels_last=channels_last,
                                        compile=compile_model, grad_checkpointing=grad_ckpt,
                                        error=f"{type(exc).__name__}: {exc}"[:300])
-                            torch._dynamo.reset()
-                            torch.cuda.empty_cache()
+                            release_gpu_memory()
                         row["compile_mode"] = mode if compile_model else None
                         print(json.dumps(row), flush=True)
                         rows.append(row)
