@@ -486,6 +486,8 @@ def main():
         print_summary(rows)
     if args.json:
         Path(args.json).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    if torch.distributed.is_initialized():   # the one-process group of slak_ddp
+        torch.distributed.destroy_process_group()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         platform.processor() or platform.machine()
     print(json.dumps(dict(device=device, torch=torch.__version__, tuning=args.tuning,
