@@ -1,7 +1,8 @@
 """Dynamic sparse training: masks, initial densities, prune/regrow, and their bookkeeping.
 
-``Masking`` keeps one bool mask per sparsified weight, keyed by the parameter's name in
-``model.state_dict()``. Which weights: every 2-D and 4-D parameter (conv and linear weights), or
+``Masking`` keeps one mask per sparsified weight, keyed by the parameter's name in
+``model.state_dict()``, as a bitmap on the weight's device (``bitmask.py``; ``masks`` gives
+them as bool tensors). Which weights: every 2-D and 4-D parameter (conv and linear weights), or
 with ``only_L`` only the large-kernel branch convolutions (``LoRA1``/``LoRA2``, and
 ``lkb_origin`` for models built without ``Decom``). A layer whose density ends at >= 0.99 is
 left dense and gets no mask.
@@ -47,6 +48,8 @@ import math
 
 import torch
 import torch.distributed as dist
+
+from bitmask import pack_bits, unpack_bits, zero_unset_
 
 __all__ = ["Masking", "PRUNE", "GROWTH", "magnitude_prune", "random_growth", "gradient_growth",
            "momentum_growth", "momentum_neuron_growth", "momentum_score", "erk_densities",
@@ -205,31 +208,6 @@ def _random_mask(shape, density, generator, device):
     return mask.view(shape)
 
 
-def pack_bits(mask):
-    """A bool tensor as a flat uint8 bitmap, eight entries a byte (entry ``i`` is bit ``i % 8``
-    of byte ``i // 8``)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
-    packed = flat[:, 0].clone()
-    for bit in range(1, 8):
-        packed |= flat[:, bit] << bit
-    return packed
-
-
-def unpack_bits(packed, shape):
-    """The bool tensor of ``shape`` that :func:`pack_bits` packed."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed[:, None] >> shifts) & 1
-    return bits.view(-1)[:math.prod(shape)].view(shape).bool()
-
-
-def _sums(masks):
-    """``[int(m.sum())]`` for a list of masks with a single host synchronisation."""
-    if not masks:
-        return []
-    return [int(v) for v in torch.stack([m.sum() for m in masks]).tolist()]
-
-
 def _is_dist():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -295,7 +273,7 @@ class Masking:
         if not self.params:
             raise ValueError("no weights to sparsify in this model (with --only-L: no "
                              "LoRA1/LoRA2/lkb_origin convolutions)")
-        self.masks = {}
+        self._mask_bits = {}
         self._active = {}
         # Which weights have been active at some point (the "ever active" share of the reports):
         # bitmaps, an eighth of a bool mask's memory on the GPU.
@@ -340,7 +318,7 @@ class Masking:
             masks = {k: p.detach() != 0 for k, p in self.params.items()}
             masks = {k: m for k, m in masks.items()
                      if m.sum().item() < DENSE_THRESHOLD * m.numel()}
-            self.masks = self._sync(masks)
+            masks = self._sync(masks)
         else:
             if mode == "uniform":
                 densities = fit_densities({k: 1.0 for k in shapes}, sizes, self.density)
@@ -359,8 +337,9 @@ class Masking:
                 mask = _random_mask(p.shape, densities[k], self.generator, p.device)
                 if densities[k] < DENSE_THRESHOLD:
                     masks[k] = mask
-            self.masks = self._sync(masks)
-        self._ever_active_bits = {k: pack_bits(m) for k, m in self.masks.items()}
+            masks = self._sync(masks)
+        self._mask_bits = {k: pack_bits(m) for k, m in masks.items()}
+        self._ever_active_bits = {k: b.clone() for k, b in self._mask_bits.items()}
         self._count_active()
         self._ema_dirty = True
         self.apply_masks(with_state=self.zero_state)
@@ -427,11 +406,20 @@ class Masking:
             offset += n
         return out if extra is None else (out, out_extra)
 
+    @property
+    def masks(self):
+        """``{name: bool mask}`` of the sparse weights: a copy, unpacked from the bitmaps."""
+        return {k: self._mask(k) for k in self._mask_bits}
+
+    def _mask(self, name):
+        return unpack_bits(self._mask_bits[name], self.params[name].shape)
+
     def _count_active(self):
-        """Cache each mask's active count (adaptation keeps it): one host sync, not one per layer."""
-        names = list(self.masks)
-        counts = _sums([self.masks[k] for k in names])
-        self._active = dict(zip(names, counts))
+        """Cache each mask's active count (adaptation keeps it): one host sync, not one per layer;
+        one mask unpacked at a time."""
+        names = list(self._mask_bits)
+        counts = [self._mask(k).sum() for k in names]
+        self._active = dict(zip(names, torch.stack(counts).tolist() if counts else []))
 
     @torch.no_grad()
     def apply_masks(self, with_state=False):
@@ -444,7 +432,7 @@ class Masking:
         changes.
         """
         tensors, masks = [], []
-        for k, mask in self.masks.items():
+        for k, mask in self._mask_bits.items():
             p = self.params[k]
             state = _optimizer_state_tensors(self.optimizer, p) if with_state else \
                 _momentum_buffer(self.optimizer, p)
@@ -462,20 +450,23 @@ class Masking:
             if self._graph is not None:
                 self._graph.replay()
                 return
-        torch._foreach_mul_(tensors, masks)
+        for t, m in zip(tensors, masks):
+            zero_unset_(t, m)
 
     def _record(self, tensors, masks):
-        """A CUDA graph of ``t.mul_(m)`` for all pairs, or None (then eager from now on)."""
+        """A CUDA graph of ``zero_unset_(t, m)`` for all pairs, or None (then eager from now
+        on)."""
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the capture, as CUDA graphs need
-                torch._foreach_mul_(tensors, masks)
+                for t, m in zip(tensors, masks):
+                    zero_unset_(t, m)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 for t, m in zip(tensors, masks):
-                    t.mul_(m)
+                    zero_unset_(t, m)
             return graph
         except Exception as exc:  # noqa: BLE001 - any capture failure: fall back to eager
             self._use_graph = False
@@ -498,8 +489,8 @@ class Masking:
                 raise ValueError(f"checkpoint mask {k} has shape {tuple(m.shape)}, the weight "
                                  f"{tuple(p.shape)}")
             loaded[k] = m.to(device=p.device, dtype=torch.bool)
-        self.masks = loaded
-        self._ever_active_bits = {k: pack_bits(m) for k, m in loaded.items()}
+        self._mask_bits = {k: pack_bits(m) for k, m in loaded.items()}
+        self._ever_active_bits = {k: b.clone() for k, b in self._mask_bits.items()}
         self._count_active()
         self._ema_dirty = True
         self.apply_masks(with_state=self.zero_state)
@@ -508,16 +499,16 @@ class Masking:
     # ---------------------------------------------------------------------------- training
     def _before_optimizer_step(self, optimizer, args, kwargs):
         """Optimizer pre-step hook: keep the gradients gradient growth needs (unscaled)."""
-        if not self.masks:
+        if not self._mask_bits:
             return
         if self.pending or self._adapts_at(self.steps + 1):
-            self._grads = {k: self.params[k].grad.detach().clone() for k in self.masks
+            self._grads = {k: self.params[k].grad.detach().clone() for k in self._mask_bits
                            if self.params[k].grad is not None}
 
     def step(self):
         """Call after every optimizer step; returns adaptation stats on adaptation steps."""
         self.steps += 1
-        if not self.masks:
+        if not self._mask_bits:
             return None
         adapt = self.pending or self._adapts_at(self.steps)
         if adapt and self.growth == "gradient" and not self._grads:
@@ -541,10 +532,10 @@ class Masking:
         rate = self.current_prune_rate()
         prune_fn, grow_fn = PRUNE[self.prune], GROWTH[self.growth]
         kept, new = {}, {}
-        for k, mask in self.masks.items():
+        for k in self._mask_bits:
             p = self.params[k]
             n = min(math.ceil(rate * self._active[k]), self._active[k])
-            kept[k] = prune_fn(p, mask, n)
+            kept[k] = prune_fn(p, self._mask(k), n)
             score = None
             if self.growth == "gradient":
                 score = self._grads.get(k)
@@ -554,14 +545,15 @@ class Masking:
                 score = torch.zeros_like(p)  # no gradient (unused weight) or state yet: all 0
             new[k] = grow_fn(kept[k], n, generator=self.generator, grad=score, momentum=score)
         new, kept = self._sync(new, kept)
-        for k in self.masks:
+        for k in self._mask_bits:
             p = self.params[k]
             if self.zero_state:  # opt-in: everything not surviving the prune restarts at zero
                 p.mul_(kept[k])
                 for t in _optimizer_state_tensors(self.optimizer, p):
                     t.mul_(kept[k])
-            self.masks[k].copy_(new[k])  # in place: the re-masking CUDA graph reads this tensor
-            self._ever_active_bits[k] |= pack_bits(new[k])
+            bits = pack_bits(new[k])
+            self._mask_bits[k].copy_(bits)  # in place: the re-masking CUDA graph reads this tensor
+            self._ever_active_bits[k] |= bits
         self._count_active()  # growth can fall short of the prune (see _add_largest)
         self.apply_masks()
         self._ema_dirty = True
@@ -570,9 +562,9 @@ class Masking:
     def mask_ema(self, ema_module):
         """Zero the masked-out entries of an EMA copy (its active entries are left as they are)."""
         ema = dict(ema_module.named_parameters())
-        for k, mask in self.masks.items():
+        for k in self._mask_bits:
             if k in ema:
-                ema[k].mul_(mask.to(ema[k].device))
+                ema[k].mul_(self._mask(k).to(ema[k].device))
 
     @torch.no_grad()
     def update_ema(self, model_ema, model):
@@ -583,7 +575,8 @@ class Masking:
         so only layers whose masks changed, or that still had active zeros, are looked at.
         """
         ema = dict(model_ema.module.named_parameters())
-        check = [k for k in self.masks if k in ema and (self._ema_dirty or k in self._ema_zeros)]
+        check = [k for k in self._mask_bits
+                 if k in ema and (self._ema_dirty or k in self._ema_zeros)]
         was_zero = {k: ema[k] == 0 for k in check}
         model_ema.update(model)
         self._ema_dirty = False
@@ -591,7 +584,7 @@ class Masking:
             return
         still = []
         for k in check:
-            e, mask = ema[k], self.masks[k].to(ema[k].device)
+            e, mask = ema[k], self._mask(k).to(ema[k].device)
             w = self.params[k].detach().to(e.device, e.dtype)
             e.copy_(torch.where(mask, torch.where(was_zero[k], w, e), torch.zeros_like(e)))
             still.append(((e == 0) & mask).any())
@@ -605,21 +598,21 @@ class Masking:
 
     def layer_densities(self):
         """``{name: density}`` of every sparsifiable weight (1.0 for dense ones)."""
-        return {k: (self._active[k] / p.numel() if k in self.masks else 1.0)
+        return {k: (self._active[k] / p.numel() if k in self._mask_bits else 1.0)
                 for k, p in self.params.items()}
 
     def stats(self):
         """Overall density, the prune rate now, the share of masked weights ever active."""
         total = sum(p.numel() for p in self.params.values())
-        active = sum((self._active[k] if k in self.masks else p.numel())
+        active = sum((self._active[k] if k in self._mask_bits else p.numel())
                      for k, p in self.params.items())
-        masked_total = sum(m.numel() for m in self.masks.values())
+        masked_total = sum(self.params[k].numel() for k in self._mask_bits)
         # One layer unpacked at a time, one host synchronisation.
         ever = [unpack_bits(b, self.params[k].shape).sum() for k, b in self._ever_active_bits.items()]
         ever = int(torch.stack(ever).sum()) if ever else 0
         out = {"density": active / total, "prune_rate": self.current_prune_rate(),
                "ever_active": ever / masked_total if masked_total else 1.0,
-               "sparse_layers": float(len(self.masks))}
+               "sparse_layers": float(len(self._mask_bits))}
         if self.verbose:
             out.update({f"density/{k}": d for k, d in self.layer_densities().items()})
         return out
@@ -629,7 +622,7 @@ class Masking:
             return
         print(f"[sparse] {when}: density {stats['density']:.4f} (target {self.density:.4f}), "
               f"prune rate {stats['prune_rate']:.4f}, ever active {stats['ever_active']:.4f}, "
-              f"{len(self.masks)}/{len(self.params)} layers sparse", flush=True)
+              f"{len(self._mask_bits)}/{len(self.params)} layers sparse", flush=True)
         if self.verbose:
             for k, d in self.layer_densities().items():
                 print(f"[sparse]   {k:60s} {tuple(self.params[k].shape)!s:22s} density {d:.4f}",
@@ -658,5 +651,5 @@ class Masking:
             except (RuntimeError, ValueError):  # saved on another device type (CPU <-> CUDA)
                 self.generator.manual_seed(int(state["generator"].sum().item()) + self.steps)
         # Layers whose EMA may hold active zeros are looked at on the next EMA update.
-        self._ema_zeros = set(state.get("ema_zeros", self.masks))
+        self._ema_zeros = set(state.get("ema_zeros", self._mask_bits))
         self._ema_dirty = bool(state.get("ema_dirty", True))
