@@ -52,7 +52,7 @@ SUM_COMBINE = tl.constexpr(triton.__version__.split(".")[0] == "3" and
 
 
 def dwconv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, toeplitz_ptr, bias_ptr, y_ptr,
     N, LA, LB, KA, KB,
     sxn, sxc, sxa, sxb,
     syn, syc, sya, syb,
@@ -62,12 +62,15 @@ def dwconv_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
     LA_ONE_BLOCK: tl.constexpr = 0, ALIGN: tl.constexpr = 1,
     Y_ALIGN: tl.constexpr = 1, Y_M_CONTIG: tl.constexpr = 1, EVEN_M: tl.constexpr = False,
+    TOEPLITZ_IN_MEMORY: tl.constexpr = False,
 ):
     """y[n, c, b, a] = sum_{i, j} x[n, c, b + i - KB//2, a + j - KA//2] * w[c, i, j] (+ bias[c]).
 
     With ``FLIP`` the kernel is used rotated by 180 degrees, which turns this forward pass into
-    the input gradient (``x`` is then the output gradient). Grid:
-    ``(cdiv(N * LB, BLOCK_M), cdiv(LA, BLOCK_A), C)``.
+    the input gradient (``x`` is then the output gradient). With ``TOEPLITZ_IN_MEMORY`` (lines
+    that one tile spans) the band of tap ``i`` is read as a dense tile that
+    ``dwconv_toeplitz_kernel`` wrote for this launch (``toeplitz_ptr``), instead of gathered
+    from the weights by every program. Grid: ``(cdiv(N * LB, BLOCK_M), cdiv(LA, BLOCK_A), C)``.
     """
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
@@ -137,8 +140,16 @@ def dwconv_fwd_kernel(
             tap_a = KA - 1 - d
         else:
             tap_a = d
-        # The band: a gather from the channel's few hundred weights, which stay in L1.
-        t = tl.load(w_base + tap_b * swb + tap_a * swa, mask=(d >= 0) & (d < KA), other=0.0)
+        if TOEPLITZ_IN_MEMORY:
+            # One tile spans the line, so k0 = a0 = 0 and step = i: tile i of this channel.
+            t_tile = toeplitz_ptr + (c * KB + i) * (BLOCK_K * BLOCK_A)
+            if LONG_IS_H:
+                t = tl.load(t_tile + a[:, None] * BLOCK_K + k[None, :])
+            else:
+                t = tl.load(t_tile + k[:, None] * BLOCK_A + a[None, :])
+        else:
+            # The band: a gather from the channel's few hundred weights, which stay in L1.
+            t = tl.load(w_base + tap_b * swb + tap_a * swa, mask=(d >= 0) & (d < KA), other=0.0)
         t = t.to(xt.dtype)
         if DOT_UPCAST:
             xt = xt.to(tl.float32)
@@ -180,6 +191,40 @@ def dwconv_fwd_kernel(
             mask = m_ok[:, None] & a_ok[None, :]
         tl.store(y_base + out_off[:, None] + a_off[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mask)
+
+
+def dwconv_toeplitz_kernel(
+    w_ptr, t_ptr, KA, KB, swc, swa, swb,
+    FLIP: tl.constexpr, LONG_IS_H: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The Toeplitz tiles that ``dwconv_fwd_kernel`` reads with ``TOEPLITZ_IN_MEMORY``: for
+    channel ``c`` and loop step ``i`` (tap ``i`` of the short axis, ``KB - 1 - i`` with
+    ``FLIP``), ``t[c, i, k, a] = w[c, tap_b, tap_a(k - a + KA//2)]`` over the whole tile (zero
+    off the band), stored ``[a, k]`` when ``LONG_IS_H`` (the orientation of the dot's left
+    operand there) and ``[k, a]`` otherwise, in ``t_ptr``'s dtype. Grid: ``(C * KB,)``.
+    """
+    pid = tl.program_id(0)
+    c = pid // KB
+    i = pid % KB
+    if FLIP:
+        tap_b = KB - 1 - i
+    else:
+        tap_b = i
+    k = tl.arange(0, BLOCK_K)
+    a = tl.arange(0, BLOCK_A)
+    if LONG_IS_H:
+        d = k[None, :] - a[:, None] + KA // 2
+        offs = a[:, None] * BLOCK_K + k[None, :]
+    else:
+        d = k[:, None] - a[None, :] + KA // 2
+        offs = k[:, None] * BLOCK_A + a[None, :]
+    if FLIP:
+        tap_a = KA - 1 - d
+    else:
+        tap_a = d
+    t = tl.load(w_ptr + c * swc + tap_b * swb + tap_a * swa, mask=(d >= 0) & (d < KA), other=0.0)
+    tl.store(t_ptr + pid.to(tl.int64) * (BLOCK_K * BLOCK_A) + offs,
+             t.to(t_ptr.dtype.element_ty))
 
 
 def dwconv_pair_kernel(
@@ -552,6 +597,7 @@ def get_kernels(interpret):
             fn.__name__: triton.jit(fn, do_not_specialize=[
                 a for a in unspecialised if a in fn.__code__.co_varnames])
             for fn, unspecialised in ((dwconv_fwd_kernel, lines), (dwconv_pair_kernel, lines),
+                                      (dwconv_toeplitz_kernel, lines),
                                       (dwconv_wgrad_kernel, lines),
                                       (dwconv_plane_fwd_kernel, planes),
                                       (dwconv_plane_wgrad_kernel, planes))}

@@ -13,7 +13,8 @@ import triton
 
 from . import heuristics
 from .kernels import (dwconv_fwd_kernel, dwconv_pair_kernel, dwconv_plane_fwd_kernel,
-                      dwconv_plane_wgrad_kernel, dwconv_wgrad_kernel, get_kernels)
+                      dwconv_plane_wgrad_kernel, dwconv_toeplitz_kernel, dwconv_wgrad_kernel,
+                      get_kernels)
 
 _MAX_PLANS = 4096
 
@@ -97,7 +98,12 @@ def conv(x, weight, bias, flip, y):
         return
     plan = _cached(_key("conv", flip, x, weight, bias, y),
                    lambda: _conv_plan(x, weight, bias, flip, y))
-    launch(plan, (x, weight, bias if bias is not None else weight, y))
+    toeplitz = weight
+    if plan.scratch is not None:   # the Toeplitz tiles, written first (TOEPLITZ_IN_MEMORY)
+        toeplitz_plan, shape = plan.scratch
+        toeplitz = torch.empty(shape, device=x.device, dtype=x.dtype)
+        launch(toeplitz_plan, (weight, toeplitz))
+    launch(plan, (x, weight, toeplitz, bias if bias is not None else weight, y))
 
 
 def _conv_plan(x, weight, bias, flip, y):
@@ -106,6 +112,16 @@ def _conv_plan(x, weight, bias, flip, y):
     n_lines = N * g["LB"]
     t = heuristics.tiles(g, n_lines, x.dtype)
     a_dim, b_dim = g["a_dim"], g["b_dim"]
+    load = heuristics.load_hints(t, g, x)
+    scratch = None
+    if heuristics.TUNING.toeplitz_in_memory and load["LA_ONE_BLOCK"] and t["block_a"] >= 64:
+        toeplitz_values = dict(
+            KA=g["KA"], KB=g["KB"], swc=weight.stride(0), swa=weight.stride(a_dim),
+            swb=weight.stride(b_dim), FLIP=flip, LONG_IS_H=g["long_is_h"],
+            BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
+        toeplitz_plan = Plan(dwconv_toeplitz_kernel, not x.is_cuda, (C * g["KB"],),
+                             toeplitz_values, 4, 1)
+        scratch = (toeplitz_plan, (C, g["KB"], t["block_a"], t["block_a"]))
     values = dict(
         N=N, LA=g["LA"], LB=g["LB"], KA=g["KA"], KB=g["KB"],
         sxn=x.stride(0), sxc=x.stride(1), sxa=x.stride(a_dim), sxb=x.stride(b_dim),
@@ -113,10 +129,12 @@ def _conv_plan(x, weight, bias, flip, y):
         swc=weight.stride(0), swa=weight.stride(a_dim), swb=weight.stride(b_dim),
         HAS_BIAS=bias is not None, FLIP=flip, LONG_IS_H=g["long_is_h"],
         **heuristics.dot_args(x), INDEX_64=heuristics.needs_index_64(x, y),
-        **heuristics.load_hints(t, g, x), **heuristics.store_hints(g, y, t["block_m"], n_lines),
-        BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
+        **load, **heuristics.store_hints(g, y, t["block_m"], n_lines),
+        BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"],
+        TOEPLITZ_IN_MEMORY=scratch is not None)
     grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
-    return Plan(dwconv_fwd_kernel, not x.is_cuda, grid, values, t["num_warps"], t["num_stages"])
+    return Plan(dwconv_fwd_kernel, not x.is_cuda, grid, values, t["num_warps"], t["num_stages"],
+                scratch=scratch)
 
 
 def pair_conv(x, x2, weight, weight2, flip, y, y2):

@@ -160,6 +160,25 @@ def test_tall_kernels_direct_and_transposed(transpose_tall):
                                 tuning=dict(transpose_align=4 if transpose_tall else 0))
 
 
+@pytest.mark.parametrize("kernel,transpose_tall", [((3, 51), True), ((51, 3), True),
+                                                   ((51, 3), False), ((5, 5), True)])
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_toeplitz_tiles_in_memory_or_gathered(kernel, transpose_tall, in_memory):
+    """Lines of 33-64 pixels (one 64-wide tile) read each tap's Toeplitz tile from memory,
+    written by its own kernel once per call, in the forward pass and the input gradient (the
+    rotated kernel), wide, tall and transposed; or gather it from the weights."""
+    torch.manual_seed(sum(kernel))
+    x = torch.randn(1, 2, 36, 40, device=DEVICE)
+    with launches() as launched:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_against_reference(x.clone(), torch.randn(2, 1, *kernel), torch.randn(2), dtype,
+                                    tuning=dict(toeplitz_in_memory=in_memory,
+                                                transpose_align=4 if transpose_tall else 0))
+    names = [p.name for p in launched]
+    assert names.count("dwconv_toeplitz_kernel") == (4 if in_memory else 0)
+    assert names.count("dwconv_fwd_kernel") == 4
+
+
 @pytest.mark.parametrize("plane", [True, False])
 @pytest.mark.parametrize("shape,kernel", [((2, 5, 7, 7), (13, 5)), ((2, 5, 7, 7), (5, 5)),
                                           ((70, 2, 5, 5), (5, 13)), ((3, 2, 3, 8), (51, 3))])
