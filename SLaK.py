@@ -24,7 +24,7 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from depthwise_conv2d_implicit_gemm import (DepthWiseConv2dImplicitGEMM, can_pair,
-                                             depthwise_conv2d_pair)
+                                             depthwise_conv2d_pair, depthwise_conv2d_sum)
 
 __all__ = ["SLaK", "LargeKernelUnit", "Block", "aligned_linear", "validate_kernel_size",
            "checkpoint_filter_fn", "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
@@ -102,6 +102,12 @@ def pad_kernel_to(weight, shape):
     return F.pad(weight, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
 
 
+def _hooked(module):
+    """Whether ``module`` has forward hooks, which a fused path that skips its call would skip
+    (the FLOPs counter counts convolutions through them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 class LargeKernelUnit(nn.Module):
     """The large-kernel depthwise unit of a SLaK block; output = sum of its branches.
 
@@ -161,6 +167,10 @@ class LargeKernelUnit(nn.Module):
             out = self.LoRA1(x) + _after_conv(wide, z) if self.Decom else _after_conv(wide, z)
             return out + _after_conv(self.small_conv, z_small)
         if self.Decom:
+            if self.deploy and not _hooked(self.LoRA1.conv) and not _hooked(self.LoRA2.conv):
+                # Both biased convolutions in one pass where the kernels allow it.
+                return depthwise_conv2d_sum(x, self.LoRA1.conv.weight, self.LoRA1.conv.bias,
+                                            self.LoRA2.conv.weight, self.LoRA2.conv.bias)
             out = self.LoRA1(x) + self.LoRA2(x)
         else:
             out = self.lkb_origin(x)
@@ -171,7 +181,7 @@ class LargeKernelUnit(nn.Module):
     def _pairs_small_branch(self, x, wide):
         return (self.fuse_small and hasattr(self, "small_conv") and not self.deploy and
                 wide.conv.bias is None and self.small_conv.conv.bias is None and
-                not wide.conv._forward_hooks and not self.small_conv.conv._forward_hooks and
+                not _hooked(wide.conv) and not _hooked(self.small_conv.conv) and
                 can_pair(x, wide.conv.weight, self.small_conv.conv.weight))
 
     @torch.no_grad()

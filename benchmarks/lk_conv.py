@@ -27,6 +27,12 @@ autocast in each ``--dtypes`` entry): the fused unit (wide and small branches in
 time, per stage and per training step:
 
     python benchmarks/lk_conv.py --unit --batch 64 --dtypes bf16
+
+``--deployed`` times deployed units (``reparameterize()``, eval, no autograd; per stage and per
+forward): both convolutions and the bias in one pass (``depthwise_conv2d_sum``) against two
+convolutions and a sum:
+
+    python benchmarks/lk_conv.py --deployed --batch 256 --dtypes bf16
 """
 import argparse
 import contextlib
@@ -186,6 +192,66 @@ def unit_main(args, emit):
               f"{t['fused', 'gpu']:10.2f} {t['separate', 'gpu']:13.2f}")
 
 
+def time_deployed_unit(n, c, size, kernel, dtype):
+    """Eager median ms and profiled GPU ms (with the kernels' split) of one deployed unit's
+    forward (``reparameterize()``d ``SLaK.LargeKernelUnit``, no autograd) in ``dtype``."""
+    from torch.profiler import ProfilerActivity, profile
+    from SLaK import LargeKernelUnit
+    unit = LargeKernelUnit(c, kernel, SMALL, Decom=True).cuda().eval()
+    unit.reparameterize()
+    unit.to(dtype)
+    x = torch.randn(n, c, size, size, device="cuda", dtype=dtype)
+
+    def fwd():
+        with torch.no_grad():
+            unit(x)
+    eager = bench(fwd)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fwd()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name[:48]] = kernels.get(e.name[:48], 0.0) + e.time_range.elapsed_us() / 5
+    return eager, sum(kernels.values()) / 1e3, kernels
+
+
+def deployed_main(args, emit):
+    """Deployed units, one pass (``depthwise_conv2d_sum``) against two convolutions and a sum."""
+    totals = {}
+    for model in args.models:
+        depths, dims = MODELS[model]
+        for dt_name in args.dtypes:
+            for stage, (depth, dim, k, size) in enumerate(zip(depths, dims, KERNELS, SIZES), 1):
+                if stage not in args.stages:
+                    continue
+                c = int(dim * WIDTH)
+                rec = {"model": f"SLaK-{model}", "deployed_stage": stage, "channels": c,
+                       "size": size, "kernel": k, "blocks": depth, "dtype": dt_name,
+                       "batch": args.batch,
+                       # Read the input once, write the output once: the memory-traffic floor.
+                       "traffic_mb": 2 * args.batch * c * size * size * DTYPES[dt_name].itemsize / 1e6}
+                for name, fields in [("one_pass", {}), ("separate", {"cross_unit": False})] + [
+                        (f"one_pass{v}", json.loads(v)) for v in args.variants]:
+                    with tuned(**fields):
+                        eager, gpu, kernels = time_deployed_unit(args.batch, c, size, k,
+                                                                 DTYPES[dt_name])
+                    rec[f"{name}_eager_ms"], rec[f"{name}_gpu_ms"] = eager, gpu
+                    rec[f"{name}_gpu_kernels_us"] = kernels
+                    for what, ms in (("eager", eager), ("gpu", gpu)):
+                        key = (f"SLaK-{model}", dt_name, name, what)
+                        totals[key] = totals.get(key, 0.0) + ms * depth
+                emit(rec)
+    print(f"\nPer-forward totals of the deployed units, ms (batch {args.batch})")
+    print(f"{'model':8} {'dtype':5} {'units':40} {'eager':>8} {'GPU':>8}")
+    for (model, dt_name, name, what), ms in totals.items():
+        if what == "eager":
+            print(f"{model:8} {dt_name:5} {name:40} {ms:8.3f} "
+                  f"{totals[model, dt_name, name, 'gpu']:8.3f}")
+
+
 def check_case(c, size, kernel, dtype):
     """Relative errors (forward, input grad, weight grad) at batch 2 against float64 cuDNN."""
     x = torch.randn(2, c, size, size, device="cuda", dtype=torch.float64)
@@ -234,6 +300,9 @@ def main():
                    help="extra launch configurations to time for ours, as JSON dicts of "
                         "heuristics.Tuning fields, e.g. '{\"num_stages\": 3}'")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--deployed", action="store_true",
+                   help="time deployed units (after reparameterize(), no autograd) instead: "
+                        "both convolutions in one pass against two and a sum")
     p.add_argument("--unit", action="store_true",
                    help="time whole units, fused against separate branch convolutions")
     args = p.parse_args()
@@ -254,6 +323,9 @@ def main():
     emit({"env": env})
     if args.unit:
         unit_main(args, emit)
+        return
+    if args.deployed:
+        deployed_main(args, emit)
         return
 
     variants = [("ours", {})] + [(f"ours{v}", json.loads(v)) for v in args.variants]

@@ -27,7 +27,8 @@ SNIP batch that initialises the masks (``snip_peak_mem_gib``); e.g. SLaK-B's pea
 
 Inference mode (``--inference``) times eval-mode forwards without autograd, in the same process,
 of ``slak`` (the train form), ``slak_deploy`` (after ``reparameterize()``: two biased convolutions
-per unit), ``slak_deploy_unaligned`` (the same with ``align_pointwise=False``),
+per unit, run in one pass by ``depthwise_conv2d_sum``), ``slak_deploy_separate`` (the same units
+as two convolutions and a sum), ``slak_deploy_unaligned`` (``align_pointwise=False``),
 ``slak_deploy_cudnn`` (the deployed model through cuDNN) and ``convnext_timm``:
 
     python benchmarks/train_throughput.py --inference --batch 256 --dtypes bf16 --compile on \
@@ -54,6 +55,7 @@ Step mode prints one JSON line per case and a summary table; both modes end with
 naming the device and versions.
 """
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -83,8 +85,21 @@ SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, dro
 
 TRAIN_MODELS = ["slak", "slak_unaligned", "slak_fused", "slak_sparse", "slak_cudnn", "slak_freelk",
                 "slak_ddp", "slak_base", "convnext_timm"]
-INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_unaligned", "slak_deploy_cudnn",
-                    "convnext_timm"]
+INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_separate", "slak_deploy_unaligned",
+                    "slak_deploy_cudnn", "convnext_timm"]
+# Heuristics (``heuristics.Tuning`` fields) that a model runs under, on top of ``--tuning``.
+MODEL_TUNING = {"slak_deploy_separate": dict(cross_unit=False)}
+
+
+@contextlib.contextmanager
+def model_tuning(name):
+    """Run (and trace) model ``name`` under its ``MODEL_TUNING``."""
+    default = heuristics.TUNING
+    heuristics.TUNING = dataclasses.replace(default, **MODEL_TUNING.get(name, {}))
+    try:
+        yield
+    finally:
+        heuristics.TUNING = default
 
 
 def identity_forward(self, x):
@@ -274,7 +289,8 @@ def time_inference(name, dtype_name, channels_last, compile_model, batch, steps,
     run_model = torch.compile(model, mode=compile_mode) if compile_model else model
 
     def forward(i):
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+        with model_tuning(name), torch.autocast("cuda", dtype=amp_dtype,
+                                                enabled=amp_dtype is not None):
             return run_model(images[i % len(images)])
 
     torch.cuda.synchronize()

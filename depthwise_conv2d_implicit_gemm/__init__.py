@@ -6,5 +6,7 @@ original release documented; it keeps working here.
 from .conv import DepthWiseConv2dImplicitGEMM
 from .ops import depthwise_conv2d
 from .pair import can_pair, depthwise_conv2d_pair
+from .sum import depthwise_conv2d_sum
 
-__all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d", "depthwise_conv2d_pair", "can_pair"]
+__all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d", "depthwise_conv2d_pair", "can_pair",
+           "depthwise_conv2d_sum"]

@@ -1,14 +1,17 @@
-"""ONNX translation of the ``slak::dwconv2d`` custom op, for ``torch.onnx.export(dynamo=True)``.
+"""ONNX translation of the ``slak::dwconv2d`` and ``slak::dwconv2d_sum`` custom ops, for
+``torch.onnx.export(dynamo=True)``.
 
 ``torch.export`` traces the large-kernel convolution as ``torch.ops.slak.dwconv2d`` (the op
 ``depthwise_conv2d`` dispatches to while compiling or exporting); this table turns it into the
-standard ONNX depthwise ``Conv`` (``group`` = channels, same padding), so any ONNX runtime runs it:
+standard ONNX depthwise ``Conv`` (``group`` = channels, same padding), so any ONNX runtime runs it
+(a deployed unit's ``slak::dwconv2d_sum``, which appears where its Triton kernels run, becomes
+two such convolutions and an ``Add``):
 
     torch.onnx.export(model, (x,), dynamo=True, custom_translation_table=onnx_translation_table())
 """
 import torch
 
-from . import ops  # noqa: F401 - defines torch.ops.slak.dwconv2d
+from . import ops, sum  # noqa: F401 - define torch.ops.slak.dwconv2d and dwconv2d_sum
 
 
 def _dwconv2d_onnx(x, weight, bias=None):
@@ -20,6 +23,12 @@ def _dwconv2d_onnx(x, weight, bias=None):
                         dilations=[1, 1], pads=[kh // 2, kw // 2, kh // 2, kw // 2])
 
 
+def _dwconv2d_sum_onnx(x, weight_a, bias_a, weight_b, bias_b):
+    from onnxscript import opset18 as onnx_op
+    return onnx_op.Add(_dwconv2d_onnx(x, weight_a, bias_a), _dwconv2d_onnx(x, weight_b, bias_b))
+
+
 def onnx_translation_table():
     """``{op overload: ONNX translation}`` for ``torch.onnx.export``'s ``custom_translation_table``."""
-    return {torch.ops.slak.dwconv2d.default: _dwconv2d_onnx}
+    return {torch.ops.slak.dwconv2d.default: _dwconv2d_onnx,
+            torch.ops.slak.dwconv2d_sum.default: _dwconv2d_sum_onnx}

@@ -39,6 +39,13 @@ class Tuning:
       tile from memory, written once per call by a small kernel, instead of every program
       gathering it from the weights: 23-33% less time in those kernels at batch 256. Narrower
       tiles gather a quarter of the elements or less, and measured no faster.
+    * ``cross_unit``: a deployed unit's two convolutions (``depthwise_conv2d_sum``) in one
+      kernel on maps of at most 64x64 pixels (``choose_sum_strategy``); off, they run as two
+      convolutions and a sum.
+    * ``cross_tile_elements``: that kernel's tile, whole images of one channel, at least two.
+      At batch 256 (bf16, per unit) 64x64 tiles of two images took 0.70 ms against 0.76 with
+      one; 32x32 tiles of four 0.30 ms against 0.32 with eight; 16x16 tiles of sixteen
+      0.17 ms against 0.29 with thirty-two.
     """
     max_block_a: int = 64
     tile_elements: int = 8192
@@ -50,11 +57,14 @@ class Tuning:
     vectorize: bool = True
     num_stages: int = 1
     toeplitz_in_memory: bool = True
+    cross_unit: bool = True
+    cross_tile_elements: int = 4096
 
 
 TUNING = Tuning()
 
 PLANES, TRANSPOSED, LINES = "planes", "transposed", "lines"
+CROSS, SEPARATE = "cross", "separate"
 
 
 def choose_strategy(shape, kernel):
@@ -78,6 +88,24 @@ def choose_strategy(shape, kernel):
     if kh > kw and TUNING.vectorize and TUNING.transpose_align and h % TUNING.transpose_align == 0:
         return TRANSPOSED
     return LINES
+
+
+def choose_sum_strategy(shape):
+    """How the sum of two biased convolutions of one ``(N, C, H, W)`` image runs (a deployed
+    SLaK unit; ``sum.py``), when no autograd is needed:
+
+    * ``planes``: maps of at most ``TUNING.plane_pixels`` pixels, as one convolution with the
+      two kernels added (``kernels.dwconv_plane_fwd_kernel``).
+    * ``cross``: maps of at most 64x64 pixels, both convolutions in one pass
+      (``kernels.dwconv_cross_kernel``).
+    * ``separate``: two convolutions and a sum.
+    """
+    h, w = shape[2], shape[3]
+    if h * w <= TUNING.plane_pixels:
+        return PLANES
+    if TUNING.cross_unit and h <= 64 and w <= 64:
+        return CROSS
+    return SEPARATE
 
 
 def geometry(x, kernel):

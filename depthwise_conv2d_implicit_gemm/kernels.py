@@ -227,6 +227,93 @@ def dwconv_toeplitz_kernel(
              t.to(t_ptr.dtype.element_ty))
 
 
+def dwconv_cross_kernel(
+    x_ptr, wide_ptr, tall_ptr, bias_ptr, y_ptr,
+    N, KBW, KBT, sxn, sxc, syn, syc,
+    H: tl.constexpr, W: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, G: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    INDEX_64: tl.constexpr, ALIGN: tl.constexpr = 1, Y_ALIGN: tl.constexpr = 1,
+):
+    """A deployed unit, ``y = conv(x, w_tall) + conv(x, w_wide) + bias``, on maps of at most
+    64x64 pixels (``HP``/``WP``: ``H``/``W`` rounded up to a power of two), from one read of
+    each image: every program takes ``G`` whole images of one channel.
+
+    * The wide kernel as in ``dwconv_fwd_kernel``: rows ``(g, h)`` of the images, shifted by
+      each of its ``KBW`` rows, times that row's Toeplitz tile ``wide[c, i]`` (``[k, a]``
+      along W), accumulated as ``acc[(g, h), w]``.
+    * The tall kernel on the same images read column-wise (the tile ``[(g, w), h']``, shifted
+      along W by each of its ``KBT`` columns; the shifted re-reads hit the cache), times that
+      column's Toeplitz tile ``tall[c, j]`` (``[k, a]`` along H), accumulated as
+      ``acc_t[(g, w), h]`` and transposed image by image onto ``acc``.
+
+    Both tile sets are written by ``dwconv_toeplitz_kernel`` for the call. ``H`` and ``W``
+    are compile-time constants, so that masks along the lines stay uniform across vectors.
+    Grid: ``(cdiv(N, G), C)``.
+    """
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    if INDEX_64:
+        c = c.to(tl.int64)
+    x_base = x_ptr + c * sxc
+    y_base = y_ptr + c * syc
+    if ALIGN > 1:
+        x_base = tl.multiple_of(x_base, ALIGN * (x_ptr.dtype.element_ty.primitive_bitwidth // 8))
+    if Y_ALIGN > 1:
+        y_base = tl.multiple_of(y_base, Y_ALIGN * (y_ptr.dtype.element_ty.primitive_bitwidth // 8))
+
+    # Wide kernel: rows r = (g, h), columns w.
+    r = tl.arange(0, G * HP)
+    n = pid * G + r // HP
+    h = r % HP
+    if INDEX_64:
+        n = n.to(tl.int64)
+    row_ok = (h < H) & (n < N)
+    wk = tl.arange(0, WP)
+    col_ok = wk < W
+    acc = tl.full((G * HP, WP), 0.0, tl.float32)
+    for i in range(0, KBW):
+        h_in = h + i - KBW // 2
+        ok = row_ok & (h_in >= 0) & (h_in < H)
+        row_off = n * sxn + h_in * W
+        if ALIGN > 1:
+            row_off = tl.multiple_of(row_off, ALIGN)
+        xt = tl.load(x_base + row_off[:, None] + wk[None, :], mask=ok[:, None] & col_ok[None, :],
+                     other=0.0)
+        t = tl.load(wide_ptr + (c * KBW + i) * (WP * WP) + wk[:, None] * WP + wk[None, :])
+        if DOT_UPCAST:
+            xt = xt.to(tl.float32)
+            t = t.to(tl.float32)
+        acc = tl.dot(xt, t, acc, input_precision=DOT_PRECISION)
+
+    # Tall kernel: rows q = (g, w), columns h.
+    q = tl.arange(0, G * WP)
+    n_t = pid * G + q // WP
+    w = q % WP
+    if INDEX_64:
+        n_t = n_t.to(tl.int64)
+    hk = tl.arange(0, HP)
+    acc_t = tl.full((G * WP, HP), 0.0, tl.float32)
+    for j in range(0, KBT):
+        w_in = w + j - KBT // 2
+        ok = (w < W) & (n_t < N) & (w_in >= 0) & (w_in < W)
+        xt = tl.load(x_base + (n_t * sxn + w_in)[:, None] + hk[None, :] * W,
+                     mask=ok[:, None] & (hk < H)[None, :], other=0.0)
+        t = tl.load(tall_ptr + (c * KBT + j) * (HP * HP) + hk[:, None] * HP + hk[None, :])
+        if DOT_UPCAST:
+            xt = xt.to(tl.float32)
+            t = t.to(tl.float32)
+        acc_t = tl.dot(xt, t, acc_t, input_precision=DOT_PRECISION)
+    acc += tl.reshape(tl.permute(tl.reshape(acc_t, (G, WP, HP)), (0, 2, 1)), (G * HP, WP))
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c).to(tl.float32)
+    out_off = n * syn + h * W
+    if Y_ALIGN > 1:
+        out_off = tl.multiple_of(out_off, Y_ALIGN)
+    tl.store(y_base + out_off[:, None] + wk[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
 def dwconv_pair_kernel(
     x_ptr, x2_ptr, w_ptr, w2_ptr, y_ptr, y2_ptr,
     N, LA, LB, KA, KB, KA2, KB2,
@@ -593,11 +680,14 @@ def get_kernels(interpret):
         # The plane kernels address whole planes, so nothing is specialised but unit strides.
         planes = ["N", "H", "W", "KH", "KW", "sxn", "sxc", "syn", "syc", "sdn", "sdc", "swc",
                   "swh"]
+        # The deployed unit's kernel is specialised on the map size (H, W), not on the rest.
+        cross = ["N", "KBW", "KBT", "sxn", "sxc", "syn", "syc"]
         _COMPILED[interpret] = {
             fn.__name__: triton.jit(fn, do_not_specialize=[
                 a for a in unspecialised if a in fn.__code__.co_varnames])
             for fn, unspecialised in ((dwconv_fwd_kernel, lines), (dwconv_pair_kernel, lines),
                                       (dwconv_toeplitz_kernel, lines),
+                                      (dwconv_cross_kernel, cross),
                                       (dwconv_wgrad_kernel, lines),
                                       (dwconv_plane_fwd_kernel, planes),
                                       (dwconv_plane_wgrad_kernel, planes))}

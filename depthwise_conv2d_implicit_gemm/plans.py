@@ -12,9 +12,9 @@ import torch
 import triton
 
 from . import heuristics
-from .kernels import (dwconv_fwd_kernel, dwconv_pair_kernel, dwconv_plane_fwd_kernel,
-                      dwconv_plane_wgrad_kernel, dwconv_toeplitz_kernel, dwconv_wgrad_kernel,
-                      get_kernels)
+from .kernels import (dwconv_cross_kernel, dwconv_fwd_kernel, dwconv_pair_kernel,
+                      dwconv_plane_fwd_kernel, dwconv_plane_wgrad_kernel, dwconv_toeplitz_kernel,
+                      dwconv_wgrad_kernel, get_kernels)
 
 _MAX_PLANS = 4096
 
@@ -99,11 +99,28 @@ def conv(x, weight, bias, flip, y):
     plan = _cached(_key("conv", flip, x, weight, bias, y),
                    lambda: _conv_plan(x, weight, bias, flip, y))
     toeplitz = weight
-    if plan.scratch is not None:   # the Toeplitz tiles, written first (TOEPLITZ_IN_MEMORY)
-        toeplitz_plan, shape = plan.scratch
-        toeplitz = torch.empty(shape, device=x.device, dtype=x.dtype)
-        launch(toeplitz_plan, (weight, toeplitz))
+    if plan.scratch is not None:   # TOEPLITZ_IN_MEMORY
+        toeplitz = toeplitz_tiles(plan.scratch, weight, x)
     launch(plan, (x, weight, toeplitz, bias if bias is not None else weight, y))
+
+
+def _toeplitz_plan(weight, interpret, a_dim, b_dim, flip, a_major, block):
+    """The launch of ``dwconv_toeplitz_kernel`` for ``weight``'s long axis ``a_dim`` (taps of
+    the other spatial axis, ``b_dim``, enumerate the tiles), stored ``[a, k]`` if ``a_major``
+    else ``[k, a]``, and the shape of the tiles ``(C, taps, block, block)``."""
+    C, KA, KB = weight.shape[0], weight.shape[a_dim], weight.shape[b_dim]
+    values = dict(KA=KA, KB=KB, swc=weight.stride(0), swa=weight.stride(a_dim),
+                  swb=weight.stride(b_dim), FLIP=flip, LONG_IS_H=a_major,
+                  BLOCK_A=block, BLOCK_K=block)
+    return Plan(dwconv_toeplitz_kernel, interpret, (C * KB,), values, 4, 1), (C, KB, block, block)
+
+
+def toeplitz_tiles(toeplitz, weight, like):
+    """Run a ``_toeplitz_plan`` result; the tiles come back in ``like``'s dtype."""
+    plan, shape = toeplitz
+    tiles = torch.empty(shape, device=like.device, dtype=like.dtype)
+    launch(plan, (weight, tiles))
+    return tiles
 
 
 def _conv_plan(x, weight, bias, flip, y):
@@ -115,13 +132,8 @@ def _conv_plan(x, weight, bias, flip, y):
     load = heuristics.load_hints(t, g, x)
     scratch = None
     if heuristics.TUNING.toeplitz_in_memory and load["LA_ONE_BLOCK"] and t["block_a"] >= 64:
-        toeplitz_values = dict(
-            KA=g["KA"], KB=g["KB"], swc=weight.stride(0), swa=weight.stride(a_dim),
-            swb=weight.stride(b_dim), FLIP=flip, LONG_IS_H=g["long_is_h"],
-            BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
-        toeplitz_plan = Plan(dwconv_toeplitz_kernel, not x.is_cuda, (C * g["KB"],),
-                             toeplitz_values, 4, 1)
-        scratch = (toeplitz_plan, (C, g["KB"], t["block_a"], t["block_a"]))
+        scratch = _toeplitz_plan(weight, not x.is_cuda, a_dim, b_dim, flip, g["long_is_h"],
+                                 t["block_a"])
     values = dict(
         N=N, LA=g["LA"], LB=g["LB"], KA=g["KA"], KB=g["KB"],
         sxn=x.stride(0), sxc=x.stride(1), sxa=x.stride(a_dim), sxb=x.stride(b_dim),
@@ -169,6 +181,41 @@ def _pair_plan(x, x2, weight, weight2, flip, y):
         BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
     grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
     return Plan(dwconv_pair_kernel, not x.is_cuda, grid, values, t["num_warps"], t["num_stages"])
+
+
+def cross_conv(x, weight_tall, weight_wide, bias, y):
+    """``conv(x, weight_tall) + conv(x, weight_wide) + bias`` in one pass
+    (``dwconv_cross_kernel``) for maps of at most 64x64 pixels; ``x`` and ``y`` contiguous."""
+    if y.numel() == 0:
+        return
+    plan = _cached(_key("cross", None, x, weight_tall, weight_wide, bias, y),
+                   lambda: _cross_plan(x, weight_tall, weight_wide, bias, y))
+    wide, tall = plan.scratch
+    launch(plan, (x, toeplitz_tiles(wide, weight_wide, x), toeplitz_tiles(tall, weight_tall, x),
+                  bias if bias is not None else x, y))
+
+
+def _cross_plan(x, weight_tall, weight_wide, bias, y):
+    N, C, H, W = x.shape
+    hp, wp = (max(16, triton.next_power_of_2(n)) for n in (H, W))
+    images = min(max(2, heuristics.TUNING.cross_tile_elements // (hp * wp)),
+                 triton.next_power_of_2(N))
+    g = heuristics.geometry(x, (1, 3))   # rows along W, as the wide kernel reads them
+    values = dict(
+        N=N, KBW=weight_wide.shape[2], KBT=weight_tall.shape[3],
+        sxn=x.stride(0), sxc=x.stride(1), syn=y.stride(0), syc=y.stride(1),
+        H=H, W=W, HP=hp, WP=wp, G=images, HAS_BIAS=bias is not None,
+        **heuristics.dot_args(x), INDEX_64=heuristics.needs_index_64(x, y),
+        ALIGN=heuristics.vector_width(g, x) if heuristics.TUNING.vectorize else 1,
+        Y_ALIGN=heuristics.vector_width(g, y) if heuristics.TUNING.vectorize else 1)
+    interpret = not x.is_cuda
+    # Tiles [k, a]: along W for the wide kernel, along H for the tall one.
+    scratch = (_toeplitz_plan(weight_wide, interpret, 3, 2, False, False, wp),
+               _toeplitz_plan(weight_tall, interpret, 2, 3, False, False, hp))
+    warps = 8 if images * hp * wp >= 8192 else 4
+    return Plan(dwconv_cross_kernel, interpret, (triton.cdiv(N, images), C), values, warps,
+                heuristics.TUNING.num_stages,
+                scratch=scratch)
 
 
 @functools.lru_cache(maxsize=None)
