@@ -20,9 +20,10 @@ FLAGS = ["--model", "SLaK_tiny", "--width_factor", "0.25", "--Decom", "true",
          "--kernel_size", "13", "11", "9", "7", "3", "--nb_classes", "4", "--input_size", "32"]
 
 
-def run_export(*args):
+def run_export(*args, **env):
     return subprocess.run([sys.executable, str(REPO / "export_onnx.py"), *map(str, args)],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env={**cli_env(), **env}, capture_output=True, text=True,
+                          timeout=300)
 
 
 def trained_like_model():
@@ -72,6 +73,21 @@ def test_export_matches_pytorch_in_onnxruntime(deploy, tmp_path):
     # Written by renaming a checked temporary file: nothing else is left beside it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best.pth", "slak.onnx"]
     check_against_onnxruntime(out, model.reparameterize() if deploy else model, deploy)
+
+
+def test_deployed_units_export_where_their_one_pass_op_runs(tmp_path):
+    """Where the Triton kernels run (a GPU; here their interpreter) a deployed unit traces as
+    one op for both convolutions (``slak::dwconv2d_sum``); it exports as two standard
+    depthwise Convs and an Add."""
+    pytest.importorskip("triton")
+    model = trained_like_model()
+    checkpoint = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": model.state_dict(), "epoch": 3, "args": {"model": "SLaK_tiny"}}, checkpoint)
+    out = tmp_path / "slak.onnx"
+    result = run_export(*FLAGS, "--checkpoint", checkpoint, "--deploy", "true", "--output", out,
+                        TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_against_onnxruntime(out, model.reparameterize(), deploy=True)
 
 
 def test_deployed_checkpoint_exports_and_cannot_be_trained_form(tmp_path):
