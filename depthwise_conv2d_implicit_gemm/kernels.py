@@ -10,7 +10,11 @@ of a 16..64 wide tile, so little of that work is wasted; longer lines are tiled 
 input chunks that meet the band are visited.
 
 Maps of at most 64 pixels (SLaK's 7x7 stage) use the whole-plane variants at the end of this
-file instead: one GEMM per block of images with a 2-D Toeplitz matrix, no lines at all.
+file instead: one GEMM per block of images with a 2-D Toeplitz matrix, no lines at all. A
+deployed unit (a tall and a wide biased kernel, summed; ``sum.py``) on maps of at most 64x64
+pixels runs ``dwconv_cross_kernel``, which applies both to whole images of one channel. Where
+one 64-wide tile spans a line, the Toeplitz tiles are written to memory once per call
+(``dwconv_toeplitz_kernel``) instead of gathered by every program.
 
 Geometry shared by the line kernels (``plans.py`` maps NCHW onto it):
 
