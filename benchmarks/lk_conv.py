@@ -165,24 +165,29 @@ def time_unit(n, c, size, kernel, dtype, fuse_small):
     return eager, gpu
 
 
-def unit_main(args, emit):
-    totals = {}
+def unit_cases(args):
+    """(model, dtype name, stage, units, channels, map size, kernel K) of every stage's units
+    that ``args`` selects."""
     for model in args.models:
         depths, dims = MODELS[model]
         for dt_name in args.dtypes:
             for stage, (depth, dim, k, size) in enumerate(zip(depths, dims, KERNELS, SIZES), 1):
-                if stage not in args.stages:
-                    continue
-                c = int(dim * WIDTH)
-                rec = {"model": f"SLaK-{model}", "unit_stage": stage, "channels": c, "size": size,
-                       "kernel": k, "blocks": depth, "dtype": dt_name, "batch": args.batch}
-                for name, fuse in (("fused", True), ("separate", False)):
-                    eager, gpu = time_unit(args.batch, c, size, k, DTYPES[dt_name], fuse)
-                    rec[f"{name}_eager_ms"], rec[f"{name}_gpu_ms"] = eager, gpu
-                    for what, ms in (("eager", eager), ("gpu", gpu)):
-                        key = (f"SLaK-{model}", dt_name, name, what)
-                        totals[key] = totals.get(key, 0.0) + ms * depth
-                emit(rec)
+                if stage in args.stages:
+                    yield f"SLaK-{model}", dt_name, stage, depth, int(dim * WIDTH), size, k
+
+
+def unit_main(args, emit):
+    totals = {}
+    for model, dt_name, stage, depth, c, size, k in unit_cases(args):
+        rec = {"model": model, "unit_stage": stage, "channels": c, "size": size,
+               "kernel": k, "blocks": depth, "dtype": dt_name, "batch": args.batch}
+        for name, fuse in (("fused", True), ("separate", False)):
+            eager, gpu = time_unit(args.batch, c, size, k, DTYPES[dt_name], fuse)
+            rec[f"{name}_eager_ms"], rec[f"{name}_gpu_ms"] = eager, gpu
+            for what, ms in (("eager", eager), ("gpu", gpu)):
+                key = (model, dt_name, name, what)
+                totals[key] = totals.get(key, 0.0) + ms * depth
+        emit(rec)
     print(f"\nPer-step totals of the units' forward+backward, ms (batch {args.batch})")
     print(f"{'model':8} {'dtype':5} {'fused eager':>12} {'separate eager':>15} "
           f"{'fused GPU':>10} {'separate GPU':>13}")
@@ -221,29 +226,21 @@ def time_deployed_unit(n, c, size, kernel, dtype):
 def deployed_main(args, emit):
     """Deployed units, one pass (``depthwise_conv2d_sum``) against two convolutions and a sum."""
     totals = {}
-    for model in args.models:
-        depths, dims = MODELS[model]
-        for dt_name in args.dtypes:
-            for stage, (depth, dim, k, size) in enumerate(zip(depths, dims, KERNELS, SIZES), 1):
-                if stage not in args.stages:
-                    continue
-                c = int(dim * WIDTH)
-                rec = {"model": f"SLaK-{model}", "deployed_stage": stage, "channels": c,
-                       "size": size, "kernel": k, "blocks": depth, "dtype": dt_name,
-                       "batch": args.batch,
-                       # Read the input once, write the output once: the memory-traffic floor.
-                       "traffic_mb": 2 * args.batch * c * size * size * DTYPES[dt_name].itemsize / 1e6}
-                for name, fields in [("one_pass", {}), ("separate", {"cross_unit": False})] + [
-                        (f"one_pass{v}", json.loads(v)) for v in args.variants]:
-                    with tuned(**fields):
-                        eager, gpu, kernels = time_deployed_unit(args.batch, c, size, k,
-                                                                 DTYPES[dt_name])
-                    rec[f"{name}_eager_ms"], rec[f"{name}_gpu_ms"] = eager, gpu
-                    rec[f"{name}_gpu_kernels_us"] = kernels
-                    for what, ms in (("eager", eager), ("gpu", gpu)):
-                        key = (f"SLaK-{model}", dt_name, name, what)
-                        totals[key] = totals.get(key, 0.0) + ms * depth
-                emit(rec)
+    for model, dt_name, stage, depth, c, size, k in unit_cases(args):
+        rec = {"model": model, "deployed_stage": stage, "channels": c, "size": size, "kernel": k,
+               "blocks": depth, "dtype": dt_name, "batch": args.batch,
+               # Read the input once, write the output once: the memory-traffic floor.
+               "traffic_mb": 2 * args.batch * c * size * size * DTYPES[dt_name].itemsize / 1e6}
+        for name, fields in [("one_pass", {}), ("separate", {"cross_unit": False})] + [
+                (f"one_pass{v}", json.loads(v)) for v in args.variants]:
+            with tuned(**fields):
+                eager, gpu, kernels = time_deployed_unit(args.batch, c, size, k, DTYPES[dt_name])
+            rec[f"{name}_eager_ms"], rec[f"{name}_gpu_ms"] = eager, gpu
+            rec[f"{name}_gpu_kernels_us"] = kernels
+            for what, ms in (("eager", eager), ("gpu", gpu)):
+                key = (model, dt_name, name, what)
+                totals[key] = totals.get(key, 0.0) + ms * depth
+        emit(rec)
     print(f"\nPer-forward totals of the deployed units, ms (batch {args.batch})")
     print(f"{'model':8} {'dtype':5} {'units':40} {'eager':>8} {'GPU':>8}")
     for (model, dt_name, name, what), ms in totals.items():

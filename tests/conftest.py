@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -14,6 +15,19 @@ TINY_MODEL = ["--model", "SLaK_tiny", "--width_factor", "0.25", "--Decom", "true
               "--kernel_size", "13", "11", "9", "7", "3"]
 SYNTHETIC = ["--data_set", "synthetic", "--device", "cpu", "--input_size", "32",
              "--nb_classes", "4", "--num_workers", "0", "--pin_mem", "false"]
+
+
+# The large-kernel convolution tests: where their kernels run, and the limits of
+# ||out - ref|| / ||ref|| against float64 (float32 without TF32, float16, bfloat16).
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out, ref):
+    """``||out - ref|| / ||ref||`` in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def cli_env():
@@ -37,3 +51,26 @@ def run_main(*args, check=True, timeout=600, launcher=None, script=REPO / "main.
 @pytest.fixture
 def repo():
     return REPO
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Run the Triton kernels on this machine (their interpreter where there is no CUDA, set per
+    test so that other tests keep the plain CPU fallback) in full float32 precision."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The names of the kernels the test launches, in order (a spy on the launch plans)."""
+    from depthwise_conv2d_implicit_gemm import plans
+    names = []
+    real = plans.launch
+
+    def spy(plan, tensors):
+        names.append(plan.name)
+        real(plan, tensors)
+    monkeypatch.setattr(plans, "launch", spy)
+    return names

@@ -11,37 +11,12 @@ import torch
 
 pytest.importorskip("triton", reason="the kernels under test are Triton kernels")
 
-from depthwise_conv2d_implicit_gemm import depthwise_conv2d_sum, heuristics, plans  # noqa: E402
+from conftest import CUDA, DEVICE, KERNEL_TOL as TOL, rel_err  # noqa: E402
+from depthwise_conv2d_implicit_gemm import depthwise_conv2d_sum, heuristics  # noqa: E402
 from depthwise_conv2d_implicit_gemm.reference import depthwise_conv2d_reference  # noqa: E402
 from SLaK import LargeKernelUnit  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def triton_path(monkeypatch):
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
-@pytest.fixture
-def launched(monkeypatch):
-    names = []
-    real = plans.launch
-
-    def spy(plan, tensors):
-        names.append(plan.name)
-        real(plan, tensors)
-    monkeypatch.setattr(plans, "launch", spy)
-    return names
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def reference_sum(x, weight_a, bias_a, weight_b, bias_b):

@@ -15,26 +15,17 @@ import torch.nn as nn
 
 pytest.importorskip("triton", reason="the kernels under test are Triton kernels")
 
+from conftest import CUDA, DEVICE, KERNEL_TOL as TOL, rel_err  # noqa: E402
 from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, depthwise_conv2d
 from depthwise_conv2d_implicit_gemm import external, heuristics, plans
 from depthwise_conv2d_implicit_gemm.heuristics import TRANSPOSED, choose_strategy
 from depthwise_conv2d_implicit_gemm.reference import (depthwise_conv2d_reference,
                                                       depthwise_conv2d_reference_grads)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-# ||out - ref|| / ||ref|| limits of the issue (float32 without TF32, float16, bfloat16).
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 TOL_TF32 = 2e-3
 
 
-@pytest.fixture(autouse=True)
-def triton_path(monkeypatch):
-    """Run Triton on this machine (the interpreter on a CPU) in full float32 precision."""
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    yield
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 @contextmanager
@@ -59,10 +50,6 @@ def ran_forward_and_both_gradients(launched):
     names = [p.name for p in launched]
     return sum(n.endswith("fwd_kernel") for n in names) >= 2 and any("wgrad" in n for n in names)
 
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def check_against_reference(x, weight, bias, dtype, tol=None, tuning=None):
