@@ -110,7 +110,6 @@ def profile_case(impl, n, c, size, kernel, dtype, iters=5):
     """GPU time per kernel (microseconds) of ``impl``, from the profiler, for the forward pass
     alone and for forward+backward: what the convolution costs once launch overheads are
     hidden (CUDA graphs, compile). Returns ``{"fwd": {kernel: us}, "fwdbwd": {kernel: us}}``."""
-    from torch.profiler import ProfilerActivity, profile
     x = torch.randn(n, c, size, size, device="cuda", dtype=dtype, requires_grad=True)
     w = (torch.randn(c, 1, *kernel, device="cuda", dtype=dtype) * 0.05).requires_grad_()
     gy = torch.randn(n, c, size, size, device="cuda", dtype=dtype)
@@ -126,23 +125,29 @@ def profile_case(impl, n, c, size, kernel, dtype, iters=5):
     for name, fn in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
         for _ in range(2):
             fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                fn()
-            torch.cuda.synchronize()
-        kernels = {}
-        for evt in prof.events():
-            if evt.device_type == torch.autograd.DeviceType.CUDA:
-                key = evt.name[:48]
-                kernels[key] = kernels.get(key, 0.0) + evt.time_range.elapsed_us() / iters
-        out[name] = kernels
+        out[name] = profiled_kernels(fn, iters)
     return out
+
+
+def profiled_kernels(fn, iters=5):
+    """GPU microseconds per call of ``fn``, by kernel name (its first 48 characters), from
+    ``iters`` calls under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            key = evt.name[:48]
+            kernels[key] = kernels.get(key, 0.0) + evt.time_range.elapsed_us() / iters
+    return kernels
 
 
 def time_unit(n, c, size, kernel, dtype, fuse_small):
     """Eager median ms and profiled GPU ms of one training-mode unit's forward+backward."""
-    from torch.profiler import ProfilerActivity, profile
     from SLaK import LargeKernelUnit
     unit = LargeKernelUnit(c, kernel, SMALL, Decom=True).cuda()
     unit.fuse_small = fuse_small
@@ -155,14 +160,7 @@ def time_unit(n, c, size, kernel, dtype, fuse_small):
             out = unit(x.to(dtype))
         torch.autograd.grad(out, inputs, gy)
     eager = bench(fwd_bwd)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fwd_bwd()
-        torch.cuda.synchronize()
-    gpu = sum(e.time_range.elapsed_us() for e in prof.events()
-              if e.device_type == torch.autograd.DeviceType.CUDA) / 5e3
-    return eager, gpu
+    return eager, sum(profiled_kernels(fwd_bwd).values()) / 1e3
 
 
 def unit_cases(args):
@@ -200,7 +198,6 @@ def unit_main(args, emit):
 def time_deployed_unit(n, c, size, kernel, dtype):
     """Eager median ms and profiled GPU ms (with the kernels' split) of one deployed unit's
     forward (``reparameterize()``d ``SLaK.LargeKernelUnit``, no autograd) in ``dtype``."""
-    from torch.profiler import ProfilerActivity, profile
     from SLaK import LargeKernelUnit
     unit = LargeKernelUnit(c, kernel, SMALL, Decom=True).cuda().eval()
     unit.reparameterize()
@@ -211,15 +208,7 @@ def time_deployed_unit(n, c, size, kernel, dtype):
         with torch.no_grad():
             unit(x)
     eager = bench(fwd)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fwd()
-        torch.cuda.synchronize()
-    kernels = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name[:48]] = kernels.get(e.name[:48], 0.0) + e.time_range.elapsed_us() / 5
+    kernels = profiled_kernels(fwd)
     return eager, sum(kernels.values()) / 1e3, kernels
 
 
