@@ -1,0 +1,58 @@
+"""The DistributedDataParallel wrapper of every trainer (``distributed.data_parallel``), run by
+two gloo processes on the CPU."""
+import copy
+import os
+import socket
+
+import torch
+from torch import nn
+
+import distributed
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+
+
+def _batch(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)
+
+
+def _local_gradients(model, rank):
+    model = copy.deepcopy(model)
+    images, targets = _batch(rank)
+    nn.functional.cross_entropy(model(images), targets).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        expected = [sum(grads) / world for grads in
+                    zip(*(_local_gradients(model, r) for r in range(world)))]
+        ddp = distributed.data_parallel(model, torch.device("cpu"))
+        for step in range(2):   # the second step fills the buckets a gradient at a time again
+            ddp.zero_grad(set_to_none=True)
+            images, targets = _batch(rank)
+            nn.functional.cross_entropy(ddp(images), targets).backward()
+        torch.save([p.grad for p in model.parameters()] + expected,
+                   os.path.join(out_dir, f"rank{rank}.pth"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_averages_the_gradients_of_all_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
+        got, expected = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
