@@ -232,25 +232,38 @@ def dwconv_toeplitz_kernel(
 
 
 def dwconv_cross_kernel(
-    x_ptr, wide_ptr, tall_ptr, bias_ptr, y_ptr,
-    N, KBW, KBT, sxn, sxc, syn, syc,
+    xw_ptr, xs_ptr, xt_ptr, wide_ptr, small_ptr, tall_ptr, bias_ptr, shift_ptr,
+    y_ptr, ys_ptr, yt_ptr, stats_ptr,
+    N, KBW, KBS, KBT, sxn, sxc, syn, syc,
     H: tl.constexpr, W: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, G: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_SMALL: tl.constexpr, SMALL_SHARES_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     INDEX_64: tl.constexpr, ALIGN: tl.constexpr = 1, Y_ALIGN: tl.constexpr = 1,
 ):
-    """A deployed unit, ``y = conv(x, w_tall) + conv(x, w_wide) + bias``, on maps of at most
-    64x64 pixels (``HP``/``WP``: ``H``/``W`` rounded up to a power of two), from one read of
-    each image: every program takes ``G`` whole images of one channel.
+    """A large-kernel unit's branches on maps of at most 64x64 pixels (``HP``/``WP``: ``H``/``W``
+    rounded up to a power of two), from one read of each image: every program takes ``G``
+    whole images of one channel. Three branches, each with its own source image (the same
+    one in the forward pass; in the input gradient, each branch's output gradient):
 
-    * The wide kernel as in ``dwconv_fwd_kernel``: rows ``(g, h)`` of the images, shifted by
-      each of its ``KBW`` rows, times that row's Toeplitz tile ``wide[c, i]`` (``[k, a]``
-      along W), accumulated as ``acc[(g, h), w]``.
-    * The tall kernel on the same images read column-wise (the tile ``[(g, w), h']``, shifted
-      along W by each of its ``KBT`` columns; the shifted re-reads hit the cache), times that
+    * a wide kernel (``KBW`` rows) as in ``dwconv_fwd_kernel``: rows ``(g, h)`` of ``xw``,
+      shifted by each kernel row, times that row's Toeplitz tile ``wide[c, i]`` (``[k, a]``
+      along W), accumulated as ``acc[(g, h), w]``;
+    * with ``HAS_SMALL``, a small kernel (``KBS <= KBW`` rows, centred) in the same way from
+      ``xs``; with ``SMALL_SHARES_ROWS`` (``xs`` is ``xw``) its products reuse the wide
+      kernel's row tiles;
+    * a tall kernel (``KBT`` columns) on ``xt`` read column-wise (the tile ``[(g, w), h']``,
+      shifted along W by each kernel column; the shifted re-reads hit the cache), times that
       column's Toeplitz tile ``tall[c, j]`` (``[k, a]`` along H), accumulated as
-      ``acc_t[(g, w), h]`` and transposed image by image onto ``acc``.
+      ``acc_t[(g, w), h]`` and transposed image by image.
 
-    Both tile sets are written by ``dwconv_toeplitz_kernel`` for the call. ``H`` and ``W``
+    Without ``SPLIT`` the branches and the bias are summed into ``y`` (a deployed unit; the
+    input gradient of a trained one, with rotated tiles). With ``SPLIT`` (a trained unit's
+    forward pass, before its BatchNorms) the wide, small and tall outputs go to ``y``,
+    ``ys`` and ``yt``, and each program adds the BatchNorm statistics of its tile: for
+    branch ``b`` (wide, small, tall) the sum and the sum of squares of ``z - shift[b, c]``
+    over its pixels, in float32 from the accumulators, at ``stats[b, 0 or 1, c, program]``.
+
+    All tile sets are written by ``dwconv_toeplitz_kernel`` for the call. ``H`` and ``W``
     are compile-time constants, so that masks along the lines stay uniform across vectors.
     Grid: ``(cdiv(N, G), C)``.
     """
@@ -258,14 +271,14 @@ def dwconv_cross_kernel(
     c = tl.program_id(1)
     if INDEX_64:
         c = c.to(tl.int64)
-    x_base = x_ptr + c * sxc
-    y_base = y_ptr + c * syc
+    xw_base = xw_ptr + c * sxc
+    xs_base = xs_ptr + c * sxc
+    xt_base = xt_ptr + c * sxc
     if ALIGN > 1:
-        x_base = tl.multiple_of(x_base, ALIGN * (x_ptr.dtype.element_ty.primitive_bitwidth // 8))
-    if Y_ALIGN > 1:
-        y_base = tl.multiple_of(y_base, Y_ALIGN * (y_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        xw_base = tl.multiple_of(xw_base, ALIGN * (xw_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        xs_base = tl.multiple_of(xs_base, ALIGN * (xs_ptr.dtype.element_ty.primitive_bitwidth // 8))
 
-    # Wide kernel: rows r = (g, h), columns w.
+    # Wide and small kernels: rows r = (g, h), columns w.
     r = tl.arange(0, G * HP)
     n = pid * G + r // HP
     h = r % HP
@@ -275,19 +288,48 @@ def dwconv_cross_kernel(
     wk = tl.arange(0, WP)
     col_ok = wk < W
     acc = tl.full((G * HP, WP), 0.0, tl.float32)
+    acc_s = tl.full((G * HP, WP), 0.0, tl.float32)
     for i in range(0, KBW):
         h_in = h + i - KBW // 2
         ok = row_ok & (h_in >= 0) & (h_in < H)
         row_off = n * sxn + h_in * W
         if ALIGN > 1:
             row_off = tl.multiple_of(row_off, ALIGN)
-        xt = tl.load(x_base + row_off[:, None] + wk[None, :], mask=ok[:, None] & col_ok[None, :],
+        xt = tl.load(xw_base + row_off[:, None] + wk[None, :], mask=ok[:, None] & col_ok[None, :],
                      other=0.0)
         t = tl.load(wide_ptr + (c * KBW + i) * (WP * WP) + wk[:, None] * WP + wk[None, :])
         if DOT_UPCAST:
             xt = xt.to(tl.float32)
             t = t.to(tl.float32)
         acc = tl.dot(xt, t, acc, input_precision=DOT_PRECISION)
+        if HAS_SMALL and SMALL_SHARES_ROWS:
+            i_s = i - (KBW - KBS) // 2
+            if (i_s >= 0) & (i_s < KBS):
+                ts = tl.load(small_ptr + (c * KBS + i_s) * (WP * WP) + wk[:, None] * WP +
+                             wk[None, :])
+                if DOT_UPCAST:
+                    ts = ts.to(tl.float32)
+                if SPLIT:
+                    acc_s = tl.dot(xt, ts, acc_s, input_precision=DOT_PRECISION)
+                else:
+                    acc = tl.dot(xt, ts, acc, input_precision=DOT_PRECISION)
+    if HAS_SMALL and not SMALL_SHARES_ROWS:
+        for i in range(0, KBS):
+            h_in = h + i - KBS // 2
+            ok = row_ok & (h_in >= 0) & (h_in < H)
+            row_off = n * sxn + h_in * W
+            if ALIGN > 1:
+                row_off = tl.multiple_of(row_off, ALIGN)
+            xt = tl.load(xs_base + row_off[:, None] + wk[None, :],
+                         mask=ok[:, None] & col_ok[None, :], other=0.0)
+            ts = tl.load(small_ptr + (c * KBS + i) * (WP * WP) + wk[:, None] * WP + wk[None, :])
+            if DOT_UPCAST:
+                xt = xt.to(tl.float32)
+                ts = ts.to(tl.float32)
+            if SPLIT:
+                acc_s = tl.dot(xt, ts, acc_s, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(xt, ts, acc, input_precision=DOT_PRECISION)
 
     # Tall kernel: rows q = (g, w), columns h.
     q = tl.arange(0, G * WP)
@@ -300,22 +342,56 @@ def dwconv_cross_kernel(
     for j in range(0, KBT):
         w_in = w + j - KBT // 2
         ok = (w < W) & (n_t < N) & (w_in >= 0) & (w_in < W)
-        xt = tl.load(x_base + (n_t * sxn + w_in)[:, None] + hk[None, :] * W,
+        xt = tl.load(xt_base + (n_t * sxn + w_in)[:, None] + hk[None, :] * W,
                      mask=ok[:, None] & (hk < H)[None, :], other=0.0)
         t = tl.load(tall_ptr + (c * KBT + j) * (HP * HP) + hk[:, None] * HP + hk[None, :])
         if DOT_UPCAST:
             xt = xt.to(tl.float32)
             t = t.to(tl.float32)
         acc_t = tl.dot(xt, t, acc_t, input_precision=DOT_PRECISION)
-    acc += tl.reshape(tl.permute(tl.reshape(acc_t, (G, WP, HP)), (0, 2, 1)), (G * HP, WP))
+    acc_t = tl.reshape(tl.permute(tl.reshape(acc_t, (G, WP, HP)), (0, 2, 1)), (G * HP, WP))
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + c).to(tl.float32)
     out_off = n * syn + h * W
     if Y_ALIGN > 1:
         out_off = tl.multiple_of(out_off, Y_ALIGN)
-    tl.store(y_base + out_off[:, None] + wk[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    out_off = c * syc + out_off[:, None] + wk[None, :]
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT:
+        tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(yt_ptr + out_off, acc_t.to(yt_ptr.dtype.element_ty), mask=out_ok)
+        C = tl.num_programs(1)
+        P = tl.num_programs(0)
+        two = tl.arange(0, 2)
+        # Branch b's (sum, sum of squares) of z - shift over the tile, to stats[b, :, c, pid].
+        d = tl.where(out_ok, acc - tl.load(shift_ptr + c), 0.0)
+        v = tl.join(d, d * d)
+        if SUM_COMBINE:
+            v = tl.reduce(tl.reduce(v, 0, tl.standard._sum_combine), 0, tl.standard._sum_combine)
+        else:
+            v = tl.sum(tl.sum(v, 0), 0)
+        tl.store(stats_ptr + (two * C + c) * P + pid, v)
+        d = tl.where(out_ok, acc_t - tl.load(shift_ptr + 2 * C + c), 0.0)
+        v = tl.join(d, d * d)
+        if SUM_COMBINE:
+            v = tl.reduce(tl.reduce(v, 0, tl.standard._sum_combine), 0, tl.standard._sum_combine)
+        else:
+            v = tl.sum(tl.sum(v, 0), 0)
+        tl.store(stats_ptr + ((4 + two) * C + c) * P + pid, v)
+        if HAS_SMALL:
+            tl.store(ys_ptr + out_off, acc_s.to(ys_ptr.dtype.element_ty), mask=out_ok)
+            d = tl.where(out_ok, acc_s - tl.load(shift_ptr + C + c), 0.0)
+            v = tl.join(d, d * d)
+            if SUM_COMBINE:
+                v = tl.reduce(tl.reduce(v, 0, tl.standard._sum_combine), 0,
+                              tl.standard._sum_combine)
+            else:
+                v = tl.sum(tl.sum(v, 0), 0)
+            tl.store(stats_ptr + ((2 + two) * C + c) * P + pid, v)
+    else:
+        acc += acc_t
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + c).to(tl.float32)
+        tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 def dwconv_pair_kernel(
@@ -685,7 +761,7 @@ def get_kernels(interpret):
         planes = ["N", "H", "W", "KH", "KW", "sxn", "sxc", "syn", "syc", "sdn", "sdc", "swc",
                   "swh"]
         # The deployed unit's kernel is specialised on the map size (H, W), not on the rest.
-        cross = ["N", "KBW", "KBT", "sxn", "sxc", "syn", "syc"]
+        cross = ["N", "KBW", "KBS", "KBT", "sxn", "sxc", "syn", "syc"]
         _COMPILED[interpret] = {
             fn.__name__: triton.jit(fn, do_not_specialize=[
                 a for a in unspecialised if a in fn.__code__.co_varnames])

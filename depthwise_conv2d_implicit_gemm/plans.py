@@ -189,33 +189,81 @@ def cross_conv(x, weight_tall, weight_wide, bias, y):
     if y.numel() == 0:
         return
     plan = _cached(_key("cross", None, x, weight_tall, weight_wide, bias, y),
-                   lambda: _cross_plan(x, weight_tall, weight_wide, bias, y))
+                   lambda: _cross_plan(x, weight_tall, weight_wide, None, y, bias is not None,
+                                       split=False, flip=False))
     wide, tall = plan.scratch
-    launch(plan, (x, toeplitz_tiles(wide, weight_wide, x), toeplitz_tiles(tall, weight_tall, x),
-                  bias if bias is not None else x, y))
+    launch(plan, (x, x, x, toeplitz_tiles(wide, weight_wide, x), x,
+                  toeplitz_tiles(tall, weight_tall, x), bias if bias is not None else x, x,
+                  y, y, y, x))
 
 
-def _cross_plan(x, weight_tall, weight_wide, bias, y):
+def unit_conv(x, weight_tall, weight_wide, weight_small, shift, z_tall, z_wide, z_small):
+    """A trained unit's three convolutions in one pass, each into its own output, and their
+    BatchNorm statistics: returns ``(3, 2, C)`` float32, the sum and the sum of squares of
+    ``z - shift[b, c]`` per branch ``b`` (wide, small, tall) and channel. ``x`` and the
+    outputs contiguous, at most 64x64 pixels; ``shift`` ``(3, C)`` float32."""
+    N, C = x.shape[:2]
+    stats = None
+    if x.numel():
+        plan = _cached(_key("unit", None, x, weight_tall, weight_wide, weight_small, z_wide),
+                       lambda: _cross_plan(x, weight_tall, weight_wide, weight_small, z_wide,
+                                           False, split=True, flip=False))
+        wide, tall, small = plan.scratch[:3]
+        stats = torch.empty((3, 2, C, plan.grid[0]), device=x.device, dtype=torch.float32)
+        launch(plan, (x, x, x, toeplitz_tiles(wide, weight_wide, x),
+                      toeplitz_tiles(small, weight_small, x), toeplitz_tiles(tall, weight_tall, x),
+                      x, shift, z_wide, z_small, z_tall, stats))
+    return (stats.sum(3) if stats is not None else
+            torch.zeros((3, 2, C), device=x.device, dtype=torch.float32))
+
+
+def unit_input_grad(grad_tall, grad_wide, grad_small, weight_tall, weight_wide, weight_small, dx):
+    """A trained unit's input gradient from its branches' output gradients, in one pass: the
+    three convolutions with rotated kernels, summed. All contiguous, at most 64x64 pixels."""
+    if dx.numel() == 0:
+        return
+    plan = _cached(_key("unit_dx", None, grad_wide, weight_tall, weight_wide, weight_small, dx),
+                   lambda: _cross_plan(grad_wide, weight_tall, weight_wide, weight_small, dx,
+                                       False, split=False, flip=True))
+    wide, tall, small = plan.scratch
+    launch(plan, (grad_wide, grad_small, grad_tall, toeplitz_tiles(wide, weight_wide, dx),
+                  toeplitz_tiles(small, weight_small, dx), toeplitz_tiles(tall, weight_tall, dx),
+                  dx, dx, dx, dx, dx, dx))
+
+
+def _cross_plan(x, weight_tall, weight_wide, weight_small, y, has_bias, split, flip):
+    """``dwconv_cross_kernel`` for a deployed unit (two kernels, one source, summed), a trained
+    unit's forward pass (``split``: three outputs and statistics) or its input gradient
+    (``flip``: three sources, rotated kernels, summed). ``scratch``: the Toeplitz tile plans,
+    wide, tall, then small if any."""
     N, C, H, W = x.shape
     hp, wp = (max(16, triton.next_power_of_2(n)) for n in (H, W))
-    images = min(max(2, heuristics.TUNING.cross_tile_elements // (hp * wp)),
-                 triton.next_power_of_2(N))
+    tuning = heuristics.TUNING
+    if split:   # three accumulators
+        images = max(1, tuning.unit_tile_elements // (hp * wp))
+        warps = 8 if 3 * images * hp * wp >= 8192 else 4
+    else:
+        images = max(2, tuning.cross_tile_elements // (hp * wp))
+        warps = 8 if images * hp * wp >= 8192 else 4
+    images = min(images, triton.next_power_of_2(N))
     g = heuristics.geometry(x, (1, 3))   # rows along W, as the wide kernel reads them
+    has_small = weight_small is not None
     values = dict(
-        N=N, KBW=weight_wide.shape[2], KBT=weight_tall.shape[3],
-        sxn=x.stride(0), sxc=x.stride(1), syn=y.stride(0), syc=y.stride(1),
-        H=H, W=W, HP=hp, WP=wp, G=images, HAS_BIAS=bias is not None,
+        N=N, KBW=weight_wide.shape[2], KBS=weight_small.shape[2] if has_small else 0,
+        KBT=weight_tall.shape[3], sxn=x.stride(0), sxc=x.stride(1), syn=y.stride(0),
+        syc=y.stride(1), H=H, W=W, HP=hp, WP=wp, G=images, HAS_SMALL=has_small,
+        SMALL_SHARES_ROWS=has_small and not flip, HAS_BIAS=has_bias, SPLIT=split,
         **heuristics.dot_args(x), INDEX_64=heuristics.needs_index_64(x, y),
-        ALIGN=heuristics.vector_width(g, x) if heuristics.TUNING.vectorize else 1,
-        Y_ALIGN=heuristics.vector_width(g, y) if heuristics.TUNING.vectorize else 1)
+        ALIGN=heuristics.vector_width(g, x) if tuning.vectorize else 1,
+        Y_ALIGN=heuristics.vector_width(g, y) if tuning.vectorize else 1)
     interpret = not x.is_cuda
-    # Tiles [k, a]: along W for the wide kernel, along H for the tall one.
-    scratch = (_toeplitz_plan(weight_wide, interpret, 3, 2, False, False, wp),
-               _toeplitz_plan(weight_tall, interpret, 2, 3, False, False, hp))
-    warps = 8 if images * hp * wp >= 8192 else 4
+    # Tiles [k, a]: along W for the wide and small kernels, along H for the tall one.
+    scratch = (_toeplitz_plan(weight_wide, interpret, 3, 2, flip, False, wp),
+               _toeplitz_plan(weight_tall, interpret, 2, 3, flip, False, hp))
+    if has_small:
+        scratch += (_toeplitz_plan(weight_small, interpret, 3, 2, flip, False, wp),)
     return Plan(dwconv_cross_kernel, interpret, (triton.cdiv(N, images), C), values, warps,
-                heuristics.TUNING.num_stages,
-                scratch=scratch)
+                tuning.num_stages, scratch=scratch)
 
 
 @functools.lru_cache(maxsize=None)
