@@ -22,9 +22,9 @@ hidden by CUDA graphs or ``torch.compile`` (``speedup_gpu_*``); the per-kernel s
 
 ``--unit`` times whole large-kernel units instead (``SLaK.LargeKernelUnit`` in training mode:
 the three branch convolutions, their BatchNorms and the sum, forward and backward, under
-autocast in each ``--dtypes`` entry): the fused unit (wide and small branches in one pass,
-``depthwise_conv2d_pair``) against the same unit with separate convolutions, eager and in GPU
-time, per stage and per training step:
+autocast in each ``--dtypes`` entry), eager and in GPU time, per stage and per training step:
+the unit in one pass (``fuse_unit``: ``depthwise_conv2d_unit``), its wide and small branches in
+one pass (``fuse_small``: ``depthwise_conv2d_pair``), and separate convolutions:
 
     python benchmarks/lk_conv.py --unit --batch 64 --dtypes bf16
 
@@ -146,11 +146,15 @@ def profiled_kernels(fn, iters=5):
     return kernels
 
 
-def time_unit(n, c, size, kernel, dtype, fuse_small):
-    """Eager median ms and profiled GPU ms of one training-mode unit's forward+backward."""
+UNIT_FUSIONS = {"one_pass": dict(fuse_unit=True), "pair": dict(fuse_small=True),
+                "separate": {}}
+
+
+def time_unit(n, c, size, kernel, dtype, fusion):
+    """Eager median ms and profiled GPU ms of one training-mode unit's forward+backward, with
+    the ``UNIT_FUSIONS`` entry ``fusion``."""
     from SLaK import LargeKernelUnit
-    unit = LargeKernelUnit(c, kernel, SMALL, Decom=True).cuda()
-    unit.fuse_small = fuse_small
+    unit = LargeKernelUnit(c, kernel, SMALL, Decom=True, **UNIT_FUSIONS[fusion]).cuda()
     x = torch.randn(n, c, size, size, device="cuda", requires_grad=True)
     gy = torch.randn(n, c, size, size, device="cuda", dtype=dtype)
     inputs = [x, *unit.parameters()]
@@ -179,20 +183,19 @@ def unit_main(args, emit):
     for model, dt_name, stage, depth, c, size, k in unit_cases(args):
         rec = {"model": model, "unit_stage": stage, "channels": c, "size": size,
                "kernel": k, "blocks": depth, "dtype": dt_name, "batch": args.batch}
-        for name, fuse in (("fused", True), ("separate", False)):
-            eager, gpu = time_unit(args.batch, c, size, k, DTYPES[dt_name], fuse)
+        for name in UNIT_FUSIONS:
+            eager, gpu = time_unit(args.batch, c, size, k, DTYPES[dt_name], name)
             rec[f"{name}_eager_ms"], rec[f"{name}_gpu_ms"] = eager, gpu
             for what, ms in (("eager", eager), ("gpu", gpu)):
                 key = (model, dt_name, name, what)
                 totals[key] = totals.get(key, 0.0) + ms * depth
         emit(rec)
     print(f"\nPer-step totals of the units' forward+backward, ms (batch {args.batch})")
-    print(f"{'model':8} {'dtype':5} {'fused eager':>12} {'separate eager':>15} "
-          f"{'fused GPU':>10} {'separate GPU':>13}")
-    for model, dt_name in sorted({k[:2] for k in totals}):
-        t = {k[2:]: v for k, v in totals.items() if k[:2] == (model, dt_name)}
-        print(f"{model:8} {dt_name:5} {t['fused', 'eager']:12.2f} {t['separate', 'eager']:15.2f} "
-              f"{t['fused', 'gpu']:10.2f} {t['separate', 'gpu']:13.2f}")
+    print(f"{'model':8} {'dtype':5} {'units':10} {'eager':>8} {'GPU':>8}")
+    for (model, dt_name, name, what), ms in totals.items():
+        if what == "eager":
+            print(f"{model:8} {dt_name:5} {name:10} {ms:8.2f} "
+                  f"{totals[model, dt_name, name, 'gpu']:8.2f}")
 
 
 def time_deployed_unit(n, c, size, kernel, dtype):
