@@ -239,6 +239,7 @@ def dwconv_cross_kernel(
     HAS_SMALL: tl.constexpr, SMALL_SHARES_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     INDEX_64: tl.constexpr, ALIGN: tl.constexpr = 1, Y_ALIGN: tl.constexpr = 1,
+    TALL_T: tl.constexpr = False, T_ALIGN: tl.constexpr = 1,
 ):
     """A large-kernel unit's branches on maps of at most 64x64 pixels (``HP``/``WP``: ``H``/``W``
     rounded up to a power of two), from one read of each image: every program takes ``G``
@@ -254,7 +255,9 @@ def dwconv_cross_kernel(
     * a tall kernel (``KBT`` columns) on ``xt`` read column-wise (the tile ``[(g, w), h']``,
       shifted along W by each kernel column; the shifted re-reads hit the cache), times that
       column's Toeplitz tile ``tall[c, j]`` (``[k, a]`` along H), accumulated as
-      ``acc_t[(g, w), h]`` and transposed image by image.
+      ``acc_t[(g, w), h]`` and transposed image by image. With ``TALL_T`` ``xt`` is stored
+      transposed, ``(N, C, W, H)`` with the same strides, so that its columns are contiguous
+      lines (``T_ALIGN`` is their ``ALIGN``).
 
     Without ``SPLIT`` the branches and the bias are summed into ``y`` (a deployed unit; the
     input gradient of a trained one, with rotated tiles). With ``SPLIT`` (a trained unit's
@@ -274,6 +277,8 @@ def dwconv_cross_kernel(
     xw_base = xw_ptr + c * sxc
     xs_base = xs_ptr + c * sxc
     xt_base = xt_ptr + c * sxc
+    if TALL_T and T_ALIGN > 1:
+        xt_base = tl.multiple_of(xt_base, T_ALIGN * (xt_ptr.dtype.element_ty.primitive_bitwidth // 8))
     if ALIGN > 1:
         xw_base = tl.multiple_of(xw_base, ALIGN * (xw_ptr.dtype.element_ty.primitive_bitwidth // 8))
         xs_base = tl.multiple_of(xs_base, ALIGN * (xs_ptr.dtype.element_ty.primitive_bitwidth // 8))
@@ -342,8 +347,15 @@ def dwconv_cross_kernel(
     for j in range(0, KBT):
         w_in = w + j - KBT // 2
         ok = (w < W) & (n_t < N) & (w_in >= 0) & (w_in < W)
-        xt = tl.load(xt_base + (n_t * sxn + w_in)[:, None] + hk[None, :] * W,
-                     mask=ok[:, None] & (hk < H)[None, :], other=0.0)
+        if TALL_T:
+            col_off = n_t * sxn + w_in * H
+            if T_ALIGN > 1:
+                col_off = tl.multiple_of(col_off, T_ALIGN)
+            xt = tl.load(xt_base + col_off[:, None] + hk[None, :],
+                         mask=ok[:, None] & (hk < H)[None, :], other=0.0)
+        else:
+            xt = tl.load(xt_base + (n_t * sxn + w_in)[:, None] + hk[None, :] * W,
+                         mask=ok[:, None] & (hk < H)[None, :], other=0.0)
         t = tl.load(tall_ptr + (c * KBT + j) * (HP * HP) + hk[:, None] * HP + hk[None, :])
         if DOT_UPCAST:
             xt = xt.to(tl.float32)

@@ -197,45 +197,56 @@ def cross_conv(x, weight_tall, weight_wide, bias, y):
                   y, y, y, x))
 
 
-def unit_conv(x, weight_tall, weight_wide, weight_small, shift, z_tall, z_wide, z_small):
+def unit_conv(x, x_tall, tall_transposed, weight_tall, weight_wide, weight_small, shift, z_tall,
+              z_wide, z_small):
     """A trained unit's three convolutions in one pass, each into its own output, and their
     BatchNorm statistics: returns ``(3, 2, C)`` float32, the sum and the sum of squares of
     ``z - shift[b, c]`` per branch ``b`` (wide, small, tall) and channel. ``x`` and the
-    outputs contiguous, at most 64x64 pixels; ``shift`` ``(3, C)`` float32."""
+    outputs contiguous, at most 64x64 pixels; ``shift`` ``(3, C)`` float32. The tall kernel
+    reads ``x_tall``: ``x``, or with ``tall_transposed`` ``x`` stored transposed
+    (``(N, C, W, H)`` contiguous)."""
     N, C = x.shape[:2]
     stats = None
     if x.numel():
-        plan = _cached(_key("unit", None, x, weight_tall, weight_wide, weight_small, z_wide),
+        plan = _cached(_key("unit", tall_transposed, x, x_tall, weight_tall, weight_wide,
+                            weight_small, z_wide),
                        lambda: _cross_plan(x, weight_tall, weight_wide, weight_small, z_wide,
-                                           False, split=True, flip=False))
+                                           False, split=True, flip=False,
+                                           x_tall=x_tall if tall_transposed else None))
         wide, tall, small = plan.scratch[:3]
         stats = torch.empty((3, 2, C, plan.grid[0]), device=x.device, dtype=torch.float32)
-        launch(plan, (x, x, x, toeplitz_tiles(wide, weight_wide, x),
+        launch(plan, (x, x, x_tall, toeplitz_tiles(wide, weight_wide, x),
                       toeplitz_tiles(small, weight_small, x), toeplitz_tiles(tall, weight_tall, x),
                       x, shift, z_wide, z_small, z_tall, stats))
     return (stats.sum(3) if stats is not None else
             torch.zeros((3, 2, C), device=x.device, dtype=torch.float32))
 
 
-def unit_input_grad(grad_tall, grad_wide, grad_small, weight_tall, weight_wide, weight_small, dx):
+def unit_input_grad(grad_tall, tall_transposed, grad_wide, grad_small, weight_tall, weight_wide,
+                    weight_small, dx):
     """A trained unit's input gradient from its branches' output gradients, in one pass: the
-    three convolutions with rotated kernels, summed. All contiguous, at most 64x64 pixels."""
+    three convolutions with rotated kernels, summed. All contiguous, at most 64x64 pixels;
+    ``grad_tall`` stored transposed with ``tall_transposed`` (see ``unit_conv``)."""
     if dx.numel() == 0:
         return
-    plan = _cached(_key("unit_dx", None, grad_wide, weight_tall, weight_wide, weight_small, dx),
+    plan = _cached(_key("unit_dx", tall_transposed, grad_tall, grad_wide, weight_tall,
+                        weight_wide, weight_small, dx),
                    lambda: _cross_plan(grad_wide, weight_tall, weight_wide, weight_small, dx,
-                                       False, split=False, flip=True))
+                                       False, split=False, flip=True,
+                                       x_tall=grad_tall if tall_transposed else None))
     wide, tall, small = plan.scratch
     launch(plan, (grad_wide, grad_small, grad_tall, toeplitz_tiles(wide, weight_wide, dx),
                   toeplitz_tiles(small, weight_small, dx), toeplitz_tiles(tall, weight_tall, dx),
                   dx, dx, dx, dx, dx, dx))
 
 
-def _cross_plan(x, weight_tall, weight_wide, weight_small, y, has_bias, split, flip):
+def _cross_plan(x, weight_tall, weight_wide, weight_small, y, has_bias, split, flip,
+                x_tall=None):
     """``dwconv_cross_kernel`` for a deployed unit (two kernels, one source, summed), a trained
     unit's forward pass (``split``: three outputs and statistics) or its input gradient
-    (``flip``: three sources, rotated kernels, summed). ``scratch``: the Toeplitz tile plans,
-    wide, tall, then small if any."""
+    (``flip``: three sources, rotated kernels, summed); ``x_tall``: the tall kernel's source
+    where it is stored transposed (``TALL_T``). ``scratch``: the Toeplitz tile plans, wide,
+    tall, then small if any."""
     N, C, H, W = x.shape
     hp, wp = (max(16, triton.next_power_of_2(n)) for n in (H, W))
     tuning = heuristics.TUNING
@@ -256,6 +267,9 @@ def _cross_plan(x, weight_tall, weight_wide, weight_small, y, has_bias, split, f
         **heuristics.dot_args(x), INDEX_64=heuristics.needs_index_64(x, y),
         ALIGN=heuristics.vector_width(g, x) if tuning.vectorize else 1,
         Y_ALIGN=heuristics.vector_width(g, y) if tuning.vectorize else 1)
+    if x_tall is not None:
+        values.update(TALL_T=True, T_ALIGN=heuristics.vector_width(g, x_tall)
+                      if tuning.vectorize else 1)
     interpret = not x.is_cuda
     # Tiles [k, a]: along W for the wide and small kernels, along H for the tall one.
     scratch = (_toeplitz_plan(weight_wide, interpret, 3, 2, flip, False, wp),

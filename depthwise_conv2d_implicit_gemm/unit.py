@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .heuristics import TRANSPOSED, choose_strategy
 
 
 def can_fuse_unit(x, weight_tall, weight_wide, weight_small):
@@ -40,6 +41,15 @@ def can_fuse_unit(x, weight_tall, weight_wide, weight_small):
             all(k % 2 == 1 for k in (th, tw, wh, ww, sh, sw)))
 
 
+def tall_reads_transposed(x, weight_tall):
+    """Whether the tall kernel reads its source (the input forward, its output gradient
+    backward) stored transposed, ``(N, C, W, H)``: where the single convolution would run on
+    transposed images too (``heuristics.choose_strategy``), its columns are then contiguous
+    lines. The transposed copies are made outside the ops, where under ``torch.compile`` the
+    kernel producing the tensor writes them."""
+    return choose_strategy(x.shape, weight_tall.shape[2:]) == TRANSPOSED
+
+
 def _check(x, weight_tall, weight_wide, weight_small, shift):
     for w in (weight_tall, weight_wide, weight_small):
         ops.check_args(x, w, None)
@@ -47,43 +57,53 @@ def _check(x, weight_tall, weight_wide, weight_small, shift):
         raise ValueError(f"shift must be float32 (3, C), got {shift.dtype} {tuple(shift.shape)}")
 
 
-def unit_forward(x, weight_tall, weight_wide, weight_small, shift):
-    """``(z_wide, z_small, z_tall, stats)`` for a contiguous ``x``; ``stats`` ``(3, 2, C)``
-    float32 (see ``plans.unit_conv``)."""
+def unit_forward(x, x_tall, weight_tall, weight_wide, weight_small, shift):
+    """``(z_wide, z_small, z_tall, stats)`` for a contiguous ``x`` (``x_tall``: ``x`` as the
+    tall kernel reads it, see ``tall_reads_transposed``); ``stats`` ``(3, 2, C)`` float32
+    (see ``plans.unit_conv``)."""
     _check(x, weight_tall, weight_wide, weight_small, shift)
     z_wide, z_small, z_tall = (torch.empty(x.shape, device=x.device, dtype=x.dtype)
                                for _ in range(3))
-    stats = ops.plans.unit_conv(x, weight_tall, weight_wide, weight_small, shift.contiguous(),
-                                z_tall, z_wide, z_small)
+    stats = ops.plans.unit_conv(x, x_tall, tall_reads_transposed(x, weight_tall), weight_tall,
+                                weight_wide, weight_small, shift.contiguous(), z_tall, z_wide,
+                                z_small)
     return z_wide, z_small, z_tall, stats
 
 
 def unit_backward(grad_wide, grad_small, grad_tall, x, weight_tall, weight_wide, weight_small,
                   needs):
-    """``(dx, dw_tall, dw_wide, dw_small)`` from the branches' output gradients (contiguous);
-    each None unless ``needs`` (four booleans) asks for it."""
-    need_x, *need_w = needs
-    dx = None
+    """``(dx, dw_tall, dw_wide, dw_small)`` from the branches' output gradients (contiguous;
+    ``grad_tall`` stored transposed where ``tall_reads_transposed``); each None unless
+    ``needs`` (four booleans) asks for it."""
+    need_x, need_wt, need_ww, need_ws = needs
+    transposed = tall_reads_transposed(x, weight_tall)
+    dx = dwt = None
     if need_x:
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        ops.plans.unit_input_grad(grad_tall, grad_wide, grad_small,
+        ops.plans.unit_input_grad(grad_tall, transposed, grad_wide, grad_small,
                                   *(w.to(x.dtype) for w in (weight_tall, weight_wide, weight_small)),
                                   dx)
-    dws = [ops.conv_backward(g, x, w, False, True)[1] if need else None
-           for g, w, need in zip((grad_tall, grad_wide, grad_small),
-                                 (weight_tall, weight_wide, weight_small), need_w)]
-    return (dx, *dws)
+    if need_wt and transposed:   # as the transposed single convolution computes it
+        kh, kw = weight_tall.shape[2:]
+        dwt = ops.plans.grad_weight(grad_tall, x.transpose(2, 3).contiguous(), kw, kh)
+        dwt = dwt.transpose(2, 3).contiguous()
+    elif need_wt:
+        dwt = ops.conv_backward(grad_tall, x, weight_tall, False, True)[1]
+    dww, dws = (ops.conv_backward(g, x, w, False, True)[1] if need else None
+                for g, w, need in ((grad_wide, weight_wide, need_ww),
+                                   (grad_small, weight_small, need_ws)))
+    return dx, dwt, dww, dws
 
 
 @torch.library.custom_op("slak::dwconv2d_unit", mutates_args=())
-def dwconv2d_unit(x: Tensor, weight_tall: Tensor, weight_wide: Tensor, weight_small: Tensor,
-                  shift: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def dwconv2d_unit(x: Tensor, x_tall: Tensor, weight_tall: Tensor, weight_wide: Tensor,
+                  weight_small: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See ``unit_forward``."""
-    return unit_forward(x, weight_tall, weight_wide, weight_small, shift)
+    return unit_forward(x, x_tall, weight_tall, weight_wide, weight_small, shift)
 
 
 @dwconv2d_unit.register_fake
-def _(x, weight_tall, weight_wide, weight_small, shift):
+def _(x, x_tall, weight_tall, weight_wide, weight_small, shift):
     _check(x, weight_tall, weight_wide, weight_small, shift)
     return (*(torch.empty(x.shape, device=x.device, dtype=x.dtype) for _ in range(3)),
             x.new_empty((3, 2, x.shape[1]), dtype=torch.float32))
@@ -109,7 +129,7 @@ def _(grad_wide, grad_small, grad_tall, x, weight_tall, weight_wide, weight_smal
 def _branch_grads(saved, grad_wide, grad_small, grad_tall, grad_stats):
     """Each branch's whole output gradient: what reached ``z`` directly, plus what reached it
     through the statistics (``d sum = 1``, ``d sum of squares = 2 (z - shift)``)."""
-    z_wide, z_small, z_tall, shift = saved
+    z_wide, z_small, z_tall, shift, weight_tall = saved
     out = []
     for b, (z, g) in enumerate(zip((z_wide, z_small, z_tall), (grad_wide, grad_small, grad_tall))):
         total = torch.zeros_like(z) if g is None else g.to(z.dtype)
@@ -118,11 +138,13 @@ def _branch_grads(saved, grad_wide, grad_small, grad_tall, grad_stats):
             total = (total.float() + dsum + 2 * (z.float() - shift[b][None, :, None, None]) * dsq
                      ).to(z.dtype)
         out.append(total.contiguous())   # outside the op: Inductor writes it so
+    if tall_reads_transposed(z_tall, weight_tall):
+        out[2] = out[2].transpose(2, 3).contiguous()
     return out
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight_tall, weight_wide, weight_small, shift = inputs
+    x, _, weight_tall, weight_wide, weight_small, shift = inputs
     z_wide, z_small, z_tall, _ = output
     ctx.save_for_backward(x, weight_tall, weight_wide, weight_small, z_wide, z_small, z_tall,
                           shift)
@@ -130,15 +152,17 @@ def _setup_context(ctx, inputs, output):
 
 def _compiled_backward(ctx, grad_wide, grad_small, grad_tall, grad_stats):
     x, weight_tall, weight_wide, weight_small, *saved = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:4])
-    grads = _branch_grads(saved, grad_wide, grad_small, grad_tall, grad_stats)
+    needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:5]]
+    grads = _branch_grads((*saved, weight_tall), grad_wide, grad_small, grad_tall, grad_stats)
     dx, dwt, dww, dws = torch.ops.slak.dwconv2d_unit_backward(
         *grads, x, weight_tall, weight_wide, weight_small, needs)
     return _results(needs, dx, dwt, dww, dws, weight_tall, weight_wide, weight_small)
 
 
 def _results(needs, dx, dwt, dww, dws, weight_tall, weight_wide, weight_small):
-    return (dx if needs[0] else None,
+    """The gradients of the op's inputs: ``x``, ``x_tall`` (none: ``dx`` has the tall
+    branch's), the three weights, ``shift`` (none)."""
+    return (dx if needs[0] else None, None,
             *(ops.as_parameter_grad(dw, w) if need else None
               for dw, w, need in zip((dwt, dww, dws), (weight_tall, weight_wide, weight_small),
                                      needs[1:])),
@@ -152,16 +176,17 @@ class _EagerUnit(torch.autograd.Function):
     """The same op for eager mode, without a custom op's dispatch cost (see ``ops._EagerConv``)."""
 
     @staticmethod
-    def forward(ctx, x, weight_tall, weight_wide, weight_small, shift):
-        out = unit_forward(x, weight_tall, weight_wide, weight_small, shift)
-        _setup_context(ctx, (x, weight_tall, weight_wide, weight_small, shift), out)
+    def forward(ctx, x, x_tall, weight_tall, weight_wide, weight_small, shift):
+        out = unit_forward(x, x_tall, weight_tall, weight_wide, weight_small, shift)
+        _setup_context(ctx, (x, x_tall, weight_tall, weight_wide, weight_small, shift), out)
         return out
 
     @staticmethod
     def backward(ctx, grad_wide, grad_small, grad_tall, grad_stats):
         x, weight_tall, weight_wide, weight_small, *saved = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:4])
-        grads = _branch_grads(saved, grad_wide, grad_small, grad_tall, grad_stats)
+        needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:5]]
+        grads = _branch_grads((*saved, weight_tall), grad_wide, grad_small, grad_tall,
+                              grad_stats)
         dx, dwt, dww, dws = unit_backward(*grads, x, weight_tall, weight_wide, weight_small,
                                           needs)
         return _results(needs, dx, dwt, dww, dws, weight_tall, weight_wide, weight_small)
@@ -187,9 +212,14 @@ def depthwise_conv2d_unit(x, weight_tall, weight_wide, weight_small, shift):
         raise ValueError("depthwise_conv2d_unit: these tensors cannot run in one pass; "
                          "check can_fuse_unit first")
     x = x.contiguous()
+    # The tall kernel's copy of the input (see tall_reads_transposed) carries no gradient of
+    # its own: the op's input gradient includes the tall branch's.
+    x_tall = (x.detach().transpose(2, 3).contiguous() if tall_reads_transposed(x, weight_tall)
+              else x.detach())
     shift = shift.detach().float()
+    args = (x, x_tall, weight_tall, weight_wide, weight_small, shift)
     if torch.compiler.is_compiling():
-        return torch.ops.slak.dwconv2d_unit(x, weight_tall, weight_wide, weight_small, shift)
+        return torch.ops.slak.dwconv2d_unit(*args)
     if not ops.needs_autograd(x, weight_tall, weight_wide, weight_small):
-        return unit_forward(x, weight_tall, weight_wide, weight_small, shift)
-    return _EagerUnit.apply(x, weight_tall, weight_wide, weight_small, shift)
+        return unit_forward(*args)
+    return _EagerUnit.apply(*args)
