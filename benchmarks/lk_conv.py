@@ -164,7 +164,8 @@ def time_unit(n, c, size, kernel, dtype, fusion):
             out = unit(x.to(dtype))
         torch.autograd.grad(out, inputs, gy)
     eager = bench(fwd_bwd)
-    return eager, sum(profiled_kernels(fwd_bwd).values()) / 1e3
+    kernels = profiled_kernels(fwd_bwd)
+    return eager, sum(kernels.values()) / 1e3, kernels
 
 
 def unit_cases(args):
@@ -183,18 +184,21 @@ def unit_main(args, emit):
     for model, dt_name, stage, depth, c, size, k in unit_cases(args):
         rec = {"model": model, "unit_stage": stage, "channels": c, "size": size,
                "kernel": k, "blocks": depth, "dtype": dt_name, "batch": args.batch}
-        for name in UNIT_FUSIONS:
-            eager, gpu = time_unit(args.batch, c, size, k, DTYPES[dt_name], name)
+        for name, fusion, fields in [(name, name, {}) for name in UNIT_FUSIONS] + [
+                (f"one_pass{v}", "one_pass", json.loads(v)) for v in args.variants]:
+            with tuned(**fields):
+                eager, gpu, kernels = time_unit(args.batch, c, size, k, DTYPES[dt_name], fusion)
             rec[f"{name}_eager_ms"], rec[f"{name}_gpu_ms"] = eager, gpu
+            rec[f"{name}_gpu_kernels_us"] = kernels
             for what, ms in (("eager", eager), ("gpu", gpu)):
                 key = (model, dt_name, name, what)
                 totals[key] = totals.get(key, 0.0) + ms * depth
         emit(rec)
     print(f"\nPer-step totals of the units' forward+backward, ms (batch {args.batch})")
-    print(f"{'model':8} {'dtype':5} {'units':10} {'eager':>8} {'GPU':>8}")
+    print(f"{'model':8} {'dtype':5} {'units':40} {'eager':>8} {'GPU':>8}")
     for (model, dt_name, name, what), ms in totals.items():
         if what == "eager":
-            print(f"{model:8} {dt_name:5} {name:10} {ms:8.2f} "
+            print(f"{model:8} {dt_name:5} {name:40} {ms:8.2f} "
                   f"{totals[model, dt_name, name, 'gpu']:8.2f}")
 
 
