@@ -124,7 +124,8 @@ def _batch_norm_from_stats(bn, z, stats, count, shift):
     bias = -mean * scale
     if bn.affine:
         scale, bias = scale * bn.weight, bias * bn.weight + bn.bias
-    return z.float() * scale[:, None, None] + bias[:, None, None]
+    # In float32 from z as it is: autograd keeps z, not a float32 copy of it.
+    return torch.addcmul(bias[:, None, None], z, scale[:, None, None])
 
 
 def pad_kernel_to(weight, shape):
