@@ -74,3 +74,13 @@ def launched(monkeypatch):
         real(plan, tensors)
     monkeypatch.setattr(plans, "launch", spy)
     return names
+
+
+def spawn_gloo_processes(worker, out_dir, world=2):
+    """Run ``worker(rank, world, port, out_dir)`` in ``world`` processes (each starts its gloo
+    group on ``port``, a free local one) and wait for all of them."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(worker, args=(world, port, str(out_dir)), nprocs=world, join=True)

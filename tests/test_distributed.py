@@ -2,12 +2,12 @@
 two gloo processes on the CPU."""
 import copy
 import os
-import socket
 
 import torch
 from torch import nn
 
 import distributed
+from conftest import spawn_gloo_processes
 
 
 def _model():
@@ -47,10 +47,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def test_data_parallel_averages_the_gradients_of_all_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo_processes(_worker, tmp_path)
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
         got, expected = saved[:len(saved) // 2], saved[len(saved) // 2:]

@@ -13,7 +13,7 @@ from timm.utils import ModelEmaV3
 
 import SLaK
 import sparse_core
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, spawn_gloo_processes
 
 TARGET = 0.6  # density for --sparsity 0.4
 
@@ -383,11 +383,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 
 def test_ddp_masks_identical_without_per_step_collectives(tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo_processes(_ddp_worker, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pth", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pth", weights_only=True)
     assert r0["adapted"] == [False, True, False, True, False, True, False]

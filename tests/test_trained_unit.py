@@ -6,14 +6,13 @@ per test); each test checks which kernels actually ran.
 """
 import copy
 import os
-import socket
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="the kernels under test are Triton kernels")
 
-from conftest import CUDA, DEVICE, KERNEL_TOL as TOL, rel_err  # noqa: E402
+from conftest import CUDA, DEVICE, KERNEL_TOL as TOL, rel_err, spawn_gloo_processes  # noqa: E402
 from SLaK import LargeKernelUnit  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_kernels")
@@ -170,10 +169,7 @@ def test_synced_statistics_across_two_processes_match_one_batch(tmp_path):
     """SyncBatchNorm units on two ranks, each with half the batch, compute what one unit does
     on the whole batch: outputs, input gradients, the sum of the ranks' parameter gradients,
     and the running statistics."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_sync_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo_processes(_sync_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in range(2)]
     _, reference = trained_units(3, 13)
     full = torch.randn(4, 3, 12, 14, generator=torch.Generator().manual_seed(7)).double()
