@@ -126,19 +126,21 @@ def _(grad_wide, grad_small, grad_tall, x, weight_tall, weight_wide, weight_smal
                  for shape, need in zip(shapes, needs))
 
 
-def _branch_grads(saved, grad_wide, grad_small, grad_tall, grad_stats):
-    """Each branch's whole output gradient: what reached ``z`` directly, plus what reached it
-    through the statistics (``d sum = 1``, ``d sum of squares = 2 (z - shift)``)."""
-    z_wide, z_small, z_tall, shift, weight_tall = saved
+def _branch_grads(outputs, shift, tall_transposed, grads, grad_stats):
+    """Each branch's whole output gradient (wide, small, tall): what reached its output ``z``
+    directly, plus what reached it through the statistics (``d sum = 1``, ``d sum of squares
+    = 2 (z - shift)``); the tall one stored transposed with ``tall_transposed``. Computed
+    outside the op: under ``torch.compile`` Inductor fuses it with the BatchNorm backward and
+    writes it in the layout the op reads."""
     out = []
-    for b, (z, g) in enumerate(zip((z_wide, z_small, z_tall), (grad_wide, grad_small, grad_tall))):
+    for b, (z, g) in enumerate(zip(outputs, grads)):
         total = torch.zeros_like(z) if g is None else g.to(z.dtype)
         if grad_stats is not None:
             dsum, dsq = (grad_stats[b, k][None, :, None, None] for k in (0, 1))
             total = (total.float() + dsum + 2 * (z.float() - shift[b][None, :, None, None]) * dsq
                      ).to(z.dtype)
-        out.append(total.contiguous())   # outside the op: Inductor writes it so
-    if tall_reads_transposed(z_tall, weight_tall):
+        out.append(total.contiguous())
+    if tall_transposed:
         out[2] = out[2].transpose(2, 3).contiguous()
     return out
 
@@ -150,23 +152,23 @@ def _setup_context(ctx, inputs, output):
                           shift)
 
 
-def _compiled_backward(ctx, grad_wide, grad_small, grad_tall, grad_stats):
-    x, weight_tall, weight_wide, weight_small, *saved = ctx.saved_tensors
+def _backward_with(backward, ctx, grad_wide, grad_small, grad_tall, grad_stats):
+    """The gradients of the op's inputs (``x``; none for ``x_tall``, whose branch ``dx``
+    includes; the three weights; none for ``shift``), the convolutions' part computed by
+    ``backward`` (``unit_backward``, or its custom op)."""
+    x, weight_tall, weight_wide, weight_small, *outputs, shift = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:5]]
-    grads = _branch_grads((*saved, weight_tall), grad_wide, grad_small, grad_tall, grad_stats)
-    dx, dwt, dww, dws = torch.ops.slak.dwconv2d_unit_backward(
-        *grads, x, weight_tall, weight_wide, weight_small, needs)
-    return _results(needs, dx, dwt, dww, dws, weight_tall, weight_wide, weight_small)
-
-
-def _results(needs, dx, dwt, dww, dws, weight_tall, weight_wide, weight_small):
-    """The gradients of the op's inputs: ``x``, ``x_tall`` (none: ``dx`` has the tall
-    branch's), the three weights, ``shift`` (none)."""
+    grads = _branch_grads(outputs, shift, tall_reads_transposed(x, weight_tall),
+                          (grad_wide, grad_small, grad_tall), grad_stats)
+    dx, *dws = backward(*grads, x, weight_tall, weight_wide, weight_small, needs)
     return (dx if needs[0] else None, None,
             *(ops.as_parameter_grad(dw, w) if need else None
-              for dw, w, need in zip((dwt, dww, dws), (weight_tall, weight_wide, weight_small),
-                                     needs[1:])),
+              for dw, w, need in zip(dws, (weight_tall, weight_wide, weight_small), needs[1:])),
             None)
+
+
+def _compiled_backward(ctx, *grads):
+    return _backward_with(torch.ops.slak.dwconv2d_unit_backward, ctx, *grads)
 
 
 dwconv2d_unit.register_autograd(_compiled_backward, setup_context=_setup_context)
@@ -182,14 +184,8 @@ class _EagerUnit(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_wide, grad_small, grad_tall, grad_stats):
-        x, weight_tall, weight_wide, weight_small, *saved = ctx.saved_tensors
-        needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:5]]
-        grads = _branch_grads((*saved, weight_tall), grad_wide, grad_small, grad_tall,
-                              grad_stats)
-        dx, dwt, dww, dws = unit_backward(*grads, x, weight_tall, weight_wide, weight_small,
-                                          needs)
-        return _results(needs, dx, dwt, dww, dws, weight_tall, weight_wide, weight_small)
+    def backward(ctx, *grads):
+        return _backward_with(unit_backward, ctx, *grads)
 
 
 def depthwise_conv2d_unit(x, weight_tall, weight_wide, weight_small, shift):
