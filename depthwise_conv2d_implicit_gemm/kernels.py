@@ -11,8 +11,10 @@ input chunks that meet the band are visited.
 
 Maps of at most 64 pixels (SLaK's 7x7 stage) use the whole-plane variants at the end of this
 file instead: one GEMM per block of images with a 2-D Toeplitz matrix, no lines at all. A
-deployed unit (a tall and a wide biased kernel, summed; ``sum.py``) on maps of at most 64x64
-pixels runs ``dwconv_cross_kernel``, which applies both to whole images of one channel. Where
+whole unit on maps of at most 64x64 pixels runs ``dwconv_cross_kernel``, which applies its
+kernels to whole images of one channel: a deployed unit (a tall and a wide biased kernel,
+summed; ``sum.py``), or a trained unit's three convolutions with their BatchNorm statistics
+and its input gradient (``unit.py``). Where
 one 64-wide tile spans a line, the Toeplitz tiles are written to memory once per call
 (``dwconv_toeplitz_kernel``) instead of gathered by every program.
 
