@@ -42,19 +42,11 @@ def data_parallel(module, device):
     Gradients are views into DDP's communication buckets (``gradient_as_bucket_view``): after
     the all-reduce DDP copies no bucket back into separate gradient tensors, and none stay
     allocated beside the buckets. (With ``zero_grad(set_to_none=True)`` each step's fresh
-    gradients are still copied into the buckets once.)
-
-    The buckets are averaged by DDP's reference hook (``allreduce_hook``: divide each bucket
-    by the world size, then all-reduce), which is what DDP does without a hook, except that
-    without one it scales every gradient on its way into the bucket: one eager kernel per
-    parameter (about 300 for SLaK-T) where the hook runs one per bucket. The averages are
-    the same, bit for bit for one process or any power-of-two number of them."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    ddp = torch.nn.parallel.DistributedDataParallel(
+    gradients are still copied into the buckets once.) The values are the same as with the
+    default."""
+    return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=True)
-    ddp.register_comm_hook(None, default_hooks.allreduce_hook)
-    return ddp
 
 
 def init_distributed_mode(args):

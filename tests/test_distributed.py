@@ -42,6 +42,10 @@ def _worker(rank, world, port, out_dir):
             nn.functional.cross_entropy(ddp(images), targets).backward()
         torch.save([p.grad for p in model.parameters()] + expected,
                    os.path.join(out_dir, f"rank{rank}.pth"))
+        # No rank tears its group down while the other may still use it (DDP's reducer
+        # included).
+        del ddp
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
