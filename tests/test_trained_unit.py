@@ -160,6 +160,7 @@ def _sync_worker(rank, world, port, out_dir):
                     "grads": {n: p.grad for n, p in fused.named_parameters()},
                     "buffers": dict(fused.named_buffers())},
                    os.path.join(out_dir, f"rank{rank}.pth"))
+        torch.distributed.barrier()   # no rank tears the group down while the other uses it
     finally:
         torch.distributed.destroy_process_group()
 
