@@ -9,7 +9,9 @@ combination of the chosen models, precisions, channels-last and torch.compile se
 Models: ``slak`` (SLaK-T, width 1.3, 51 49 47 13 5, Decom, our large-kernel convolution),
 ``slak_sparse`` (the same with dynamic sparsity, ``-u`` adaptations included in the timed steps),
 ``slak_unaligned`` (the same with ``align_pointwise=False``: compiled pointwise layers on
-the width-1.3 channel counts as they are, not on operands padded to 8-element rows), ``slak_cudnn`` (the same network with its large-kernel
+the width-1.3 channel counts as they are, not on operands padded to 8-element rows, and the
+stem and downsampling layers through cuDNN's convolution), ``slak_cudnn_downsample`` (only the
+latter: ``PatchConv2d.align`` off), ``slak_cudnn`` (the same network with its large-kernel
 convolutions through cuDNN, ``F.conv2d``),
 ``slak_fused`` (the same with ``fuse_small`` on: each unit's wide and small branches in one
 pass), ``slak_unit`` (the same with ``fuse_unit`` on: each unit's three convolutions and their
@@ -30,6 +32,7 @@ Inference mode (``--inference``) times eval-mode forwards without autograd, in t
 of ``slak`` (the train form), ``slak_deploy`` (after ``reparameterize()``: two biased convolutions
 per unit, run in one pass by ``depthwise_conv2d_sum``), ``slak_deploy_separate`` (the same units
 as two convolutions and a sum), ``slak_deploy_unaligned`` (``align_pointwise=False``),
+``slak_deploy_cudnn_downsample`` (stem and downsampling layers through cuDNN's convolution),
 ``slak_deploy_cudnn`` (the deployed model through cuDNN) and ``convnext_timm``:
 
     python benchmarks/train_throughput.py --inference --batch 256 --dtypes bf16 --compile on \
@@ -84,10 +87,10 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)
 
 
-TRAIN_MODELS = ["slak", "slak_unaligned", "slak_fused", "slak_unit", "slak_sparse", "slak_cudnn",
-                "slak_freelk", "slak_ddp", "slak_base", "convnext_timm"]
+TRAIN_MODELS = ["slak", "slak_unaligned", "slak_cudnn_downsample", "slak_fused", "slak_unit",
+                "slak_sparse", "slak_cudnn", "slak_freelk", "slak_ddp", "slak_base", "convnext_timm"]
 INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_separate", "slak_deploy_unaligned",
-                    "slak_deploy_cudnn", "convnext_timm"]
+                    "slak_deploy_cudnn_downsample", "slak_deploy_cudnn", "convnext_timm"]
 # Heuristics (``heuristics.Tuning`` fields) that a model runs under, on top of ``--tuning``.
 MODEL_TUNING = {"slak_deploy_separate": dict(cross_unit=False)}
 
@@ -128,6 +131,8 @@ def build(name, sparse_update_frequency):
     if name.startswith("slak_deploy"):
         model.eval().reparameterize()
     for m in model.modules():
+        if isinstance(m, SLaK.PatchConv2d):
+            m.align = not name.endswith(("unaligned", "cudnn_downsample"))
         if isinstance(m, SLaK.LargeKernelUnit):
             # slak_freelk: every convolution through its module, so that all become identities.
             m.fuse_small = name == "slak_fused"

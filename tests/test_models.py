@@ -156,9 +156,10 @@ def test_timm_pretrained_loads_checkpoint_file(layout, tmp_path):
 
 
 def test_aligned_pointwise_layers_compute_the_same():
-    """``align_pointwise``: compiled forwards pad the Linear layers' operands to 8-element rows
-    (width 0.3 gives 28, 57, 115 and 230 channels); outputs and gradients are the unpadded
-    model's, and the state dict is the same."""
+    """``align_pointwise``: compiled forwards pad the operands of the Linear layers and of the
+    downsampling layers (as GEMMs over 2x2 patches) to 8-element rows (width 0.3 gives 28, 57,
+    115 and 230 channels); outputs and gradients are the unpadded model's, and the state dict is
+    the same."""
     kwargs = dict(width_factor=0.3, kernel_size=[13, 11, 9, 7, 3], Decom=True, num_classes=5)
     torch.manual_seed(0)
     plain = timm.create_model("SLaK_tiny", align_pointwise=False, **kwargs).double()
@@ -169,7 +170,7 @@ def test_aligned_pointwise_layers_compute_the_same():
     def record(gm, example_inputs):   # a backend that runs the traced graph as traced
         graphs.append(gm)
         return gm.forward
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, 72, 72, dtype=torch.float64)   # an odd 9x9 map before stage 4
     out = torch.compile(aligned, backend=record)(x)
     assert any(node.target is torch.nn.functional.pad or "pad" in str(node.target)
                for gm in graphs for node in gm.graph.nodes)
