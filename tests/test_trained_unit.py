@@ -186,3 +186,38 @@ def test_synced_statistics_across_two_processes_match_one_batch(tmp_path):
     for name, b in reference.named_buffers():
         for r in ranks:
             assert rel_err(r["buffers"][name], b) < tol, name
+
+
+def test_main_trains_the_same_with_fuse_unit(tmp_path, monkeypatch, launched):
+    """``main.py --fuse_unit true`` (every unit of a narrow SLaK-T fuses at 32x32 inputs) takes
+    the same SGD step and keeps the same BatchNorm statistics as the run without it."""
+    import main
+    from conftest import SYNTHETIC, TINY_MODEL
+    common = [*TINY_MODEL, *SYNTHETIC, "--device", DEVICE, "--width_factor", "0.05", "--warmup_epochs", "0",
+              "--drop_path", "0", "--mixup", "0", "--cutmix", "0", "--aa", "None", "--reprob",
+              "0", "--smoothing", "0", "--color_jitter", "0", "--epochs", "1", "--batch_size",
+              "8", "--synthetic_train_size", "8", "--disable_eval", "true", "--opt", "momentum",
+              "--momentum", "0", "--lr", "0.05", "--layer_scale_init_value", "1"]
+    outputs = {fuse: tmp_path / fuse for fuse in ("false", "true")}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    main.cli([*common, "--output_dir", str(outputs["false"])])
+    assert "dwconv_cross_kernel" not in launched
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    main.cli([*common, "--fuse_unit", "true", "--output_dir", str(outputs["true"])])
+    assert launched.count("dwconv_cross_kernel") == 2 * 18  # one step: forward, input gradient
+
+    def weights(fuse):
+        return torch.load(outputs[fuse] / "checkpoint-0.pth", map_location="cpu",
+                          weights_only=True)["model"]
+    plain, fused = weights("false"), weights("true")
+    torch.manual_seed(0)
+    initial = main.build_model(main.get_args_parser().parse_args(common), "SLaK_tiny", 4).state_dict()
+    assert plain.keys() == fused.keys()
+    for key in plain:
+        if not plain[key].dtype.is_floating_point:
+            assert torch.equal(fused[key], plain[key]), key
+            continue
+        step, step_fused = plain[key] - initial[key], fused[key] - initial[key]
+        assert step.norm() > 0, key   # every weight and BatchNorm statistic moved
+        assert ((step_fused - step).norm() / step.norm()).item() < 1e-3, key
