@@ -308,13 +308,14 @@ class PatchConv2d(nn.Conv2d):
     """A convolution whose kernel is its stride (no padding): a linear layer applied to each
     non-overlapping ``k x k`` patch, as SLaK's 2x2/2 downsampling layers are.
 
-    With ``align`` set, compiled training forwards compute it as that linear layer through
-    :func:`aligned_linear`'s padded GEMM, on the patches laid out as rows (a layout copy that
-    Inductor fuses into the LayerNorm before it). Where the channel counts are not multiples
-    of 8 (124, 249 and 499 at width 1.3), cuDNN's convolution pads its operands in a kernel of
-    its own on every call; as GEMMs the SLaK-T training step took 3.7% less time on an H200.
-    Eval forwards keep the convolution: in compiled inference under CUDA graphs the GEMM form
-    measured 5% slower (BENCHMARKS.md). Weights and state-dict names are ``nn.Conv2d``'s.
+    Where the channel counts are not multiples of 8 (124, 249 and 499 at width 1.3), cuDNN's
+    convolution pads its operands in a kernel of its own on every call. With ``align`` set,
+    compiled forwards pad them where Inductor can fuse the padding into the neighbouring
+    kernels: training forwards compute the layer as :func:`aligned_linear`'s padded GEMM over
+    the patches laid out as rows (3.7% off the SLaK-T step on an H200); eval forwards, which
+    measured 5% slower as GEMMs under CUDA graphs, run the convolution on input and output
+    channels zero-padded to multiples of ``GEMM_ALIGN`` and slice the output back
+    (BENCHMARKS.md). The zeros add nothing. Weights and state-dict names are ``nn.Conv2d``'s.
     """
 
     def __init__(self, in_channels, out_channels, patch, align=True):
@@ -322,8 +323,10 @@ class PatchConv2d(nn.Conv2d):
         self.align = align
 
     def forward(self, x):
-        if not (self.align and self.training and torch.compiler.is_compiling()):
+        if not (self.align and torch.compiler.is_compiling()):
             return super().forward(x)
+        if not self.training:
+            return self._aligned_conv(x)
         n, c, h, w = x.shape
         k = self.stride[0]
         rows, cols = h // k, w // k   # the convolution drops a remainder, so the patches do
@@ -331,6 +334,15 @@ class PatchConv2d(nn.Conv2d):
         patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(n, rows, cols, k * k * c)
         weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, k * k * c)
         return _aligned_linear(patches, weight, self.bias).permute(0, 3, 1, 2)
+
+    def _aligned_conv(self, x):
+        pad_in, pad_out = -self.in_channels % GEMM_ALIGN, -self.out_channels % GEMM_ALIGN
+        if not (pad_in or pad_out):
+            return super().forward(x)
+        weight = F.pad(self.weight, (0, 0, 0, 0, 0, pad_in, 0, pad_out))
+        bias = None if self.bias is None else F.pad(self.bias, (0, pad_out))
+        y = F.conv2d(F.pad(x, (0, 0, 0, 0, 0, pad_in)), weight, bias, self.stride)
+        return y[:, :self.out_channels]
 
 
 class Block(nn.Module):

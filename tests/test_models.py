@@ -157,9 +157,9 @@ def test_timm_pretrained_loads_checkpoint_file(layout, tmp_path):
 
 def test_aligned_pointwise_layers_compute_the_same():
     """``align_pointwise``: compiled forwards pad the operands of the Linear layers and of the
-    downsampling layers (as GEMMs over 2x2 patches) to 8-element rows (width 0.3 gives 28, 57,
-    115 and 230 channels); outputs and gradients are the unpadded model's, and the state dict is
-    the same."""
+    stem and downsampling layers (GEMMs over patches in training, channel-padded convolutions in
+    eval) to multiples of 8 channels (width 0.3 gives 28, 57, 115 and 230 channels); outputs and
+    gradients are the unpadded model's, and the state dict is the same."""
     kwargs = dict(width_factor=0.3, kernel_size=[13, 11, 9, 7, 3], Decom=True, num_classes=5)
     torch.manual_seed(0)
     plain = timm.create_model("SLaK_tiny", align_pointwise=False, **kwargs).double()
@@ -180,3 +180,8 @@ def test_aligned_pointwise_layers_compute_the_same():
     ref.square().sum().backward()
     for (name, p), q in zip(aligned.named_parameters(), plain.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-12), name
+    aligned.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(aligned, backend=record)(x), plain(x),
+                              rtol=1e-10, atol=1e-12)
