@@ -284,19 +284,24 @@ class LargeKernelUnit(nn.Module):
 # multiple of 8; otherwise cuBLAS falls back to slow kernels (BENCHMARKS.md, "Where the step's
 # time goes": SLaK's width-1.3 channel counts are 124, 249, 499, 998).
 GEMM_ALIGN = 8
+# Eval forwards pad the pointwise layers' GEMMs further: cuBLAS ran SLaK-T's shapes up to 2.5x
+# faster on an H200 with widths that are multiples of 32 or 64 (benchmarks/pointwise_gemm.py).
+# Training keeps GEMM_ALIGN: autograd saves the padded hidden activations, and padding to 32
+# raised the SLaK-T step's peak memory above 1.5x ConvNeXt-T's (BENCHMARKS.md).
+EVAL_POINTWISE_ALIGN = 64
 
 
-def aligned_linear(x, linear):
-    """``linear(x)`` computed on operands zero-padded to multiples of ``GEMM_ALIGN`` along the
+def aligned_linear(x, linear, align=GEMM_ALIGN):
+    """``linear(x)`` computed on operands zero-padded to multiples of ``align`` along the
     reduction and output dimensions, then sliced back. The zeros add nothing, so the result is
     the same up to the GEMM's summation order; under ``torch.compile`` the padding and slicing
     fuse into the neighbouring LayerNorm, GELU and scale kernels."""
-    return _aligned_linear(x, linear.weight, linear.bias)
+    return _aligned_linear(x, linear.weight, linear.bias, align)
 
 
-def _aligned_linear(x, weight, bias):
+def _aligned_linear(x, weight, bias, align=GEMM_ALIGN):
     n, k = weight.shape
-    pad_k, pad_n = -k % GEMM_ALIGN, -n % GEMM_ALIGN
+    pad_k, pad_n = -k % align, -n % align
     if not (pad_k or pad_n):
         return F.linear(x, weight, bias)
     weight = F.pad(weight, (0, pad_k, 0, pad_n))
@@ -355,8 +360,9 @@ class Block(nn.Module):
         kernel_size: ``(K, s)``, the stage kernel and the small kernel.
         Decom, bn, deploy, fuse_small, fuse_unit: see :class:`LargeKernelUnit`.
         align_pointwise: compiled forwards run the two Linear layers through
-            :func:`aligned_linear` (eager ones never: there the padding would be extra copies);
-            on the H200 it cut the compiled SLaK-T step by 9% (BENCHMARKS.md).
+            :func:`aligned_linear` (eager ones never: there the padding would be extra copies),
+            to multiples of ``GEMM_ALIGN`` in training and ``EVAL_POINTWISE_ALIGN`` in eval; on
+            the H200 it cut the compiled SLaK-T step by 9% (BENCHMARKS.md).
     """
 
     def __init__(self, dim, drop_path=0.0, layer_scale_init_value=1e-6, kernel_size=(7, 5),
@@ -379,7 +385,9 @@ class Block(nn.Module):
         x = self.large_kernel(x)
         x = x.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C) for LayerNorm and Linear
         if self.align_pointwise and torch.compiler.is_compiling():
-            x = aligned_linear(self.act(aligned_linear(self.norm(x), self.pwconv1)), self.pwconv2)
+            align = GEMM_ALIGN if self.training else EVAL_POINTWISE_ALIGN
+            x = aligned_linear(self.act(aligned_linear(self.norm(x), self.pwconv1, align)),
+                               self.pwconv2, align)
         else:
             x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
         if self.gamma is not None:

@@ -86,7 +86,8 @@ def test_step_mode_needs_cuda_and_says_so():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-@pytest.mark.parametrize("script,args", [("lk_conv.py", []), ("sparse_overhead.py", []),
+@pytest.mark.parametrize("script,args", [("lk_conv.py", []), ("pointwise_gemm.py", []),
+                                         ("sparse_overhead.py", []),
                                          ("distill_memory.py", ["--device", "cuda"])])
 def test_gpu_benchmarks_without_cuda_say_so_in_one_line(script, args):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
