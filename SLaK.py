@@ -317,10 +317,11 @@ class PatchConv2d(nn.Conv2d):
     convolution pads its operands in a kernel of its own on every call. With ``align`` set,
     compiled forwards pad them where Inductor can fuse the padding into the neighbouring
     kernels: training forwards compute the layer as :func:`aligned_linear`'s padded GEMM over
-    the patches laid out as rows (3.7% off the SLaK-T step on an H200); eval forwards, which
-    measured 5% slower as GEMMs under CUDA graphs, run the convolution on input and output
-    channels zero-padded to multiples of ``GEMM_ALIGN`` and slice the output back
-    (BENCHMARKS.md). The zeros add nothing. Weights and state-dict names are ``nn.Conv2d``'s.
+    the patches laid out as rows (3.7% off the SLaK-T step on an H200); eval forwards run the
+    convolution on input and output channels zero-padded to multiples of ``GEMM_ALIGN`` and
+    slice the output back (5% off the deployed SLaK-T forward, BENCHMARKS.md; as GEMMs it ran
+    5% slower than through cuDNN under CUDA graphs, with an extra copy per unit). The zeros add
+    nothing. Weights and state-dict names are ``nn.Conv2d``'s.
     """
 
     def __init__(self, in_channels, out_channels, patch, align=True):
