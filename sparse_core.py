@@ -76,7 +76,9 @@ def _drop_smallest(score, mask, n):
         return new
     flat = score.detach().flatten().float().masked_fill(~mask.flatten(), float("inf"))
     idx = torch.topk(flat, n, largest=False, sorted=False).indices
-    new.view(-1)[idx] = False
+    # index_fill_ takes the value as a scalar; ``new.view(-1)[idx] = False`` would copy it to the
+    # device first and wait for the GPU, twice per layer per adaptation.
+    new.view(-1).index_fill_(0, idx, False)
     return new
 
 
@@ -92,7 +94,7 @@ def _add_largest(score, mask, n):
     flat = score.detach().flatten().float().abs().masked_fill(mask.flatten(), 0.0)
     # torch.sort as the original (its tie order among zero scores decides which picks are lost)
     idx = torch.sort(flat, descending=True).indices[:n]
-    new.view(-1)[idx] = True
+    new.view(-1).index_fill_(0, idx, True)
     return new
 
 
