@@ -48,7 +48,10 @@ Decom) at 224x224 unless flags after ``--``, which go to ``main.py`` last, say o
 ``--ddp both`` runs it plainly and under ``torchrun --nproc_per_node 1`` (DDP, SyncBatchNorm)
 and prints their ratio. It prints one JSON line per run with ``img_per_s_epoch`` (the whole epoch, first-step compilation
 included) and ``img_per_s_steady`` (the iterations after the first logged window, from the
-progress lines and the epoch's total time; see :func:`parse_main_log`). ``--device cpu`` runs the
+progress lines and the epoch's total time; see :func:`parse_main_log`), and the last logged
+window's seconds per iteration and, of those, seconds waiting for the loader
+(``last_window_data_wait_s``: well above 0, the loader bounds the run); ``main.py``'s output is
+kept in ``--output_dir`` as ``main_plain.log`` / ``main_ddp.log``. ``--device cpu`` runs the
 same on the CPU, as a smoke test of this script (e.g. with ``-- --input_size 32 --width_factor
 0.25``).
 
@@ -329,6 +332,8 @@ def time_inference(name, dtype_name, channels_last, compile_model, batch, steps,
 # window), and the epoch's closing line
 #   Epoch: [0] Total time: 0:00:32 (0.1603 s / it)
 PROGRESS_LINE = re.compile(r"^Epoch: \[\d+\]\s+\[\s*(\d+)/(\d+)\].*\btime: ([\d.]+)\s+data: ", re.M)
+# The same line's loader wait: the mean over the logged window of the time spent waiting for a batch.
+DATA_WAIT = re.compile(r"^Epoch: \[\d+\]\s+\[.*\btime: ([\d.]+)\s+data: ([\d.]+)", re.M)
 TOTAL_LINE = re.compile(r"^Epoch: \[\d+\] Total time: \S+ \(([\d.]+) s / it\)", re.M)
 
 
@@ -398,10 +403,15 @@ def end_to_end(args, extra, ddp=False):
     except ValueError as exc:
         print(result.stdout[-3000:], file=sys.stderr)
         raise SystemExit(f"error: {exc}\ncommand: {' '.join(command)}") from None
+    log = out / f"main_{'ddp' if ddp else 'plain'}.log"
+    log.write_text(result.stdout)
     batch = args.batch  # images per iteration (one micro-batch of one process)
+    # A loader that cannot keep up shows as waiting for data in the last logged window.
+    iter_window, data_window = map(float, DATA_WAIT.findall(result.stdout)[-1])
     row = dict(mode="end_to_end", ddp=ddp, device=args.device, command=" ".join(command[1:]),
                wall_s=round(wall, 1), iterations=micro_batches, warmup_iterations=warmup,
-               img_per_s_epoch=round(batch / epoch, 1), img_per_s_steady=round(batch / steady, 1))
+               img_per_s_epoch=round(batch / epoch, 1), img_per_s_steady=round(batch / steady, 1),
+               last_window_iter_s=iter_window, last_window_data_wait_s=data_window, log=str(log))
     print(json.dumps(row), flush=True)
     return row
 

@@ -70,6 +70,8 @@ def test_end_to_end_on_cpu_prints_positive_rates(tmp_path):
     assert row["iterations"] == 24 and row["warmup_iterations"] == 11
     assert row["img_per_s_epoch"] > 0 and row["img_per_s_steady"] > 0
     assert "--kernel_size 13 11 9 7 3" in row["command"]
+    assert 0 <= row["last_window_data_wait_s"] <= row["last_window_iter_s"]
+    assert "Total time" in (tmp_path / "e2e" / "main_plain.log").read_text()
 
 
 def test_end_to_end_reports_a_failing_main_in_one_line(tmp_path):
