@@ -146,11 +146,15 @@ def build_transform(is_train, args):
     mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
                  else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
     if is_train:
-        transform = create_transform(
-            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-            auto_augment=args.aa if args.aa not in (None, "", "None") else None,
-            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-            re_count=args.recount, mean=mean, std=std)
+        auto_augment = None if args.aa is None or args.aa.lower() in ("", "none") else args.aa
+        try:
+            transform = create_transform(
+                input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+                auto_augment=auto_augment, interpolation=args.train_interpolation,
+                re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
+        except (AssertionError, ValueError, KeyError) as exc:  # timm's policy parser
+            raise ConfigError(f"--aa {args.aa}: timm cannot parse this augmentation policy ({exc}); "
+                              f"give one such as rand-m9-mstd0.5-inc1, or none") from None
         if args.input_size <= 32:  # tiny images: random crop with padding instead of resized crops
             transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
         return transform

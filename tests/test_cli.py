@@ -48,6 +48,7 @@ def test_help_lists_every_original_flag():
     (["--model_ema_eval", "true"], "--model_ema true"),
     (["--compile_mode", "reduce-overhead"], "add --compile true"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
+    (["--aa", "bogus"], "--aa bogus: timm cannot parse"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, bad_args, message):
     out = tmp_path / "out"

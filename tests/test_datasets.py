@@ -1,9 +1,11 @@
-"""The built-in synthetic data set: every item is the image its definition gives, in every
-process and run."""
+"""The built-in synthetic data set (every item is the image its definition gives, in every
+process and run) and the training transform's --aa switch."""
+import argparse
+
 import numpy as np
 import pytest
 
-from datasets import SyntheticImageDataset
+from datasets import SyntheticImageDataset, build_transform
 
 
 def defined_image(ds, index):
@@ -36,3 +38,13 @@ def test_items_are_the_defined_images_bit_for_bit(size, classes, seed, split):
     # The two splits draw different samples of the same classes.
     other = SyntheticImageDataset(100, classes, size, seed=seed, split=1 - split)
     assert not np.array_equal(other.render(0)[0], ds.render(0)[0])
+
+
+@pytest.mark.parametrize("aa", ["none", "None", ""])
+def test_aa_none_in_any_case_turns_randaugment_off(aa):
+    args = argparse.Namespace(input_size=64, imagenet_default_mean_and_std=True, color_jitter=0.4,
+                              train_interpolation="bicubic", reprob=0.0, remode="pixel",
+                              recount=1, aa=aa)
+    assert "RandAugment" not in repr(build_transform(True, args))
+    args.aa = "rand-m9-mstd0.5-inc1"
+    assert "RandAugment" in repr(build_transform(True, args))
