@@ -57,6 +57,10 @@ same on the CPU, as a smoke test of this script (e.g. with ``-- --input_size 32 
 
 ``--profile`` adds, per case, the GPU time of 5 more steps (or forwards) by part (large-kernel
 convolutions, matmuls, norms, pointwise, layout copies, optimizer) and the costliest kernels.
+With ``--end_to_end`` it runs ``main.py`` through ``benchmarks/profiled_main.py`` instead and adds
+its figures to each row (``profile``: GPU time per step against the unprofiled wall time per step,
+which tells a host-bound run from a GPU-bound one; see that script). The rows' img/s then include
+the profiled steps and the profiler's own work: time throughput without ``--profile``.
 
 Step mode prints one JSON line per case and a summary table; both modes end with a JSON line
 naming the device and versions.
@@ -381,7 +385,15 @@ def end_to_end(args, extra, ddp=False):
     micro_batches = args.iters * max(1, update_freq.parse_known_args(extra)[0].update_freq)
     launcher = [sys.executable] + (
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if ddp else [])
-    command = [*launcher, str(REPO / "main.py"), "--data_set", "synthetic",
+    run = "ddp" if ddp else "plain"
+    profile_json = out / f"profile_{run}.json"
+    if args.profile:
+        launcher += [str(REPO / "benchmarks" / "profiled_main.py"), "--iters", str(args.iters),
+                     "--steps", str(min(20, args.iters // 4)), "--json", str(profile_json), "--"]
+        profile_json.unlink(missing_ok=True)
+    else:
+        launcher.append(str(REPO / "main.py"))
+    command = [*launcher, "--data_set", "synthetic",
                "--device", args.device, "--input_size", "224", "--nb_classes", "1000",
                "--model", "SLaK_tiny", "--width_factor", "1.3", "--Decom", "true",
                "--kernel_size", *map(str, SLAK_T["kernel_size"]), "--drop_path", "0.1",
@@ -403,7 +415,7 @@ def end_to_end(args, extra, ddp=False):
     except ValueError as exc:
         print(result.stdout[-3000:], file=sys.stderr)
         raise SystemExit(f"error: {exc}\ncommand: {' '.join(command)}") from None
-    log = out / f"main_{'ddp' if ddp else 'plain'}.log"
+    log = out / f"main_{run}.log"
     log.write_text(result.stdout)
     batch = args.batch  # images per iteration (one micro-batch of one process)
     # A loader that cannot keep up shows as waiting for data in the last logged window.
@@ -412,6 +424,8 @@ def end_to_end(args, extra, ddp=False):
                wall_s=round(wall, 1), iterations=micro_batches, warmup_iterations=warmup,
                img_per_s_epoch=round(batch / epoch, 1), img_per_s_steady=round(batch / steady, 1),
                last_window_iter_s=iter_window, last_window_data_wait_s=data_window, log=str(log))
+    if args.profile:
+        row["profile"] = json.loads(profile_json.read_text())
     print(json.dumps(row), flush=True)
     return row
 
@@ -436,7 +450,8 @@ def main():
                         help="training steps: per-block activation checkpointing")
     parser.add_argument("--sparse_update_frequency", "-u", type=int, default=100)
     parser.add_argument("--profile", action="store_true",
-                        help="also split the GPU time of 5 more steps (or forwards) by part (profiler)")
+                        help="also split the GPU time of 5 more steps (or forwards) by part "
+                             "(profiler); end-to-end: run main.py through profiled_main.py")
     parser.add_argument("--tuning", type=json.loads, default={},
                         help="step and inference modes: heuristics.Tuning fields for the whole "
                              "process, as a JSON dict, e.g. '{\"transpose_align\": 2}'")

@@ -1,6 +1,7 @@
 """benchmarks/train_throughput.py: the end-to-end mode's reading of main.py's progress lines, and
-one real end-to-end run on the CPU (a reduced SLaK, a few iterations); the GPU-only benchmarks
-refuse a machine without CUDA in one line."""
+real end-to-end runs on the CPU (a reduced SLaK, a few iterations), plainly and through the
+profiler (benchmarks/profiled_main.py); the GPU-only benchmarks refuse a machine without CUDA in
+one line."""
 import importlib.util
 import json
 import subprocess
@@ -72,6 +73,28 @@ def test_end_to_end_on_cpu_prints_positive_rates(tmp_path):
     assert "--kernel_size 13 11 9 7 3" in row["command"]
     assert 0 <= row["last_window_data_wait_s"] <= row["last_window_iter_s"]
     assert "Total time" in (tmp_path / "e2e" / "main_plain.log").read_text()
+
+
+def test_end_to_end_profile_times_main_steps_with_and_without_the_profiler(tmp_path):
+    result = run_benchmark("--end_to_end", "--device", "cpu", "--iters", "24", "--batch", "8",
+                           "--num_workers", "0", "--profile", "--output_dir", tmp_path / "e2e",
+                           "--", "--input_size", "32", "--nb_classes", "4", "--width_factor",
+                           "0.25", "--kernel_size", "13", "11", "9", "7", "3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    row = next(json.loads(line) for line in result.stdout.splitlines()
+               if line.startswith('{"mode"'))
+    profile = row["profile"]
+    assert profile["steps"] == 6 and profile["wall_ms"] > 0 and profile["host_ms"] > 0
+    assert profile["gpu_ms"] == 0 and profile["top_host"]  # no GPU: host time only
+    assert "Self CPU" in (tmp_path / "e2e" / "profile_plain.txt").read_text()
+
+
+def test_profiled_main_refuses_windows_that_do_not_fit(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profiled_main.py"),
+                             "--iters", "10", "--steps", "5", "--json", str(tmp_path / "p.json"),
+                             "--", "--device", "cpu"], capture_output=True, text=True)
+    assert result.returncode != 0 and "at least 20 iterations" in result.stderr
+    assert not (tmp_path / "p.json").exists()
 
 
 def test_end_to_end_reports_a_failing_main_in_one_line(tmp_path):
