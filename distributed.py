@@ -1,6 +1,7 @@
 """Process-group setup for torchrun, ``torch.distributed.launch`` and SLURM, rank helpers, and
 the DistributedDataParallel wrapper every trainer here uses."""
 import datetime
+import inspect
 import os
 
 import torch
@@ -43,10 +44,26 @@ def data_parallel(module, device):
     the all-reduce DDP copies no bucket back into separate gradient tensors, and none stay
     allocated beside the buckets. (With ``zero_grad(set_to_none=True)`` each step's fresh
     gradients are still copied into the buckets once.) The values are the same as with the
-    default."""
-    return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True)
+    default.
+
+    Buffers are broadcast from rank 0 once, here. DDP's default broadcasts them again before
+    every forward; that is skipped when every module holding buffers is a SyncBatchNorm: its
+    running statistics come from statistics reduced over all processes, so every rank updates
+    them identically, and the broadcast would only copy every BatchNorm's buffers each step.
+    Other buffers (plain BatchNorms on the CPU) keep the per-forward broadcast.
+    """
+    options = dict(device_ids=[device.index] if device.type == "cuda" else None,
+                   gradient_as_bucket_view=True)
+    owners = [m for m in module.modules() if next(m.buffers(recurse=False), None) is not None]
+    if all(isinstance(m, torch.nn.SyncBatchNorm) for m in owners):
+        ddp_args = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        if "forward_sync_buffers" in ddp_args:  # PyTorch >= 2.13: still broadcast at init
+            options["forward_sync_buffers"] = False
+        else:  # the older spelling skips the broadcast at init too: do that one here
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+            options["broadcast_buffers"] = False
+    return torch.nn.parallel.DistributedDataParallel(module, **options)
 
 
 def init_distributed_mode(args):
