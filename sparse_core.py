@@ -49,7 +49,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from bitmask import pack_bits, unpack_bits, zero_unset_
+from bitmask import count_set_bits, pack_bits, unpack_bits, zero_unset_
 
 __all__ = ["Masking", "PRUNE", "GROWTH", "magnitude_prune", "random_growth", "gradient_growth",
            "momentum_growth", "momentum_neuron_growth", "momentum_score", "erk_densities",
@@ -417,11 +417,9 @@ class Masking:
         return unpack_bits(self._mask_bits[name], self.params[name].shape)
 
     def _count_active(self):
-        """Cache each mask's active count (adaptation keeps it): one host sync, not one per layer;
-        one mask unpacked at a time."""
-        names = list(self._mask_bits)
-        counts = [self._mask(k).sum() for k in names]
-        self._active = dict(zip(names, torch.stack(counts).tolist() if counts else []))
+        """Cache each mask's active count (adaptation keeps it): one host sync, not one per
+        layer."""
+        self._active = dict(zip(self._mask_bits, count_set_bits(list(self._mask_bits.values()))))
 
     @torch.no_grad()
     def apply_masks(self, with_state=False):
@@ -609,9 +607,7 @@ class Masking:
         active = sum((self._active[k] if k in self._mask_bits else p.numel())
                      for k, p in self.params.items())
         masked_total = sum(self.params[k].numel() for k in self._mask_bits)
-        # One layer unpacked at a time, one host synchronisation.
-        ever = [unpack_bits(b, self.params[k].shape).sum() for k, b in self._ever_active_bits.items()]
-        ever = int(torch.stack(ever).sum()) if ever else 0
+        ever = sum(count_set_bits(list(self._ever_active_bits.values())))
         out = {"density": active / total, "prune_rate": self.current_prune_rate(),
                "ever_active": ever / masked_total if masked_total else 1.0,
                "sparse_layers": float(len(self._mask_bits))}

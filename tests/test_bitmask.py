@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import bitmask
 import sparse_core
-from bitmask import pack_bits, unpack_bits, zero_unset_
+from bitmask import count_set_bits, pack_bits, unpack_bits, zero_unset_
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -101,3 +101,11 @@ def sparse_core_args():
     return argparse.Namespace(sparsity=0.5, sparse_init="uniform", growth="random", prune="magnitude",
                               prune_rate=0.3, update_frequency=2, fix=False, only_L=False,
                               redistribution="none", verbose=False, seed=0)
+
+
+def test_count_set_bits_counts_each_mask():
+    g = torch.Generator().manual_seed(2)
+    masks = [torch.rand(shape, generator=g) > 0.3 for shape in [(1,), (7,), (9, 3), (5, 1, 13, 3)]]
+    masks.append(torch.zeros(4, 4, dtype=torch.bool))
+    assert count_set_bits([pack_bits(m) for m in masks]) == [int(m.sum()) for m in masks]
+    assert count_set_bits([]) == []
