@@ -3,7 +3,7 @@
 ``train_throughput.py --end_to_end --profile`` runs this in place of ``main.py`` (plainly or under
 ``torchrun``); by hand:
 
-    python benchmarks/profiled_main.py --steps 20 --json prof.json -- <main.py arguments>
+    python benchmarks/profiled_main.py --iters 120 --steps 20 --json prof.json -- <main.py arguments>
 
 The run is ``main.py``'s own, unchanged. Counting optimizer steps (a global post-step hook, so
 dense, sparse and distillation runs alike), it profiles the ``--steps`` steps that end at the
