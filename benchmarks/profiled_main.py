@@ -27,15 +27,23 @@ from pathlib import Path
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 REPO = Path(__file__).resolve().parent.parent
 TOP = 12
 
 
-def top(averages, key, steps):
+def is_gpu_work(event):
+    """A kernel or copy, as the profiler's own table totals them: not a named range
+    (``record_function``, a compiled graph's call), whose GPU time spans kernels counted on their
+    own."""
+    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
+def top(averages, key, steps, keep):
     rows = [(e.key, getattr(e, key) / 1e3 / steps) for e in averages
-            if not e.key.startswith("ProfilerStep")]
+            if keep(e) and not e.key.startswith("ProfilerStep")]
     return [{"name": name[:120], "ms": round(ms, 3)}
             for name, ms in sorted(rows, key=lambda r: -r[1])[:TOP] if ms > 0]
 
@@ -66,10 +74,11 @@ def main():
     def summarise(prof):
         averages = prof.key_averages()
         result.update(
-            gpu_ms=round(sum(e.self_device_time_total for e in averages) / 1e3 / opts.steps, 3),
+            gpu_ms=round(sum(e.self_device_time_total for e in averages if is_gpu_work(e))
+                         / 1e3 / opts.steps, 3),
             host_ms=round(sum(e.self_cpu_time_total for e in averages) / 1e3 / opts.steps, 3),
-            top_gpu=top(averages, "self_device_time_total", opts.steps),
-            top_host=top(averages, "self_cpu_time_total", opts.steps))
+            top_gpu=top(averages, "self_device_time_total", opts.steps, is_gpu_work),
+            top_host=top(averages, "self_cpu_time_total", opts.steps, lambda e: True))
         Path(opts.json).with_suffix(".txt").write_text(
             averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                            row_limit=40, max_name_column_width=100) + "\n\n" +
