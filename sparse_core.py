@@ -44,6 +44,7 @@ decision (once at init and once per adaptation, one packed uint8 tensor), never 
 The prune and grow rules are small pure functions (tensors in, mask out) in ``PRUNE`` and
 ``GROWTH``, selected by ``args.prune`` and ``args.growth``.
 """
+import itertools
 import math
 
 import torch
@@ -66,57 +67,65 @@ _LARGE_KERNEL_BRANCHES = ("LoRA1", "LoRA2", "lkb_origin")
 
 
 # --------------------------------------------------------------------------------------------
-# Pure prune / grow rules: (tensors, mask, count) -> new mask. They never modify their inputs.
+# Prune / grow rules. The selections run on flat tensors holding one or many layers: each
+# ``(start, length, n)`` segment is one layer's entries and its count, so that an adaptation
+# scores all layers in a few operations and only the per-layer top-k or sort is per layer. The
+# rules themselves are small pure functions of one layer (tensors in, mask out).
 # --------------------------------------------------------------------------------------------
 
-def _drop_smallest(score, mask, n):
-    """``mask`` without the ``n`` active entries of smallest ``score``."""
+def _drop_smallest(score, mask, segments):
+    """``mask`` without, in each segment, the ``n`` active entries of smallest ``score``."""
+    flat = score.detach().float().masked_fill(~mask, float("inf"))
     new = mask.clone()
-    if n <= 0:
-        return new
-    flat = score.detach().flatten().float().masked_fill(~mask.flatten(), float("inf"))
-    idx = torch.topk(flat, n, largest=False, sorted=False).indices
-    # index_fill_ takes the value as a scalar; ``new.view(-1)[idx] = False`` would copy it to the
-    # device first and wait for the GPU, twice per layer per adaptation.
-    new.view(-1).index_fill_(0, idx, False)
+    for start, length, n in segments:
+        if n > 0:
+            idx = torch.topk(flat[start:start + length], n, largest=False, sorted=False).indices
+            # index_fill_ takes the value as a scalar; ``new[idx] = False`` would copy it to
+            # the device first and wait for the GPU, twice per layer per adaptation.
+            new[start:start + length].index_fill_(0, idx, False)
     return new
 
 
-def _add_largest(score, mask, n):
-    """``mask`` plus the ``n`` entries of largest ``|score|`` with active entries scored 0.
+def _add_largest(score, mask, segments):
+    """``mask`` plus, in each segment, the ``n`` entries of largest ``|score|`` with active
+    entries scored 0.
 
     As the original: when fewer than ``n`` inactive entries score above 0, the zero-score picks
     (first by position) may be active ones already, and the layer ends with fewer weights.
     """
+    flat = score.detach().float().abs().masked_fill(mask, 0.0)
     new = mask.clone()
-    if n <= 0:
-        return new
-    flat = score.detach().flatten().float().abs().masked_fill(mask.flatten(), 0.0)
-    # torch.sort as the original (its tie order among zero scores decides which picks are lost)
-    idx = torch.sort(flat, descending=True).indices[:n]
-    new.view(-1).index_fill_(0, idx, True)
+    for start, length, n in segments:
+        if n > 0:
+            # torch.sort as the original (its tie order among zero scores decides which picks
+            # are lost)
+            idx = torch.sort(flat[start:start + length], descending=True).indices[:n]
+            new[start:start + length].index_fill_(0, idx, True)
     return new
+
+
+def _one_layer(select, score, mask, n):
+    return select(score.reshape(-1), mask.reshape(-1), [(0, mask.numel(), n)]).view(mask.shape)
 
 
 def magnitude_prune(weight, mask, n):
     """Deactivate the ``n`` active weights of smallest magnitude."""
-    return _drop_smallest(weight.abs(), mask, n)
+    return _one_layer(_drop_smallest, PRUNE_SCORE["magnitude"](weight), mask, n)
 
 
 def random_growth(mask, n, *, generator, **_):
     """Activate ``n`` inactive entries chosen uniformly at random (from ``generator``)."""
-    score = torch.rand(mask.shape, generator=generator, device=mask.device)
-    return _add_largest(score, mask, n)
+    return _one_layer(_add_largest, GROWTH_SCORE["random"](mask, generator=generator), mask, n)
 
 
 def gradient_growth(mask, n, *, grad, **_):
     """Activate the ``n`` inactive entries with the largest |gradient|."""
-    return _add_largest(grad.abs(), mask, n)
+    return _one_layer(_add_largest, GROWTH_SCORE["gradient"](mask, grad=grad), mask, n)
 
 
 def momentum_growth(mask, n, *, momentum, **_):
     """Activate the ``n`` inactive entries with the largest |momentum score|."""
-    return _add_largest(momentum.abs(), mask, n)
+    return _one_layer(_add_largest, GROWTH_SCORE["momentum"](mask, momentum=momentum), mask, n)
 
 
 def momentum_neuron_growth(mask, n, *, momentum, **_):
@@ -146,12 +155,21 @@ def momentum_neuron_growth(mask, n, *, momentum, **_):
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     new = (~inactive) | (inactive & (rank < quota[:, None]))
     new = new.reshape(mask.shape)
-    return _add_largest(momentum.abs(), new, n - int(new.sum() - mask.sum()))
+    return momentum_growth(new, n - int(new.sum() - mask.sum()), momentum=momentum)
 
 
 PRUNE = {"magnitude": magnitude_prune}
 GROWTH = {"random": random_growth, "gradient": gradient_growth, "momentum": momentum_growth,
           "momentum_neuron": momentum_neuron_growth}
+# What each rule ranks, for one layer: the pruned are the active entries of smallest score, the
+# grown the largest |score| (momentum_neuron shares its growth out by neuron: no single score).
+PRUNE_SCORE = {"magnitude": torch.abs}
+GROWTH_SCORE = {
+    "random": lambda mask, *, generator, **_: torch.rand(mask.shape, generator=generator,
+                                                         device=mask.device),
+    "gradient": lambda mask, *, grad, **_: grad.abs(),
+    "momentum": lambda mask, *, momentum, **_: momentum.abs(),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +243,13 @@ def _from_rank0(bitmaps):
     return list(packed.split([b.numel() for b in bitmaps]))
 
 
+def _byte_aligned(tensors):
+    """``tensors`` flattened into one, each starting at a multiple of 8 entries (zeros between):
+    the layout in which the layers' bitmaps lie end to end in one buffer."""
+    gap = tensors[0].new_zeros(7)
+    return torch.cat([piece for t in tensors for piece in (t.reshape(-1), gap[:-t.numel() % 8])])
+
+
 def _is_main():
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -286,11 +311,11 @@ class Masking:
         if not self.params:
             raise ValueError("no weights to sparsify in this model (with --only-L: no "
                              "LoRA1/LoRA2/lkb_origin convolutions)")
-        self._mask_bits = {}
+        # Bitmaps (``_store``): the masks, and which weights have been active at some point (the
+        # "ever active" share of the reports), an eighth of bool masks' memory on the GPU.
+        self._bits = self._ever_bits = None
+        self._starts, self._mask_bits, self._ever_active_bits = [], {}, {}
         self._active = {}
-        # Which weights have been active at some point (the "ever active" share of the reports):
-        # bitmaps, an eighth of a bool mask's memory on the GPU.
-        self._ever_active_bits = {}
         self.steps = 0
         self.pending = False  # an adaptation postponed because its step had no gradient
         device = next(iter(self.params.values())).device
@@ -349,8 +374,7 @@ class Masking:
                 mask = _random_mask(p.shape, densities[k], self.generator, p.device)
                 if densities[k] < DENSE_THRESHOLD:
                     masks[k] = mask
-        self._mask_bits = dict(zip(masks, _from_rank0([pack_bits(m) for m in masks.values()])))
-        self._ever_active_bits = {k: b.clone() for k, b in self._mask_bits.items()}
+        self._store(masks)
         self._count_active()
         self._ema_dirty = True
         self.apply_masks(with_state=self.zero_state)
@@ -396,6 +420,21 @@ class Masking:
         return raw
 
     # ---------------------------------------------------------------------------- masks
+    def _store(self, masks):
+        """Keep ``{name: bool mask}`` (rank 0's, under DDP) as bitmaps: one flat buffer holding
+        each layer's bits from a byte boundary, ``_mask_bits[name]`` its views, so that an
+        adaptation unpacks, packs and stores all layers at once. The "ever active" record
+        starts as a copy."""
+        sizes = [-(-m.numel() // 8) for m in masks.values()]
+        self._starts = [8 * s for s in itertools.accumulate([0] + sizes[:-1])]
+        device = next(iter(self.params.values())).device
+        packed = pack_bits(_byte_aligned(list(masks.values()))) if masks else \
+            torch.zeros(0, dtype=torch.uint8, device=device)
+        self._bits = _from_rank0([packed])[0]
+        self._ever_bits = self._bits.clone()
+        self._mask_bits = dict(zip(masks, self._bits.split(sizes)))
+        self._ever_active_bits = dict(zip(masks, self._ever_bits.split(sizes)))
+
     @property
     def masks(self):
         """``{name: bool mask}`` of the sparse weights: a copy, unpacked from the bitmaps."""
@@ -477,8 +516,7 @@ class Masking:
                 raise ValueError(f"checkpoint mask {k} has shape {tuple(m.shape)}, the weight "
                                  f"{tuple(p.shape)}")
             loaded[k] = m.to(device=p.device, dtype=torch.bool)
-        self._mask_bits = {k: pack_bits(m) for k, m in loaded.items()}
-        self._ever_active_bits = {k: b.clone() for k, b in self._mask_bits.items()}
+        self._store(loaded)
         self._count_active()
         self._ema_dirty = True
         self.apply_masks(with_state=self.zero_state)
@@ -517,13 +555,20 @@ class Masking:
 
     @torch.no_grad()
     def _adapt(self):
+        """Prune and regrow every masked layer. All layers are scored at once, in the byte-aligned
+        flat layout of the bitmaps; only the selections (a top-k or a sort each) run per layer,
+        on the same values as one layer at a time would give them."""
         rate = self.current_prune_rate()
-        prune_fn, grow_fn = PRUNE[self.prune], GROWTH[self.growth]
-        kept, new = {}, {}
-        for k in self._mask_bits:
+        names = list(self._mask_bits)
+        mask = unpack_bits(self._bits, (self._bits.numel() * 8,))
+        segments = [(start, self.params[k].numel(),
+                     min(math.ceil(rate * self._active[k]), self._active[k]))
+                    for k, start in zip(names, self._starts)]
+        weights = _byte_aligned([self.params[k].detach() for k in names])
+        kept = _drop_smallest(PRUNE_SCORE[self.prune](weights), mask, segments)
+        scores = []
+        for k in names:
             p = self.params[k]
-            n = min(math.ceil(rate * self._active[k]), self._active[k])
-            kept[k] = prune_fn(p, self._mask(k), n)
             score = None
             if self.growth == "gradient":
                 score = self._grads.get(k)
@@ -531,19 +576,29 @@ class Masking:
                 score = momentum_score(self.optimizer, p)
             if score is None and self.growth != "random":
                 score = torch.zeros_like(p)  # no gradient (unused weight) or state yet: all 0
-            new[k] = grow_fn(kept[k], n, generator=self.generator, grad=score, momentum=score)
-        names = list(self._mask_bits)
-        synced = _from_rank0([pack_bits(new[k]) for k in names] +
-                             ([pack_bits(kept[k]) for k in names] if self.zero_state else []))
-        for i, k in enumerate(names):
-            p, bits = self.params[k], synced[i]
-            if self.zero_state:  # opt-in: everything not surviving the prune restarts at zero
-                survived = unpack_bits(synced[len(names) + i], p.shape)
-                p.mul_(survived)
+            scores.append(score)
+        if self.growth in GROWTH_SCORE:
+            scores = [GROWTH_SCORE[self.growth](kept[start:start + length].view(
+                self.params[k].shape), generator=self.generator, grad=score, momentum=score)
+                for (start, length, _), k, score in zip(segments, names, scores)]
+            new = _add_largest(_byte_aligned(scores), kept, segments)
+        else:
+            new = kept.clone()
+            for (start, length, n), k, score in zip(segments, names, scores):
+                layer = kept[start:start + length].view(self.params[k].shape)
+                new[start:start + length] = GROWTH[self.growth](
+                    layer, n, generator=self.generator, grad=score, momentum=score).reshape(-1)
+        synced = _from_rank0([pack_bits(new)] + ([pack_bits(kept)] if self.zero_state else []))
+        if self.zero_state:  # opt-in: everything not surviving the prune restarts at zero
+            survived = unpack_bits(synced[1], (mask.numel(),))
+            for k, start in zip(names, self._starts):
+                p = self.params[k]
+                layer = survived[start:start + p.numel()].view(p.shape)
+                p.mul_(layer)
                 for t in _optimizer_state_tensors(self.optimizer, p):
-                    t.mul_(survived)
-            self._mask_bits[k].copy_(bits)  # in place: the re-masking CUDA graph reads this tensor
-            self._ever_active_bits[k] |= bits
+                    t.mul_(layer)
+        self._bits.copy_(synced[0])  # in place: the re-masking CUDA graph reads its views
+        self._ever_bits |= synced[0]
         self._count_active()  # growth can fall short of the prune (see _add_largest)
         self.apply_masks()
         self._ema_dirty = True
@@ -631,8 +686,8 @@ class Masking:
         self.pending = bool(state.get("pending", False))
         for k, m in state.get("ever_active", {}).items():
             if k in self.params:
-                self._ever_active_bits[k] = pack_bits(m.to(device=self.params[k].device,
-                                                           dtype=torch.bool))
+                self._ever_active_bits[k].copy_(pack_bits(m.to(device=self.params[k].device,
+                                                                dtype=torch.bool)))
         if "generator" in state:
             try:
                 self.generator.set_state(state["generator"].cpu())

@@ -2,6 +2,7 @@
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -207,6 +208,37 @@ def test_prune_and_grow_rules():
         [True, True, False, True, True, False]  # inactive |grad| 9, 1, 3, 2: take 9 and 3
     grown = sparse_core.random_growth(pruned, 3, generator=torch.Generator().manual_seed(0))
     assert grown.sum() == 5 and torch.all(grown[pruned])
+
+
+@pytest.mark.parametrize("growth", ["random", "gradient", "momentum", "momentum_neuron"])
+def test_adaptation_is_the_rules_applied_layer_by_layer(growth):
+    """An adaptation scores all layers at once; its masks are exactly those of the public
+    per-layer rules (magnitude prune, then the growth rule) applied one layer at a time, in
+    order, from the same weights, scores and random generator."""
+    model, optimizer, masking = make(growth=growth, update_frequency=2)
+    train(model, optimizer, masking, 1)
+    criterion = nn.CrossEntropyLoss()
+    images, targets = batch(77)
+    criterion(model(images), targets).backward()
+    params = dict(model.named_parameters())
+    grads = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+    optimizer.step()
+    generator = torch.Generator().set_state(masking.generator.get_state())
+    rate = masking.current_prune_rate(masking.steps + 1)
+    expected = {}
+    for k, mask in masking.masks.items():
+        n = min(math.ceil(rate * int(mask.sum())), int(mask.sum()))
+        kept = sparse_core.magnitude_prune(params[k].detach(), mask, n)
+        score = grads[k] if growth == "gradient" else \
+            sparse_core.momentum_score(optimizer, params[k])
+        expected[k] = sparse_core.GROWTH[growth](kept, n, generator=generator, grad=score,
+                                                 momentum=score)
+    before = masking.masks
+    assert masking.step() is not None
+    assert expected.keys() == masking.masks.keys()
+    assert any(not torch.equal(before[k], m) for k, m in masking.masks.items())
+    for k, mask in masking.masks.items():
+        assert torch.equal(mask, expected[k]), k
 
 
 @pytest.mark.parametrize("growth", ["random", "gradient", "momentum", "momentum_neuron"])
