@@ -560,48 +560,55 @@ class Masking:
         on the same values as one layer at a time would give them."""
         rate = self.current_prune_rate()
         names = list(self._mask_bits)
+        layers = list(zip(names, self._starts))
         mask = unpack_bits(self._bits, (self._bits.numel() * 8,))
         segments = [(start, self.params[k].numel(),
-                     min(math.ceil(rate * self._active[k]), self._active[k]))
-                    for k, start in zip(names, self._starts)]
+                     min(math.ceil(rate * self._active[k]), self._active[k])) for k, start in layers]
         weights = _byte_aligned([self.params[k].detach() for k in names])
         kept = _drop_smallest(PRUNE_SCORE[self.prune](weights), mask, segments)
-        scores = []
-        for k in names:
-            p = self.params[k]
-            score = None
-            if self.growth == "gradient":
-                score = self._grads.get(k)
-            elif self.growth.startswith("momentum"):
-                score = momentum_score(self.optimizer, p)
-            if score is None and self.growth != "random":
-                score = torch.zeros_like(p)  # no gradient (unused weight) or state yet: all 0
-            scores.append(score)
+        evidence = [self._growth_evidence(k) for k in names]
         if self.growth in GROWTH_SCORE:
-            scores = [GROWTH_SCORE[self.growth](kept[start:start + length].view(
-                self.params[k].shape), generator=self.generator, grad=score, momentum=score)
-                for (start, length, _), k, score in zip(segments, names, scores)]
+            scores = [GROWTH_SCORE[self.growth](self._layer(kept, k, start), generator=self.generator,
+                                                grad=e, momentum=e)
+                      for (k, start), e in zip(layers, evidence)]
             new = _add_largest(_byte_aligned(scores), kept, segments)
-        else:
+        else:  # a rule that is not the ranking of one score (momentum_neuron): layer by layer
             new = kept.clone()
-            for (start, length, n), k, score in zip(segments, names, scores):
-                layer = kept[start:start + length].view(self.params[k].shape)
-                new[start:start + length] = GROWTH[self.growth](
-                    layer, n, generator=self.generator, grad=score, momentum=score).reshape(-1)
+            for (k, start), (_, _, n), e in zip(layers, segments, evidence):
+                self._layer(new, k, start).copy_(GROWTH[self.growth](
+                    self._layer(kept, k, start), n, generator=self.generator, grad=e, momentum=e))
         synced = _from_rank0([pack_bits(new)] + ([pack_bits(kept)] if self.zero_state else []))
         if self.zero_state:  # opt-in: everything not surviving the prune restarts at zero
             survived = unpack_bits(synced[1], (mask.numel(),))
-            for k, start in zip(names, self._starts):
+            for k, start in layers:
                 p = self.params[k]
-                layer = survived[start:start + p.numel()].view(p.shape)
-                p.mul_(layer)
+                p.mul_(self._layer(survived, k, start))
                 for t in _optimizer_state_tensors(self.optimizer, p):
-                    t.mul_(layer)
+                    t.mul_(self._layer(survived, k, start))
         self._bits.copy_(synced[0])  # in place: the re-masking CUDA graph reads its views
         self._ever_bits |= synced[0]
         self._count_active()  # growth can fall short of the prune (see _add_largest)
         self.apply_masks()
         self._ema_dirty = True
+
+    def _layer(self, flat, name, start):
+        """Layer ``name``'s entries (from ``start``) of a flat all-layers tensor, in its shape."""
+        p = self.params[name]
+        return flat[start:start + p.numel()].view(p.shape)
+
+    def _growth_evidence(self, name):
+        """What growth ranks besides randomness: the gradient (``gradient``) or the momentum
+        score (``momentum*``), zeros where there is none yet (an unused weight, no optimizer
+        state); None for ``random``."""
+        p = self.params[name]
+        score = None
+        if self.growth == "gradient":
+            score = self._grads.get(name)
+        elif self.growth.startswith("momentum"):
+            score = momentum_score(self.optimizer, p)
+        if score is None and self.growth != "random":
+            score = torch.zeros_like(p)
+        return score
 
     @torch.no_grad()
     def mask_ema(self, ema_module):
