@@ -13,15 +13,18 @@ def defined_image(ds, index):
     (jittered) times an oriented stripe pattern with a random phase, plus pixel noise."""
     label = index % ds.num_classes
     rng = np.random.default_rng([ds.seed, ds.split, index])
-    coords = np.linspace(0.0, 1.0, ds.image_size)
+    single = np.float32  # images are computed in single precision
+    coords = np.linspace(0.0, 1.0, ds.image_size, dtype=single)
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     angle = ds.angles[label]
     phase = rng.uniform(0, 2 * np.pi)
-    stripes = np.sin(2 * np.pi * ds.frequencies[label]
-                     * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
-    colour = ds.colours[label] + rng.normal(0, 0.05, size=3)
+    stripes = np.sin(single(2 * np.pi * ds.frequencies[label])
+                     * (xx * single(np.cos(angle)) + yy * single(np.sin(angle))) + single(phase))
+    colour = (ds.colours[label] + rng.normal(0, 0.05, size=3)).astype(single)
     image = colour[None, None, :] * (0.75 + 0.25 * stripes[..., None])
-    image = image + rng.normal(0, 0.08, size=image.shape)
+    noise = single(0.16 * np.sqrt(3)) * (rng.random(size=image.shape, dtype=single) - 0.5)
+    image = image + noise  # uniform, standard deviation 0.08
+    assert image.dtype == single
     return (np.clip(image, 0, 1) * 255).astype(np.uint8), label
 
 
