@@ -119,3 +119,32 @@ def test_gpu_benchmarks_without_cuda_say_so_in_one_line(script, args):
                             capture_output=True, text=True, env=cli_env(), timeout=300)
     assert result.returncode != 0
     assert "CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def run_loader_benchmark(*args):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "loader_throughput.py"),
+                           *map(str, args)], cwd=REPO, env=cli_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_loader_throughput_times_the_training_loader_of_main(tmp_path):
+    result = run_loader_benchmark("--batches", "3", "--", "--data_set", "synthetic", "--device",
+                                  "cpu", "--input_size", "32", "--batch_size", "4",
+                                  "--num_workers", "1", "--aa", "rand-m9-mstd0.5-inc1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["img_per_s"] > 0 and row["batches"] == 3
+    assert (row["data_set"], row["input_size"], row["batch_size"], row["num_workers"]) == \
+        ("synthetic", 32, 4, 1)
+
+
+def test_loader_throughput_bad_input_is_one_line(tmp_path):
+    missing = run_loader_benchmark("--", "--data_set", "IMNET", "--data_path", tmp_path / "none",
+                                   "--device", "cpu")
+    too_few = run_loader_benchmark("--batches", "5", "--", "--data_set", "synthetic", "--device",
+                                   "cpu", "--synthetic_train_size", "8", "--batch_size", "4",
+                                   "--num_workers", "0")
+    for result, needle in ((missing, "--data_path"), (too_few, "lower --batches")):
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines

@@ -1,0 +1,65 @@
+"""Images per second that ``main.py``'s training loader delivers, with no model behind it.
+
+The training set, its transform (RandAugment, random erasing, ...) and the DataLoader are built
+by ``main.py``'s own functions from ``main.py``'s flags, given after ``--``. It times
+``--batches`` batches after the first one (the workers' start-up excluded). Set against the
+training step's images per second (``train_throughput.py``), it tells whether a run on this host
+will wait for data, and how many ``--num_workers`` keep it fed:
+
+    python benchmarks/loader_throughput.py --batches 100 -- --data_set synthetic \\
+        --input_size 224 --batch_size 64 --num_workers 14
+
+On ``--data_set synthetic`` the set is made as large as the batches need unless
+``--synthetic_train_size`` is given. Prints one JSON line.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import main as slak_main  # noqa: E402
+from datasets import build_dataset  # noqa: E402
+from utils import ConfigError, run_cli  # noqa: E402
+
+
+def measure(opts, args):
+    if args.data_set == "synthetic" and not opts.size_given:
+        args.synthetic_train_size = args.batch_size * (opts.batches + 1)
+    dataset, _ = build_dataset(True, args)
+    loader, _ = slak_main.build_loaders(args, dataset, None)
+    if len(loader) < opts.batches + 1:
+        raise ConfigError(f"the training set gives {len(loader)} batches of {args.batch_size}, "
+                          f"fewer than --batches {opts.batches} plus one; lower --batches")
+    batches = iter(loader)
+    next(batches)  # the workers' start-up
+    start = time.perf_counter()
+    for _ in range(opts.batches):
+        next(batches)
+    seconds = time.perf_counter() - start
+    return dict(data_set=args.data_set, input_size=args.input_size, batch_size=args.batch_size,
+                num_workers=args.num_workers, cpus=os.cpu_count(), batches=opts.batches,
+                img_per_s=round(opts.batches * args.batch_size / seconds, 1))
+
+
+def main():
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=50, help="batches timed")
+    opts = parser.parse_args(argv[:split])
+    if opts.batches < 1:
+        parser.error("--batches must be at least 1")
+    main_argv = argv[split + 1:]
+    opts.size_given = any(a.split("=")[0] == "--synthetic_train_size" for a in main_argv)
+    args = slak_main.get_args_parser().parse_args(main_argv)
+    print(json.dumps(run_cli(measure, opts, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
