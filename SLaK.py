@@ -164,16 +164,24 @@ class LargeKernelUnit(nn.Module):
             their momentum and unbiased variance; a ``SyncBatchNorm``'s statistics are summed
             across its process group in one collective for the three). Also the attribute
             of the same name.
+        recompute_small: under ``torch.compile``, recompute the small branch's convolution
+            output in the backward pass, where its BatchNorm's backward needs it, from the
+            input that the other branches keep anyway, instead of keeping it: one (s, s)
+            depthwise convolution per unit more, for one image-sized tensor per unit less
+            (SLaK-T's peak training memory, BENCHMARKS.md). The same values either way.
+            (Eagerly the BatchNorm keeps its input whatever the convolution does.) Also the
+            attribute of the same name.
 
     Input and output: ``(N, channels, H, W)``.
     """
 
     def __init__(self, channels, kernel_size, small_kernel, Decom=False, bn=True, deploy=False,
-                 fuse_small=False, fuse_unit=False):
+                 fuse_small=False, fuse_unit=False, recompute_small=True):
         super().__init__()
         self.kernel_size, self.small_kernel, self.Decom = kernel_size, small_kernel, Decom
         self.deploy = deploy
         self.fuse_small, self.fuse_unit = fuse_small, fuse_unit
+        self.recompute_small = recompute_small
         if deploy:
             # Two biased branches (K, s) + (s, K), or one biased (K, K) branch.
             if Decom:
@@ -217,8 +225,19 @@ class LargeKernelUnit(nn.Module):
         else:
             out = self.lkb_origin(x)
         if hasattr(self, "small_conv"):
-            out = out + self.small_conv(x)
+            out = out + self._small_branch(x)
         return out
+
+    def _small_branch(self, x):
+        conv = self.small_conv.conv
+        if (self.recompute_small and hasattr(self.small_conv, "bn") and torch.is_grad_enabled()
+                and torch.compiler.is_compiling() and not _hooked(conv)):
+            # The partitioner recomputes what a checkpoint wraps rather than keeping its output.
+            z = torch.utils.checkpoint.checkpoint(conv, x, use_reentrant=False,
+                                                  preserve_rng_state=False)
+        else:
+            z = conv(x)
+        return _after_conv(self.small_conv, z)
 
     def _runs_fused(self, x):
         if not (self.fuse_unit and self.Decom and not self.deploy and

@@ -185,3 +185,46 @@ def test_aligned_pointwise_layers_compute_the_same():
     with torch.no_grad():
         assert torch.allclose(torch.compile(aligned, backend=record)(x), plain(x),
                               rtol=1e-10, atol=1e-12)
+
+
+def kept_for_backward(output):
+    """Bytes of the distinct tensors that autograd keeps for the backward pass of ``output``
+    (those of every node that exposes them, a compiled graph's included)."""
+    storages, seen, pending = {}, set(), [output.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for t in getattr(node, "saved_tensors", ()) or ():
+            if isinstance(t, torch.Tensor):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def test_compiled_training_recomputes_small_branch_instead_of_keeping_it():
+    """``recompute_small`` (the default): the compiled step keeps one image-sized tensor per
+    unit less for the backward pass (each small branch's convolution output) and computes the
+    same loss, gradients and BatchNorm statistics as with it off."""
+    torch.manual_seed(0)
+    kwargs = dict(width_factor=0.25, kernel_size=[13, 11, 9, 7, 3], Decom=True, num_classes=4,
+                  depths=[1, 1, 1, 1])
+    models = {on: timm.create_model("SLaK_tiny", **kwargs) for on in (True, False)}
+    models[False].load_state_dict(models[True].state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    kept, results = {}, {}
+    for on, model in models.items():
+        units = [m for m in model.modules() if isinstance(m, SLaK.LargeKernelUnit)]
+        for unit in units:
+            unit.recompute_small = on
+        # Inductor's decompositions and partitioner without its code generation (quicker).
+        loss = torch.compile(model, backend="aot_eager_decomp_partition")(x).square().sum()
+        kept[on] = kept_for_backward(loss)
+        loss.backward()
+        results[on] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()},
+                       {n: b.clone() for n, b in model.named_buffers()})
+    small_outputs = sum(x.element_size() * x.shape[0] * unit.small_conv.conv.out_channels *
+                        (64 // 4 >> i) ** 2 for i, unit in enumerate(units))
+    assert kept[False] - kept[True] == small_outputs
+    torch.testing.assert_close(results[True], results[False])
