@@ -37,7 +37,7 @@ def all_reduce_sum(values, device):
     return tensor.tolist()
 
 
-def data_parallel(module, device):
+def data_parallel(module, device, bucket_cap_mb=None):
     """``module`` in DistributedDataParallel on ``device`` (``cuda:<index>``, or the CPU with gloo).
 
     Gradients are views into DDP's communication buckets (``gradient_as_bucket_view``): after
@@ -51,9 +51,16 @@ def data_parallel(module, device):
     running statistics come from statistics reduced over all processes, so every rank updates
     them identically, and the broadcast would only copy every BatchNorm's buffers each step.
     Other buffers (plain BatchNorms on the CPU) keep the per-forward broadcast.
+
+    ``bucket_cap_mb``: the size of DDP's gradient buckets (None: PyTorch's default, 25 MB).
+    Under ``torch.compile`` each bucket is also a graph piece (Dynamo splits the graph at bucket
+    boundaries so that each bucket's all-reduce can start while the backward pass goes on):
+    larger buckets mean fewer pieces to launch each step, and a later first all-reduce.
     """
     options = dict(device_ids=[device.index] if device.type == "cuda" else None,
                    gradient_as_bucket_view=True)
+    if bucket_cap_mb is not None:
+        options["bucket_cap_mb"] = bucket_cap_mb
     owners = [m for m in module.modules() if next(m.buffers(recurse=False), None) is not None]
     if all(isinstance(m, torch.nn.SyncBatchNorm) for m in owners):
         ddp_args = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters

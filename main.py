@@ -157,6 +157,11 @@ def get_args_parser():
     group.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     group.add_argument("--dist_on_itp", type=str2bool, default=False)
     group.add_argument("--dist_url", default="env://")
+    group.add_argument("--ddp_bucket_cap_mb", type=float, default=None,
+                       help="DistributedDataParallel's gradient bucket size in MB (default: "
+                            "PyTorch's 25). Compiled, each bucket is a graph piece: larger "
+                            "buckets launch fewer pieces per step and start the first "
+                            "all-reduce later")
 
     group = parser.add_argument_group("dynamic sparsity")
     group.add_argument("--sparse", action="store_true", help="train a sparse model")
@@ -269,6 +274,9 @@ def check_args(args):
         # (In distillation the student is sparsified: a SLaK-family student is a ConvNeXt, whose
         # large-kernel branch is its 7x7 lkb_origin whatever the teacher's --Decom.)
         raise ConfigError("--only-L sparsifies the LoRA1/LoRA2 branches, which exist only with --Decom True")
+    if args.ddp_bucket_cap_mb is not None and not args.ddp_bucket_cap_mb > 0:
+        raise ConfigError(f"--ddp_bucket_cap_mb {args.ddp_bucket_cap_mb} must be a positive "
+                          f"size in MB (PyTorch's default is 25)")
     if args.compile_mode != "default" and not args.compile:
         raise ConfigError(f"--compile_mode {args.compile_mode} applies to a compiled model: "
                           f"add --compile true")
@@ -431,7 +439,7 @@ def main(args):
                                device=torch.device("cpu") if args.model_ema_force_cpu else None)
     model_without_ddp = model
     if args.distributed:
-        model = data_parallel(model, device)
+        model = data_parallel(model, device, args.ddp_bucket_cap_mb)
     train_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     total_batch_size = args.batch_size * args.update_freq * get_world_size()

@@ -47,6 +47,7 @@ def test_help_lists_every_original_flag():
     (["--data_set", "image_folder"], "--data_path is required"),
     (["--model_ema_eval", "true"], "--model_ema true"),
     (["--compile_mode", "reduce-overhead"], "add --compile true"),
+    (["--ddp_bucket_cap_mb", "0"], "--ddp_bucket_cap_mb 0.0 must be a positive size"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
     (["--aa", "bogus"], "--aa bogus: timm cannot parse"),
 ])
@@ -159,14 +160,16 @@ def test_two_process_gloo_training(tmp_path, launcher):
 
 def test_one_process_ddp_trains_exactly_like_the_plain_run(tmp_path):
     # DDP (gloo, gradients as views into its buckets) with one process must change nothing:
-    # same sampler order, same gradients, accumulation (no_sync) and set-to-None zeroing included.
+    # same sampler order, same gradients, accumulation (no_sync) and set-to-None zeroing included;
+    # nor does the size of its buckets (here many small ones).
     common = [*TINY_MODEL, *SYNTHETIC, *FAST, *NO_AUG, "--epochs", "1", "--batch_size", "8",
               "--update_freq", "2", "--synthetic_train_size", "64", "--disable_eval", "true",
               "--layer_scale_init_value", "1"]
     run_main(*common, "--output_dir", tmp_path / "plain")
     port = str(29500 + hash(str(tmp_path)) % 1000)
-    result = run_main(*common, "--output_dir", tmp_path / "ddp", launcher=[
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", port])
+    result = run_main(*common, "--output_dir", tmp_path / "ddp", "--ddp_bucket_cap_mb", "0.01",
+                      launcher=[sys.executable, "-m", "torch.distributed.run",
+                                "--nproc_per_node", "1", "--master_port", port])
     assert "1 processes" in result.stdout
     plain = final_weights(tmp_path / "plain" / "checkpoint-0.pth")
     ddp = final_weights(tmp_path / "ddp" / "checkpoint-0.pth")
