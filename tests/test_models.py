@@ -218,8 +218,10 @@ def test_compiled_training_recomputes_small_branch_instead_of_keeping_it():
         units = [m for m in model.modules() if isinstance(m, SLaK.LargeKernelUnit)]
         for unit in units:
             unit.recompute_small = on
-        # Inductor's decompositions and partitioner without its code generation (quicker).
-        loss = torch.compile(model, backend="aot_eager_decomp_partition")(x).square().sum()
+        # Inductor's decompositions and partitioner without its code generation (quicker);
+        # static shapes, as other tests' models of other sizes went through the same code.
+        loss = torch.compile(model, backend="aot_eager_decomp_partition",
+                             dynamic=False)(x).square().sum()
         kept[on] = kept_for_backward(loss)
         loss.backward()
         results[on] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()},
