@@ -55,6 +55,23 @@ def test_steady_rate_skips_the_first_window_and_survives_zero_times():
         bench.parse_main_log(progress(0, 30, 0.0))  # killed before the epoch ended
 
 
+def test_steady_rate_after_a_given_iteration_follows_the_logged_windows():
+    # 60 iterations: compilation (5 s), then 0.1 s, except iterations 11-20 (0.3 s: the first
+    # sparse adaptation's one-time work). Lines every 10 iterations, each the mean of the last 20.
+    seconds = [5.0] + [0.1] * 10 + [0.3] * 10 + [0.1] * 39
+    lines = [progress(i, 60, sum(seconds[max(0, i - 19):i + 1]) / min(20, i + 1))
+             for i in (0, 10, 20, 30, 40, 50, 59)]
+    log = "\n".join(lines + [f"Epoch: [0] Total time: 0:00:10 ({sum(seconds) / 60:.4f} s / it)"])
+    bench = load_benchmark()
+    _, steady, warmup = bench.parse_main_log(log)
+    assert warmup == 11 and steady == pytest.approx(sum(seconds[11:]) / 49, rel=2e-3)
+    # Past the slow window: iterations 31-59, every one 0.1 s.
+    _, steady, warmup = bench.parse_main_log(log, steady_after=25)
+    assert warmup == 31 and steady == pytest.approx(0.1, rel=5e-3)
+    with pytest.raises(ValueError, match="run more iterations"):
+        bench.parse_main_log(log, steady_after=59)
+
+
 def run_benchmark(*args):
     return subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), *args],
                           cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
