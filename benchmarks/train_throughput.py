@@ -54,7 +54,8 @@ included) and ``img_per_s_steady`` (the iterations after the first logged window
 progress lines and the epoch's total time; see :func:`parse_main_log`), and the last logged
 window's seconds per iteration and, of those, seconds waiting for the loader
 (``last_window_data_wait_s``: well above 0, the loader bounds the run); ``main.py``'s output is
-kept in ``--output_dir`` as ``main_plain.log`` / ``main_ddp.log``. ``--device cpu`` runs the
+kept in ``--output_dir`` as ``main_plain.log`` / ``main_ddp.log`` (its stderr beside them, as
+``main_plain.stderr.log`` / ``main_ddp.stderr.log``). ``--device cpu`` runs the
 same on the CPU, as a smoke test of this script (e.g. with ``-- --input_size 32 --width_factor
 0.25``).
 
