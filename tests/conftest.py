@@ -1,5 +1,6 @@
 """Shared test helpers: run the real CLI in a subprocess on the built-in synthetic data."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,11 @@ TINY_MODEL = ["--model", "SLaK_tiny", "--width_factor", "0.25", "--Decom", "true
 SYNTHETIC = ["--data_set", "synthetic", "--device", "cpu", "--input_size", "32",
              "--nb_classes", "4", "--num_workers", "0", "--pin_mem", "false"]
 
+
+# Under pytest-xdist (README: ``-n 2``) the workers share the cores: one worker's operators must not
+# spread over all of them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # The large-kernel convolution tests: where their kernels run, and the limits of
 # ||out - ref|| / ||ref|| against float64 (float32 without TF32, float16, bfloat16).
@@ -76,11 +82,22 @@ def launched(monkeypatch):
     return names
 
 
+def free_port():
+    """A local TCP port that no process listens on now (the tests run in parallel processes, so a
+    fixed or derived port could be taken by another test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc):
+    """The launcher list for ``run_main``: ``torchrun --nproc_per_node nproc`` on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port())]
+
+
 def spawn_gloo_processes(worker, out_dir, world=2):
     """Run ``worker(rank, world, port, out_dir)`` in ``world`` processes (each starts its gloo
     group on ``port``, a free local one) and wait for all of them."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(worker, args=(world, port, str(out_dir)), nprocs=world, join=True)
+    torch.multiprocessing.spawn(worker, args=(world, free_port(), str(out_dir)), nprocs=world,
+                                join=True)

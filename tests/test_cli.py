@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, SYNTHETIC, TINY_MODEL, cli_env, run_main
+from conftest import REPO, SYNTHETIC, TINY_MODEL, cli_env, free_port, run_main, torchrun
 
 FAST = ["--warmup_epochs", "0", "--lr", "2e-3", "--drop_path", "0", "--synthetic_val_size", "64"]
 NO_AUG = ["--mixup", "0", "--cutmix", "0", "--aa", "None", "--reprob", "0", "--smoothing", "0",
@@ -149,7 +149,7 @@ def test_two_process_gloo_training(tmp_path, launcher):
     out = tmp_path / "out"
     result = run_main(*TINY_MODEL, *SYNTHETIC, *FAST, "--epochs", "1", "--batch_size", "16",
                       "--synthetic_train_size", "128", "--output_dir", out,
-                      launcher=launcher + ["--master_port", str(29500 + hash(str(tmp_path)) % 1000)])
+                      launcher=launcher + ["--master_port", str(free_port())])
     assert (out / "checkpoint-0.pth").exists()
     logs = (out / "log.txt").read_text().splitlines()
     assert len(logs) == 1  # rank 0 alone writes
@@ -166,10 +166,8 @@ def test_one_process_ddp_trains_exactly_like_the_plain_run(tmp_path):
               "--update_freq", "2", "--synthetic_train_size", "64", "--disable_eval", "true",
               "--layer_scale_init_value", "1"]
     run_main(*common, "--output_dir", tmp_path / "plain")
-    port = str(29500 + hash(str(tmp_path)) % 1000)
     result = run_main(*common, "--output_dir", tmp_path / "ddp", "--ddp_bucket_cap_mb", "0.01",
-                      launcher=[sys.executable, "-m", "torch.distributed.run",
-                                "--nproc_per_node", "1", "--master_port", port])
+                      launcher=torchrun(1))
     assert "1 processes" in result.stdout
     plain = final_weights(tmp_path / "plain" / "checkpoint-0.pth")
     ddp = final_weights(tmp_path / "ddp" / "checkpoint-0.pth")

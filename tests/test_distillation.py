@@ -8,14 +8,13 @@ plus the teacher's inference) is ``python benchmarks/distill_memory.py`` on a GP
 import json
 import math
 import shlex
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import SLaK
-from conftest import run_main
+from conftest import run_main, torchrun
 from distillation import (STUDENT_OVERRIDES, DistillationLoss, FeatureDistillLoss, KDLoss,
                           NKDLoss, freeze)
 
@@ -295,9 +294,7 @@ def test_feature_distillation_across_widths_through_main(tmp_path):
     assert first["distill"]["projector.weight"].shape == (998, 768, 1, 1)
     assert len(first["optimizer"]["param_groups"]) == 4  # student (decay, no decay), projector x2
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(29500 + hash(str(tmp_path)) % 1000)]
-    second = run_main(*command, "--epochs", "2", launcher=torchrun)
+    second = run_main(*command, "--epochs", "2", launcher=torchrun(2))
     assert "Resuming training at epoch 1" in second.stdout and "2 processes" in second.stdout
     resumed = torch.load(out / "checkpoint-1.pth", map_location="cpu", weights_only=True)
     moved = (resumed["distill"]["projector.weight"] - first["distill"]["projector.weight"]).abs()

@@ -2,14 +2,13 @@
 gradients, BatchNorm statistics and DropPath draws as the plain forward, eagerly, compiled and
 through main.py with dynamic sparsity."""
 import copy
-import sys
 
 import pytest
 import timm
 import torch
 
 import SLaK  # noqa: F401 - registers the SLaK models
-from conftest import SYNTHETIC, TINY_MODEL, run_main
+from conftest import SYNTHETIC, TINY_MODEL, run_main, torchrun
 
 
 def tiny_slak(**kwargs):
@@ -78,12 +77,9 @@ def test_ddp_grad_checkpointing_run_equals_plain_ddp_run(tmp_path):
     common = [*TINY_MODEL, *SYNTHETIC, "--epochs", "1", "--batch_size", "8",
               "--synthetic_train_size", "64", "--disable_eval", "true", "--warmup_epochs", "0",
               "--drop_path", "0.2", "--sparse", "-u", "2", "--auto_resume", "false"]
-    port = 29500 + hash(str(tmp_path)) % 1000
     for name, flag in (("plain", "false"), ("ckpt", "true")):
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(port + (name == "ckpt"))]
         run_main(*common, "--grad_checkpointing", flag, "--output_dir", tmp_path / name,
-                 launcher=torchrun)
+                 launcher=torchrun(2))
     plain, ckpt = (torch.load(tmp_path / d / "checkpoint-0.pth", map_location="cpu",
                               weights_only=True)["model"] for d in ("plain", "ckpt"))
     for k in plain:

@@ -1,6 +1,5 @@
 """Dynamic sparsity (sparse_core.Masking) and FLOPs_counter.py, on tiny CPU models."""
 import argparse
-import copy
 import json
 import math
 import os
@@ -14,7 +13,7 @@ from timm.utils import ModelEmaV3
 
 import SLaK
 import sparse_core
-from conftest import REPO, cli_env, spawn_gloo_processes
+from conftest import REPO, cli_env, spawn_gloo_processes, torchrun
 
 TARGET = 0.6  # density for --sparsity 0.4
 
@@ -562,8 +561,7 @@ def test_cli_two_process_gloo_fp16_sparse_training(tmp_path):
                       "--use_amp", "true", "--amp_dtype", "float16", "--model_ema", "true",
                       "--epochs", "1", "--batch_size", "8", "--synthetic_train_size", "64",
                       "--output_dir", out,
-                      launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                "--master_port", str(29500 + hash(str(tmp_path)) % 1000)])
+                      launcher=torchrun(2))
     assert result.stdout.count("[sparse] init snip") == 1  # rank 0 alone reports
     ckpt = _ckpt(out / "checkpoint-0.pth")
     assert ckpt["sparse_state"]["steps"] == 4 and ckpt["masks"]
