@@ -42,9 +42,11 @@ def data_parallel(module, device, bucket_cap_mb=None):
 
     Gradients are views into DDP's communication buckets (``gradient_as_bucket_view``): after
     the all-reduce DDP copies no bucket back into separate gradient tensors, and none stay
-    allocated beside the buckets. (With ``zero_grad(set_to_none=True)`` each step's fresh
-    gradients are still copied into the buckets once.) The values are the same as with the
-    default.
+    allocated beside the buckets. With ``zero_grad(set_to_none=True)`` each step's fresh
+    gradients are still copied into the buckets once: from PyTorch 2.12 on, in one batched copy
+    and one division per bucket (``batched_grad_copy``) instead of a scaled copy per parameter,
+    each a kernel launched from the host. The values are the same as with the default (up to the
+    last bit of a division by a world size that is not a power of two).
 
     Buffers are broadcast from rank 0 once, here. DDP's default broadcasts them again before
     every forward; that is skipped when every module holding buffers is a SyncBatchNorm: its
@@ -61,9 +63,11 @@ def data_parallel(module, device, bucket_cap_mb=None):
                    gradient_as_bucket_view=True)
     if bucket_cap_mb is not None:
         options["bucket_cap_mb"] = bucket_cap_mb
+    ddp_args = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    if "batched_grad_copy" in ddp_args:  # PyTorch >= 2.12
+        options["batched_grad_copy"] = True
     owners = [m for m in module.modules() if next(m.buffers(recurse=False), None) is not None]
     if all(isinstance(m, torch.nn.SyncBatchNorm) for m in owners):
-        ddp_args = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
         if "forward_sync_buffers" in ddp_args:  # PyTorch >= 2.13: still broadcast at init
             options["forward_sync_buffers"] = False
         else:  # the older spelling skips the broadcast at init too: do that one here
