@@ -48,14 +48,17 @@ Decom) at 224x224 unless flags after ``--``, which go to ``main.py`` last, say o
         --use_amp true --amp_dtype bfloat16 --channels_last true --sparse -u 100
 
 ``--ddp both`` runs it plainly and under ``torchrun --nproc_per_node 1`` (DDP, SyncBatchNorm)
-and prints their ratio. It prints one JSON line per run with ``img_per_s_epoch`` (the whole epoch, first-step compilation
+and prints their ratio. ``--repeats N`` runs each case N times on the same machine, alternating
+their order, and prints every repeat's ratio and their median: one pair is at the mercy of the
+machine's noise, which moves a run by several per cent. It prints one JSON line per run with ``img_per_s_epoch`` (the whole epoch, first-step compilation
 included) and ``img_per_s_steady`` (the iterations after the first logged window, or after
 ``--steady_after`` iterations where that is later, from the
 progress lines and the epoch's total time; see :func:`parse_main_log`), and the last logged
 window's seconds per iteration and, of those, seconds waiting for the loader
 (``last_window_data_wait_s``: well above 0, the loader bounds the run); ``main.py``'s output is
 kept in ``--output_dir`` as ``main_plain.log`` / ``main_ddp.log`` (its stderr beside them, as
-``main_plain.stderr.log`` / ``main_ddp.stderr.log``). ``--device cpu`` runs the
+``main_plain.stderr.log`` / ``main_ddp.stderr.log``; with ``--repeats``, numbered:
+``main_plain_1.log``, ...). ``--device cpu`` runs the
 same on the CPU, as a smoke test of this script (e.g. with ``-- --input_size 32 --width_factor
 0.25``).
 
@@ -76,6 +79,7 @@ import gc
 import json
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -400,17 +404,18 @@ def parse_main_log(stdout, window=None, steady_after=0):
     return epoch, rest / (total - k - 1), k + 1
 
 
-def end_to_end(args, extra, ddp=False):
+def end_to_end(args, extra, ddp=False, repeat=None):
     """Run main.py for ``iters`` optimizer steps on synthetic data; images/s of the epoch.
     ``ddp``: under ``torchrun --standalone --nproc_per_node 1`` (DistributedDataParallel,
-    SyncBatchNorm, NCCL on the GPU)."""
+    SyncBatchNorm, NCCL on the GPU). ``repeat``: the run's number among ``--repeats``, which
+    names its kept logs (None: a single run)."""
     out = Path(args.output_dir)
     update_freq = argparse.ArgumentParser(add_help=False)
     update_freq.add_argument("--update_freq", type=int, default=1)
     micro_batches = args.iters * max(1, update_freq.parse_known_args(extra)[0].update_freq)
     launcher = [sys.executable] + (
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if ddp else [])
-    run = "ddp" if ddp else "plain"
+    run = ("ddp" if ddp else "plain") + (f"_{repeat}" if repeat is not None else "")
     profile_json = out / f"profile_{run}.json"
     if args.profile:
         launcher += [str(REPO / "benchmarks" / "profiled_main.py"), "--iters", str(args.iters),
@@ -446,7 +451,8 @@ def end_to_end(args, extra, ddp=False):
     batch = args.batch  # images per iteration (one micro-batch of one process)
     # A loader that cannot keep up shows as waiting for data in the last logged window.
     iter_window, data_window = map(float, DATA_WAIT.findall(result.stdout)[-1])
-    row = dict(mode="end_to_end", ddp=ddp, device=args.device, command=" ".join(command[1:]),
+    row = dict(mode="end_to_end", ddp=ddp, repeat=repeat, device=args.device,
+               command=" ".join(command[1:]),
                wall_s=round(wall, 1), iterations=micro_batches, warmup_iterations=warmup,
                img_per_s_epoch=round(batch / epoch, 1), img_per_s_steady=round(batch / steady, 1),
                last_window_iter_s=iter_window, last_window_data_wait_s=data_window, log=str(log))
@@ -454,6 +460,32 @@ def end_to_end(args, extra, ddp=False):
         row["profile"] = json.loads(profile_json.read_text())
     print(json.dumps(row), flush=True)
     return row
+
+
+def end_to_end_repeats(args, extra):
+    """The end-to-end runs of ``--ddp`` and ``--repeats``, and, with ``--ddp both``, the ratio
+    of each repeat's runs and their median.
+
+    Repeats alternate the order of the two runs (plain then torchrun, torchrun then plain, ...)
+    so that a drift of the machine over the runs (its clocks, its other load) weighs on both
+    alike. Every run after the first of its kind also finds Inductor's cache warm, which shortens
+    its compilation (excluded from the steady rate) but not its steady iterations.
+    """
+    cases = {"on": [True], "off": [False], "both": [False, True]}[args.ddp]
+    rows, ratios = [], []
+    for k in range(args.repeats):
+        repeat = k + 1 if args.repeats > 1 else None
+        order = cases if k % 2 == 0 else cases[::-1]
+        runs = {ddp: end_to_end(args, extra, ddp, repeat) for ddp in order}
+        rows += runs.values()
+        if len(runs) == 2:
+            ratios.append(runs[True]["img_per_s_steady"] / runs[False]["img_per_s_steady"])
+            print(f"torchrun (1 process) vs plain{f', repeat {repeat}' if repeat else ''}: "
+                  f"{ratios[-1]:.3f}", flush=True)
+    if len(ratios) > 1:
+        print(f"torchrun (1 process) vs plain over {len(ratios)} repeats: median "
+              f"{statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
+    return rows
 
 
 def main():
@@ -493,9 +525,18 @@ def main():
     parser.add_argument("--output_dir", default="/tmp/slak_e2e")
     parser.add_argument("--ddp", default="off", choices=["on", "off", "both"],
                         help="end-to-end: also (on: only) under torchrun with one process")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="end-to-end: run each case this many times, alternating their order; "
+                             "with --ddp both, print each repeat's ratio and their median")
     parser.add_argument("--device", default="cuda",
                         help="end-to-end: main.py's --device (cpu for a smoke test); step mode: cuda only")
     args, extra = parser.parse_known_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: give at least 1")
+    if args.repeats > 1 and not args.end_to_end:
+        parser.error("--repeats applies to --end_to_end; step mode times its cases once, "
+                     "side by side in one process")
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA GPU (step mode times GPU training steps; the end-to-end "
                          "mode runs on the CPU with --device cpu)")
@@ -528,11 +569,7 @@ def main():
 
     if args.end_to_end:
         extra = [e for e in extra if e != "--"]
-        rows = [end_to_end(args, extra, ddp)
-                for ddp in {"on": [True], "off": [False], "both": [False, True]}[args.ddp]]
-        if len(rows) == 2:
-            print(f"torchrun (1 process) vs plain: "
-                  f"{rows[1]['img_per_s_steady'] / rows[0]['img_per_s_steady']:.3f}")
+        rows = end_to_end_repeats(args, extra)
     else:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -92,6 +92,30 @@ def test_end_to_end_on_cpu_prints_positive_rates(tmp_path):
     assert "Total time" in (tmp_path / "e2e" / "main_plain.log").read_text()
 
 
+def test_end_to_end_repeats_alternate_plain_and_torchrun_runs_and_give_the_median_ratio(tmp_path):
+    result = run_benchmark("--end_to_end", "--device", "cpu", "--iters", "12", "--batch", "8",
+                           "--num_workers", "0", "--ddp", "both", "--repeats", "2",
+                           "--output_dir", tmp_path / "e2e", "--", "--input_size", "32",
+                           "--nb_classes", "4", "--width_factor", "0.25",
+                           "--kernel_size", "13", "11", "9", "7", "3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"mode"')]
+    assert [(r["repeat"], r["ddp"]) for r in rows] == [(1, False), (1, True), (2, True), (2, False)]
+    assert "torchrun --standalone --nproc_per_node 1" not in rows[0]["command"]
+    assert "--nproc_per_node 1" in rows[1]["command"]
+    steady = {(r["repeat"], r["ddp"]): r["img_per_s_steady"] for r in rows}
+    ratios = sorted(steady[k, True] / steady[k, False] for k in (1, 2))
+    median = next(line for line in result.stdout.splitlines() if "over 2 repeats" in line)
+    assert f"median {sum(ratios) / 2:.3f}" in median and f"range {ratios[0]:.3f}" in median
+    for name in ("plain_1", "ddp_1", "plain_2", "ddp_2"):
+        assert "Total time" in (tmp_path / "e2e" / f"main_{name}.log").read_text()
+
+
+def test_end_to_end_repeats_apply_to_main_runs_only():
+    result = run_benchmark("--repeats", "3", "--device", "cpu")
+    assert result.returncode != 0 and "--repeats applies to --end_to_end" in result.stderr
+
+
 def test_end_to_end_profile_times_main_steps_with_and_without_the_profiler(tmp_path):
     result = run_benchmark("--end_to_end", "--device", "cpu", "--iters", "24", "--batch", "8",
                            "--num_workers", "0", "--profile", "--output_dir", tmp_path / "e2e",
