@@ -148,17 +148,27 @@ def check_same_classes(dataset_train, dataset_val):
                       f"labels would not match, so give folders with the same class names")
 
 
+def normalization(args):
+    """``(mean, std)`` per channel, of images scaled to [0, 1], that the inputs are normalised with."""
+    return ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
+            else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+
+
 def build_transform(is_train, args):
-    """timm's training transform (RandAugment, random erasing...) or resize + centre crop."""
-    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
-                 else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+    """timm's training transform (RandAugment, random erasing...) or resize + centre crop.
+
+    With ``args.prefetcher`` the transform ends with the image as uint8, channels first:
+    conversion to float, normalisation and random erasing are left to timm's ``PrefetchLoader``
+    on the training device (see ``main.build_loaders``)."""
+    mean, std = normalization(args)
     if is_train:
         auto_augment = None if args.aa is None or args.aa.lower() in ("", "none") else args.aa
         try:
             transform = create_transform(
                 input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
                 auto_augment=auto_augment, interpolation=args.train_interpolation,
-                re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
+                re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std,
+                use_prefetcher=args.prefetcher)
         except (AssertionError, ValueError, KeyError) as exc:  # timm's policy parser
             raise ConfigError(f"--aa {args.aa}: timm cannot parse this augmentation policy ({exc}); "
                               f"give one such as rand-m9-mstd0.5-inc1, or none") from None
@@ -175,7 +185,9 @@ def build_transform(is_train, args):
         crop_pct = args.crop_pct if args.crop_pct else 224 / 256
         resize = [transforms.Resize(int(size / crop_pct), interpolation=bicubic),
                   transforms.CenterCrop(size)]
-    return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+    to_input = [transforms.PILToTensor()] if args.prefetcher else \
+        [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(resize + to_input)
 
 
 def _require_dir(path, flag):

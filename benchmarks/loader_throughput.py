@@ -10,7 +10,8 @@ will wait for data, and how many ``--num_workers`` keep it fed:
         --input_size 224 --batch_size 64 --num_workers 14
 
 On ``--data_set synthetic`` the set is made as large as the batches need unless
-``--synthetic_train_size`` is given. Prints one JSON line.
+``--synthetic_train_size`` is given. With ``--prefetcher true`` the workers hand over uint8 images
+and the batches are normalised and erased on ``--device``, as in training. Prints one JSON line.
 """
 import argparse
 import json
@@ -18,6 +19,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -28,6 +31,10 @@ from utils import ConfigError, run_cli  # noqa: E402
 
 
 def measure(opts, args):
+    on_gpu = args.device.startswith("cuda")
+    if args.prefetcher and on_gpu and not torch.cuda.is_available():
+        raise ConfigError("--prefetcher true finishes the batches on --device cuda, and no GPU is "
+                          "visible; pass --device cpu")
     if args.data_set == "synthetic" and not opts.size_given:
         args.synthetic_train_size = args.batch_size * (opts.batches + 1)
     dataset, _ = build_dataset(True, args)
@@ -40,9 +47,12 @@ def measure(opts, args):
     start = time.perf_counter()
     for _ in range(opts.batches):
         next(batches)
+    if args.prefetcher and on_gpu:  # the last batch's normalisation and erasing
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return dict(data_set=args.data_set, input_size=args.input_size, batch_size=args.batch_size,
-                num_workers=args.num_workers, cpus=os.cpu_count(), batches=opts.batches,
+                num_workers=args.num_workers, prefetcher=args.prefetcher, cpus=os.cpu_count(),
+                batches=opts.batches,
                 img_per_s=round(opts.batches * args.batch_size / seconds, 1))
 
 

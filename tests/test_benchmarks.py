@@ -168,15 +168,17 @@ def run_loader_benchmark(*args):
                           text=True, timeout=300)
 
 
-def test_loader_throughput_times_the_training_loader_of_main(tmp_path):
+@pytest.mark.parametrize("prefetcher", [False, True])
+def test_loader_throughput_times_the_training_loader_of_main(tmp_path, prefetcher):
     result = run_loader_benchmark("--batches", "3", "--", "--data_set", "synthetic", "--device",
                                   "cpu", "--input_size", "32", "--batch_size", "4",
-                                  "--num_workers", "1", "--aa", "rand-m9-mstd0.5-inc1")
+                                  "--num_workers", "1", "--aa", "rand-m9-mstd0.5-inc1",
+                                  "--prefetcher", str(prefetcher))
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["img_per_s"] > 0 and row["batches"] == 3
-    assert (row["data_set"], row["input_size"], row["batch_size"], row["num_workers"]) == \
-        ("synthetic", 32, 4, 1)
+    assert (row["data_set"], row["input_size"], row["batch_size"], row["num_workers"],
+            row["prefetcher"]) == ("synthetic", 32, 4, 1, prefetcher)
 
 
 def test_loader_throughput_bad_input_is_one_line(tmp_path):
@@ -185,7 +187,11 @@ def test_loader_throughput_bad_input_is_one_line(tmp_path):
     too_few = run_loader_benchmark("--batches", "5", "--", "--data_set", "synthetic", "--device",
                                    "cpu", "--synthetic_train_size", "8", "--batch_size", "4",
                                    "--num_workers", "0")
-    for result, needle in ((missing, "--data_path"), (too_few, "lower --batches")):
+    cases = [(missing, "--data_path"), (too_few, "lower --batches")]
+    if not torch.cuda.is_available():
+        cases.append((run_loader_benchmark("--", "--data_set", "synthetic", "--prefetcher", "true"),
+                      "pass --device cpu"))
+    for result, needle in cases:
         assert result.returncode == 2 and "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
