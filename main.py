@@ -44,8 +44,10 @@ from utils import (ConfigError, TensorboardLogger, WandbLogger, cosine_scheduler
 class ArgumentParser(argparse.ArgumentParser):
     """Reports a bad command line as one line instead of the whole usage text."""
 
+    help_command = "python main.py --help"
+
     def error(self, message):
-        self.exit(2, f"error: {message} (see python main.py --help)\n")
+        self.exit(2, f"error: {message} (see {self.help_command})\n")
 
 
 def get_args_parser():

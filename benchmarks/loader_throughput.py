@@ -11,11 +11,18 @@ will wait for data, and how many ``--num_workers`` keep it fed:
 
 On ``--data_set synthetic`` the set is made as large as the batches need unless
 ``--synthetic_train_size`` is given. With ``--prefetcher true`` the workers hand over uint8 images
-and the batches are normalised and erased on ``--device``, as in training. Prints one JSON line.
+and the batches are normalised and erased on ``--device``, as in training; ``--compare_prefetcher``
+times the loader without and with it in one process (``--repeats`` pairs), e.g. on a GPU host:
+
+    python benchmarks/loader_throughput.py --batches 100 --compare_prefetcher --repeats 3 -- \
+        --data_set synthetic --input_size 224 --batch_size 64 --num_workers 14
+
+Prints one JSON line per measurement (and, comparing, one with the median ratio).
 """
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,19 +63,43 @@ def measure(opts, args):
                 img_per_s=round(opts.batches * args.batch_size / seconds, 1))
 
 
+def compare_prefetcher(opts, args):
+    """The loader without and with ``--prefetcher``, ``opts.repeats`` times each, in alternating
+    order; prints each measurement and returns the median of the repeats' ratios."""
+    ratios = []
+    for k in range(opts.repeats):
+        rates = {}
+        for prefetcher in (False, True) if k % 2 == 0 else (True, False):
+            row = measure(opts, argparse.Namespace(**{**vars(args), "prefetcher": prefetcher}))
+            print(json.dumps(row), flush=True)
+            rates[prefetcher] = row["img_per_s"]
+        ratios.append(rates[True] / rates[False])
+    return dict(prefetcher_vs_workers=round(statistics.median(ratios), 3),
+                ratios=[round(r, 3) for r in ratios])
+
+
 def main():
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = slak_main.ArgumentParser(description=__doc__,  # errors in one line, as main.py's
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.help_command = "python benchmarks/loader_throughput.py --help"
     parser.add_argument("--batches", type=int, default=50, help="batches timed")
+    parser.add_argument("--compare_prefetcher", action="store_true",
+                        help="time the loader with --prefetcher false and true, in one process")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --compare_prefetcher: pairs of measurements, in alternating "
+                             "order; the last line gives the median of their ratios")
     opts = parser.parse_args(argv[:split])
-    if opts.batches < 1:
-        parser.error("--batches must be at least 1")
+    if opts.batches < 1 or opts.repeats < 1:
+        parser.error("--batches and --repeats must be at least 1")
+    if opts.repeats > 1 and not opts.compare_prefetcher:
+        parser.error("--repeats applies to --compare_prefetcher")
     main_argv = argv[split + 1:]
     opts.size_given = any(a.split("=")[0] == "--synthetic_train_size" for a in main_argv)
     args = slak_main.get_args_parser().parse_args(main_argv)
-    print(json.dumps(run_cli(measure, opts, args)), flush=True)
+    print(json.dumps(run_cli(compare_prefetcher if opts.compare_prefetcher else measure,
+                             opts, args)), flush=True)
 
 
 if __name__ == "__main__":

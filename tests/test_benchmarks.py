@@ -181,13 +181,27 @@ def test_loader_throughput_times_the_training_loader_of_main(tmp_path, prefetche
             row["prefetcher"]) == ("synthetic", 32, 4, 1, prefetcher)
 
 
+def test_loader_throughput_compares_the_prefetcher_in_one_process():
+    result = run_loader_benchmark("--batches", "2", "--compare_prefetcher", "--repeats", "2", "--",
+                                  "--data_set", "synthetic", "--device", "cpu", "--input_size",
+                                  "32", "--batch_size", "4", "--num_workers", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    *rows, summary = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["prefetcher"] for r in rows] == [False, True, True, False]
+    ratios = [rows[1]["img_per_s"] / rows[0]["img_per_s"], rows[2]["img_per_s"] / rows[3]["img_per_s"]]
+    assert summary["ratios"] == [round(r, 3) for r in ratios]
+    assert summary["prefetcher_vs_workers"] == round(sum(ratios) / 2, 3)
+
+
 def test_loader_throughput_bad_input_is_one_line(tmp_path):
     missing = run_loader_benchmark("--", "--data_set", "IMNET", "--data_path", tmp_path / "none",
                                    "--device", "cpu")
     too_few = run_loader_benchmark("--batches", "5", "--", "--data_set", "synthetic", "--device",
                                    "cpu", "--synthetic_train_size", "8", "--batch_size", "4",
                                    "--num_workers", "0")
-    cases = [(missing, "--data_path"), (too_few, "lower --batches")]
+    repeats = run_loader_benchmark("--repeats", "2", "--", "--data_set", "synthetic")
+    cases = [(missing, "--data_path"), (too_few, "lower --batches"),
+             (repeats, "--repeats applies to --compare_prefetcher")]
     if not torch.cuda.is_available():
         cases.append((run_loader_benchmark("--", "--data_set", "synthetic", "--prefetcher", "true"),
                       "pass --device cpu"))
