@@ -73,11 +73,13 @@ def first_batches(*flags):
     return batches
 
 
-def test_prefetcher_gives_the_workers_batches_normalised_on_the_device():
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_prefetcher_gives_the_workers_batches_normalised_on_the_device(workers):
     # The same augmentations (RandAugment included) from the same seeds: the batches differ only
     # by the rounding of a normalisation computed as (x - 255 mean) / (255 std).
+    flags = ["--reprob", "0", "--num_workers", workers]
     for (images, targets), (fetched, fetched_targets) in zip(
-            first_batches("--reprob", "0"), first_batches("--reprob", "0", "--prefetcher", "true")):
+            first_batches(*flags), first_batches(*flags, "--prefetcher", "true")):
         assert fetched.dtype == torch.float32 and fetched.shape == images.shape
         torch.testing.assert_close(fetched, images, rtol=0, atol=1e-5)
         assert torch.equal(fetched_targets, targets)
