@@ -55,7 +55,10 @@ included) and ``img_per_s_steady`` (the iterations after the first logged window
 ``--steady_after`` iterations where that is later, from the
 progress lines and the epoch's total time; see :func:`parse_main_log`), and the last logged
 window's seconds per iteration and, of those, seconds waiting for the loader
-(``last_window_data_wait_s``: well above 0, the loader bounds the run); ``main.py``'s output is
+(``last_window_data_wait_s``: well above 0, the loader bounds the run), every logged window's
+seconds per iteration with the host's busy CPUs over it (``window_iter_s``,
+``window_host_busy_cores`` of ``host_cpus``, from ``/proc/stat``: whether the loader's workers
+leave the training process a core); ``main.py``'s output is
 kept in ``--output_dir`` as ``main_plain.log`` / ``main_ddp.log`` (its stderr beside them, as
 ``main_plain.stderr.log`` / ``main_ddp.stderr.log``; with ``--repeats``, numbered:
 ``main_plain_1.log``, ...). ``--device cpu`` runs the
@@ -77,6 +80,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -404,6 +408,42 @@ def parse_main_log(stdout, window=None, steady_after=0):
     return epoch, rest / (total - k - 1), k + 1
 
 
+class HostLoad:
+    """The whole host's busy logical CPUs, on average between successive calls of
+    :meth:`busy_cores`, from ``/proc/stat`` (Linux; None elsewhere): whether main.py's loader
+    workers and the training process contend for the cores."""
+
+    def __init__(self):
+        try:
+            with open("/proc/stat") as stat:
+                self.cpus = sum(1 for line in stat if re.match(r"cpu\d+ ", line))
+        except OSError:
+            self.cpus = None
+        self.last = self._read()
+
+    @staticmethod
+    def _read():
+        """(busy, total) jiffies of all CPUs since boot; idle and I/O wait are not busy."""
+        try:
+            with open("/proc/stat") as stat:
+                user, nice, system, idle, iowait, irq, softirq, steal = \
+                    map(int, stat.readline().split()[1:9])
+        except (OSError, ValueError):
+            return None
+        busy = user + nice + system + irq + softirq + steal
+        return busy, busy + idle + iowait
+
+    def busy_cores(self):
+        now = self._read()
+        if now is None or self.last is None:
+            return None
+        (busy, total), (busy_before, total_before) = now, self.last
+        self.last = now
+        if total == total_before:
+            return None
+        return round(self.cpus * (busy - busy_before) / (total - total_before), 2)
+
+
 def end_to_end(args, extra, ddp=False, repeat=None):
     """Run main.py for ``iters`` optimizer steps on synthetic data; images/s of the epoch.
     ``ddp``: under ``torchrun --standalone --nproc_per_node 1`` (DistributedDataParallel,
@@ -432,30 +472,43 @@ def end_to_end(args, extra, ddp=False, repeat=None):
                "--save_ckpt", "false", "--auto_resume", "false", "--output_dir", str(out),
                "--num_workers", str(args.num_workers), "--pin_mem", str(args.device != "cpu"),
                *extra]
+    out.mkdir(parents=True, exist_ok=True)
+    stderr_log = out / f"main_{run}.stderr.log"  # kept, e.g. for TORCH_LOGS=recompiles
+    host = HostLoad()
+    lines, busy_cores = [], []
     start = time.time()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    # main.py's output is read as it comes, to sample the host's load at every progress line.
+    with open(stderr_log, "w") as stderr, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
+            env=dict(os.environ, PYTHONUNBUFFERED="1")) as process:
+        for line in process.stdout:
+            lines.append(line)
+            if PROGRESS_LINE.search(line):
+                busy_cores.append(host.busy_cores())
     wall = time.time() - start
-    if result.returncode != 0:
-        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n", file=sys.stderr)
-        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
-        raise SystemExit(f"error: main.py failed (exit {result.returncode}): {last}\n"
+    stdout, stderr_text = "".join(lines), stderr_log.read_text()
+    if process.returncode != 0:
+        print(stdout[-3000:], stderr_text[-3000:], sep="\n", file=sys.stderr)
+        last = next((line for line in reversed(stderr_text.splitlines()) if line.strip()), "")
+        raise SystemExit(f"error: main.py failed (exit {process.returncode}): {last}\n"
                          f"command: {' '.join(command)}")
     try:
-        epoch, steady, warmup = parse_main_log(result.stdout, steady_after=args.steady_after)
+        epoch, steady, warmup = parse_main_log(stdout, steady_after=args.steady_after)
     except ValueError as exc:
-        print(result.stdout[-3000:], file=sys.stderr)
+        print(stdout[-3000:], file=sys.stderr)
         raise SystemExit(f"error: {exc}\ncommand: {' '.join(command)}") from None
     log = out / f"main_{run}.log"
-    log.write_text(result.stdout)
-    (out / f"main_{run}.stderr.log").write_text(result.stderr)  # e.g. TORCH_LOGS=recompiles
+    log.write_text(stdout)
     batch = args.batch  # images per iteration (one micro-batch of one process)
     # A loader that cannot keep up shows as waiting for data in the last logged window.
-    iter_window, data_window = map(float, DATA_WAIT.findall(result.stdout)[-1])
+    iter_window, data_window = map(float, DATA_WAIT.findall(stdout)[-1])
     row = dict(mode="end_to_end", ddp=ddp, repeat=repeat, device=args.device,
                command=" ".join(command[1:]),
                wall_s=round(wall, 1), iterations=micro_batches, warmup_iterations=warmup,
                img_per_s_epoch=round(batch / epoch, 1), img_per_s_steady=round(batch / steady, 1),
-               last_window_iter_s=iter_window, last_window_data_wait_s=data_window, log=str(log))
+               last_window_iter_s=iter_window, last_window_data_wait_s=data_window, log=str(log),
+               window_iter_s=[float(t) for _, _, t in PROGRESS_LINE.findall(stdout)],
+               window_host_busy_cores=busy_cores, host_cpus=host.cpus)
     if args.profile:
         row["profile"] = json.loads(profile_json.read_text())
     print(json.dumps(row), flush=True)

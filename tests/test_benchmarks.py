@@ -90,6 +90,12 @@ def test_end_to_end_on_cpu_prints_positive_rates(tmp_path):
     assert "--kernel_size 13 11 9 7 3" in row["command"]
     assert 0 <= row["last_window_data_wait_s"] <= row["last_window_iter_s"]
     assert "Total time" in (tmp_path / "e2e" / "main_plain.log").read_text()
+    # One host-load sample per logged window (a window within one clock tick has none).
+    busy, cpus = row["window_host_busy_cores"], row["host_cpus"]
+    assert len(busy) == len(row["window_iter_s"]) == 4 and row["window_iter_s"][-1] == \
+        row["last_window_iter_s"]
+    assert cpus >= 1 and any(b is not None for b in busy)
+    assert all(0 <= b <= cpus for b in busy if b is not None)
 
 
 def test_end_to_end_repeats_alternate_plain_and_torchrun_runs_and_give_the_median_ratio(tmp_path):
