@@ -20,7 +20,6 @@ The summary is human-readable; the last line is JSON: ``{"params_M": ..., "gmacs
 """
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 

@@ -293,8 +293,6 @@ def time_training_step(name, dtype_name, channels_last, compile_model, batch, st
         result["snip_peak_mem_gib"] = snip_peak
     if profile:
         result.update(profile_steps(step, warmup + steps, 5))
-    del model, optimizer, train_model, batches, masking
-    release_gpu_memory()
     return result
 
 
@@ -338,8 +336,6 @@ def time_inference(name, dtype_name, channels_last, compile_model, batch, steps,
                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
     if profile:
         result.update(profile_steps(forward, warmup + steps, 5))
-    del model, run_model, images
-    release_gpu_memory()
     return result
 
 
@@ -650,7 +646,8 @@ def main():
                             row = dict(model=name, dtype=dtype_name, channels_last=channels_last,
                                        compile=compile_model, grad_checkpointing=grad_ckpt,
                                        error=f"{type(exc).__name__}: {exc}"[:300])
-                            release_gpu_memory()
+                        # The case's model, optimizer and batches went with its frame.
+                        release_gpu_memory()
                         row["compile_mode"] = mode if compile_model else None
                         print(json.dumps(row), flush=True)
                         rows.append(row)

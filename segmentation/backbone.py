@@ -20,7 +20,6 @@ import os
 import re
 import sys
 
-import torch
 from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.runner import CheckpointLoader

@@ -9,7 +9,6 @@ import json
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import SLaK  # noqa: F401 - registers the SLaK models
 from conftest import REPO, run_main
