@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import SLaK  # noqa: F401 - registers the SLaK family in timm
 import sparse_core
-from checkpoint import (append_log, args_model_config, latest_checkpoint,
+from checkpoint import (append_log, args_model_config, epoch_checkpoints, latest_checkpoint,
                         load_state_dict_checked, open_checkpoint, prepare_output_dir,
                         remove_old_checkpoints,
                         restore_training_state, save_training_state)
@@ -431,9 +431,6 @@ def main(args):
 
     if distilling:
         resume_path = (latest_checkpoint(args.output_dir) if args.distill_resume else None) or ""
-        if not args.distill_resume and latest_checkpoint(args.output_dir):
-            print(f"Note: {args.output_dir} holds checkpoints that this run will not continue from "
-                  f"(and may replace); pass --distill_resume to continue the student")
     else:
         if args.auto_resume and not args.resume and args.output_dir:
             args.resume = latest_checkpoint(args.output_dir) or ""
@@ -484,6 +481,17 @@ def main(args):
             checkpoint, resume_path, args=args, model=model_without_ddp, optimizer=optimizer,
             scaler=scaler, model_ema=model_ema, feature_loss=feature_loss, masking=masking,
             flag="--distill_resume" if distilling else "--resume")
+    if args.output_dir and not args.eval:
+        # A run over another run's epoch checkpoints would rewrite its log and best checkpoint,
+        # have its own checkpoints rotated away as the older ones, and leave auto-resume to pick
+        # the other run's newest.
+        ahead = [path for epoch, path in epoch_checkpoints(args.output_dir)
+                 if epoch >= args.start_epoch]
+        if ahead:
+            how = "--distill_resume" if distilling else "--auto_resume true and no --resume"
+            raise ConfigError(f"--output_dir {args.output_dir} holds {os.path.basename(ahead[-1])}, "
+                              f"of epochs this run would train again from epoch {args.start_epoch}: "
+                              f"continue from it with {how}, or pass another --output_dir")
 
     if teacher is not None and data_loader_val is not None:
         teacher_stats = evaluate(data_loader_val, teacher, device, amp_dtype, args.channels_last)

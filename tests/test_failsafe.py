@@ -311,3 +311,18 @@ def test_unusable_files_are_one_line_for_every_loader(tmp_path, content, message
         one_error_line(run_tool("erf/visualize_erf.py", "--model", "SLaK", "--data_path", tmp_path,
                                 "--weights", path), message)
     assert not out.exists()
+
+
+def test_a_run_over_another_runs_checkpoints_is_one_line_and_touches_nothing(tmp_path):
+    out = tmp_path / "out"
+    run = [*TINY_MODEL, *SYNTHETIC, *FAST, "--batch_size", "16", "--synthetic_train_size", "32",
+           "--output_dir", out]
+    run_main(*run, "--epochs", "2")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert "checkpoint-1.pth" in before
+    # Started afresh, it would rewrite the log and lose its own checkpoint-0 to the rotation.
+    result = run_main(*run, "--epochs", "1", "--auto_resume", "false", check=False)
+    one_error_line(result, "holds checkpoint-1.pth, of epochs this run would train again")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    # Continuing it is what the message says, and works.
+    assert "Resuming training at epoch 2" in run_main(*run, "--epochs", "3").stdout
