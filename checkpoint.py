@@ -331,6 +331,11 @@ def save_training_state(path, *, args, epoch, model, optimizer, scaler, model_em
     return path
 
 
+# Optimizer group entries that belong to this run, not to the checkpoint it continues.
+OWN_GROUP_SETTINGS = ("lr_scale", "scheduled_weight_decay", "fused", "foreach", "capturable",
+                      "differentiable")
+
+
 def restore_training_state(checkpoint, path, *, args, model, optimizer, scaler, model_ema=None,
                            feature_loss=None, masking=None, flag="--resume"):
     """Continue from ``checkpoint`` (read from ``path``, given by ``flag``).
@@ -352,9 +357,11 @@ def restore_training_state(checkpoint, path, *, args, model, optimizer, scaler, 
     start_epoch, max_accuracy, max_accuracy_ema = args.start_epoch, 0.0, 0.0
     if not args.eval and "optimizer" in checkpoint and "epoch" in checkpoint:
         # The original's groups ([decay, no decay], or per layer id) are ours in the same order,
-        # so its state loads as ours; our per-group settings are kept over the saved ones.
-        ours = [{k: g[k] for k in ("lr_scale", "scheduled_weight_decay") if k in g}
-                for g in optimizer.param_groups]
+        # so its state loads as ours. Our per-group settings are kept over the saved ones, and so
+        # is this run's implementation of the step: a checkpoint of an unfused AdamW (the
+        # original's, or one written on the CPU) must not unfuse the step on CUDA, where
+        # GradScaler was told at construction that the fused one unscales the gradients itself.
+        ours = [{k: g[k] for k in OWN_GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
             for group, settings in zip(optimizer.param_groups, ours):
@@ -363,7 +370,7 @@ def restore_training_state(checkpoint, path, *, args, model, optimizer, scaler, 
             raise ConfigError(f"{flag} {path}: its optimizer state does not match this run's "
                               f"parameter groups ({exc}); use --finetune to start from its "
                               f"weights with a fresh optimizer") from None
-        if "scaler" in checkpoint and scaler.is_enabled():
+        if checkpoint.get("scaler") and scaler.is_enabled():  # empty: saved without float16 AMP
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = int(checkpoint["epoch"]) + 1
         max_accuracy = checkpoint.get("max_accuracy", 0.0)

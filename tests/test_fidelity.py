@@ -11,6 +11,7 @@ from PIL import Image
 import SLaK  # noqa: F401 - registers the family
 from conftest import SYNTHETIC, TINY_MODEL, run_main
 from datasets import build_transform
+from checkpoint import restore_training_state
 from optim_factory import create_optimizer, layer_id
 
 COMMON = [*TINY_MODEL, *SYNTHETIC, "--batch_size", "16", "--synthetic_train_size", "32",
@@ -123,3 +124,29 @@ def test_main_accepts_the_originals_sparse_flags(tmp_path):
     assert "[sparse] step 1:" in result.stdout and "[sparse] step 2:" in result.stdout
     help_text = run_main("--help").stdout
     assert "never redistributed" in help_text and "--sparse_zero_state" in help_text
+
+
+def test_resuming_an_unfused_optimizer_keeps_this_runs_fused_step(tmp_path):
+    """The original's AdamW (or ours on the CPU) was unfused; on CUDA ours is fused, and
+    GradScaler, told so at construction, leaves the unscaling to the fused step. Resuming must
+    keep the step fused, or the first scaled step fails; and a checkpoint written without
+    float16 AMP has no loss scale to restore."""
+    write_original_checkpoint(tmp_path / "original.pth")  # its scaler state is empty: no AMP
+    checkpoint = torch.load(tmp_path / "original.pth", weights_only=False)
+    model = tiny()
+    args = argparse.Namespace(eval=False, start_epoch=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # float16 AMP in this run
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
+    # Fused, as ours on CUDA (the CPU has a fused AdamW too).
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay}], lr=1e-3, fused=True)
+    start = restore_training_state(checkpoint, "original.pth", args=args, model=model,
+                                   optimizer=optimizer, scaler=scaler)[0]
+    assert start == 1 and all(group["fused"] for group in optimizer.param_groups)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(torch.randn(2, 3, 32, 32)).float().sum()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
