@@ -11,10 +11,12 @@ Life cycle (as ``main.py``/``engine.py`` drive it)::
 
     masking = Masking(model, optimizer, args, total_steps)
     masking.init(images, targets, criterion)     # or masking.load_masks(ckpt["masks"])
+    masking.mask_ema(ema.module)                 # the EMA starts masked too
     for each optimizer step:
         scaler.step(optimizer); ...
         stats = masking.step()                   # dict on adaptation steps, else None
-        ema.update(model); masking.mask_ema(ema.module)
+        optimizer.zero_grad()
+        masking.update_ema(ema, model)           # instead of ema.update(model)
 
 ``step()`` re-applies the masks to the weights after every optimizer step, whatever the
 precision and also when a fp16 ``GradScaler`` skipped the step; SGD's momentum buffers are
@@ -321,7 +323,7 @@ class Masking:
         device = next(iter(self.params.values())).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(int(getattr(args, "seed", 0)) * 1_000_003 + 12345)
-        # Gradient growth reads the gradients just before the optimizer consumes them (unscaled).
+        # Gradient growth reads the gradients just before the optimizer consumes them.
         self._grads = {}
         self._hook = None
         self._use_graph, self._graph, self._graph_key = True, None, None
@@ -524,10 +526,21 @@ class Masking:
 
     # ---------------------------------------------------------------------------- training
     def _before_optimizer_step(self, optimizer, args, kwargs):
-        """Optimizer pre-step hook: keep the gradients gradient growth needs (unscaled)."""
+        """Optimizer pre-step hook: keep the gradients gradient growth needs.
+
+        Under float16 AMP they are still multiplied by the loss scale unless ``--clip_grad``
+        unscaled them; growth ranks them within each layer, which one scale does not change.
+        """
         if not self._mask_bits:
             return
         if self.pending or self._adapts_at(self.steps + 1):
+            # GradScaler steps a fused optimizer even when the gradients overflowed, and tells it
+            # so through ``found_inf`` (the fused kernel then skips the update): keep nothing, so
+            # that the adaptation waits for a step with finite gradients, as for the other
+            # optimizers, whose step the scaler skips.
+            found_inf = getattr(optimizer, "found_inf", None)
+            if found_inf is not None and bool(found_inf):
+                return
             self._grads = {k: self.params[k].grad.detach().clone() for k in self._mask_bits
                            if self.params[k].grad is not None}
 
@@ -538,8 +551,9 @@ class Masking:
             return None
         adapt = self.pending or self._adapts_at(self.steps)
         if adapt and self.growth == "gradient" and not self._grads:
-            # The optimizer did not step (fp16 overflow: the scaler skipped it, so the pre-step
-            # hook kept no gradients); adapt at the next step.
+            # The step had no finite gradients (fp16 overflow: the scaler skipped it, or stepped
+            # a fused optimizer that skips it itself; the pre-step hook kept none): adapt at the
+            # next step.
             self.pending = True
             self.apply_masks()
             return None

@@ -42,10 +42,10 @@ def batch(seed, n=4, size=32):
     return images, torch.randint(0, 4, (n,), generator=g)
 
 
-def make(seed=0, total_steps=100, model_kwargs=None, sgd=False, **kwargs):
+def make(seed=0, total_steps=100, model_kwargs=None, sgd=False, fused=None, **kwargs):
     model = tiny_model(seed, **(model_kwargs or {}))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, nesterov=True) if sgd \
-        else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+        else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=fused)
     masking = sparse_core.Masking(model, optimizer, sparse_args(**kwargs), total_steps)
     images, targets = batch(1000 + seed)
     masking.init(images, targets, nn.CrossEntropyLoss())
@@ -283,9 +283,13 @@ def test_prune_rate_cosine_decay_and_fix():
 
 
 # ------------------------------------------------------------------------------ precision
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "fp16 fused"])
 def test_pruned_weights_stay_zero(precision):
-    model, optimizer, masking = make(update_frequency=2, growth="gradient")
+    # "fp16 fused": the fused AdamW (ours on CUDA), which GradScaler steps even on an overflow,
+    # leaving the fused kernel to skip the update.
+    model, optimizer, masking = make(update_frequency=2, growth="gradient",
+                                     fused=True if precision == "fp16 fused" else None)
+    precision = precision.split()[0]
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=precision == "fp16")
     stats, skipped = [], []
