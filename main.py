@@ -398,13 +398,15 @@ def main(args):
     cudnn.benchmark = True
     amp_dtype = getattr(torch, args.amp_dtype) if args.use_amp else None
 
-    dataset_val, nb_classes = build_dataset(False, args)
-    dataset_train = None if args.eval else build_dataset(True, args)[0]
-    if dataset_train is not None:
-        check_same_classes(dataset_train, dataset_val)
-    args.nb_classes = nb_classes
-    if args.disable_eval:
+    if args.disable_eval:  # (with --eval refused above) no validation set to find or read
+        dataset_train, nb_classes = build_dataset(True, args)
         dataset_val = None
+    else:
+        dataset_val, nb_classes = build_dataset(False, args)
+        dataset_train = None if args.eval else build_dataset(True, args)[0]
+        if dataset_train is not None:
+            check_same_classes(dataset_train, dataset_val)
+    args.nb_classes = nb_classes
     data_loader_train, data_loader_val = build_loaders(
         args, dataset_train if dataset_train is not None else dataset_val, dataset_val)
 
@@ -455,6 +457,8 @@ def main(args):
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device=torch.device("cpu") if args.model_ema_force_cpu else None)
+    # Evaluation runs the bare model: with --dist_eval false only rank 0 evaluates, and a DDP
+    # forward may broadcast buffers, a collective the other ranks would never join.
     model_without_ddp = model
     if args.distributed:
         model = data_parallel(model, device, args.ddp_bucket_cap_mb)
@@ -496,16 +500,16 @@ def main(args):
     if teacher is not None and data_loader_val is not None:
         teacher_stats = evaluate(data_loader_val, teacher, device, amp_dtype, args.channels_last)
         print(f"Teacher accuracy on {len(dataset_val)} test images: {teacher_stats['acc1']:.2f}%")
-        student_stats = evaluate(data_loader_val, model, device, amp_dtype, args.channels_last)
+        student_stats = evaluate(data_loader_val, model_without_ddp, device, amp_dtype,
+                                 args.channels_last)
         print(f"Student accuracy on {len(dataset_val)} test images"
               f"{'' if args.eval else ' at the start'}: {student_stats['acc1']:.2f}%")
         if args.eval:
             return student_stats
 
     if args.eval:
-        if data_loader_val is None:
-            raise ConfigError("--eval true with --disable_eval true leaves nothing to do")
-        test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.channels_last)
+        test_stats = evaluate(data_loader_val, model_without_ddp, device, amp_dtype,
+                              args.channels_last)
         print(f"Accuracy of the network on {len(dataset_val)} test images: {test_stats['acc1']:.5f}%")
         return test_stats
 
@@ -573,7 +577,8 @@ def main(args):
             log_stats["train_skipped_images"] = int(all_reduce_sum(
                 [dataset_train.skipped.value - skipped_before], device)[0])
         if data_loader_val is not None:
-            test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.channels_last)
+            test_stats = evaluate(data_loader_val, model_without_ddp, device, amp_dtype,
+                              args.channels_last)
             if test_stats["acc1"] > max_accuracy:
                 max_accuracy = test_stats["acc1"]
                 if args.output_dir and args.save_ckpt:

@@ -141,21 +141,23 @@ def SLaK_initial_weights():
                      kernel_size=[13, 11, 9, 7, 3]).state_dict()
 
 
-@pytest.mark.parametrize("launcher", [
-    [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
-    [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2"],
-], ids=["torchrun", "torch.distributed.launch"])
-def test_two_process_gloo_training(tmp_path, launcher):
+@pytest.mark.parametrize("launcher,dist_eval", [
+    ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], "true"),
+    # Rank 0 alone evaluates: nothing it runs may wait for the other rank.
+    ([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2"], "false"),
+], ids=["torchrun", "torch.distributed.launch, --dist_eval false"])
+def test_two_process_gloo_training(tmp_path, launcher, dist_eval):
     out = tmp_path / "out"
     result = run_main(*TINY_MODEL, *SYNTHETIC, *FAST, "--epochs", "1", "--batch_size", "16",
                       "--synthetic_train_size", "128", "--output_dir", out,
+                      "--dist_eval", dist_eval, timeout=300,
                       launcher=launcher + ["--master_port", str(free_port())])
     assert (out / "checkpoint-0.pth").exists()
     logs = (out / "log.txt").read_text().splitlines()
     assert len(logs) == 1  # rank 0 alone writes
     assert result.stdout.count("Max accuracy") == 1  # rank 0 alone prints
     assert "2 processes" in result.stdout
-    assert "(64 images)" in result.stdout  # the whole validation set, split across the ranks
+    assert "(64 images)" in result.stdout  # the whole validation set, split or not
 
 
 def test_one_process_ddp_trains_exactly_like_the_plain_run(tmp_path):

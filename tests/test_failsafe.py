@@ -232,9 +232,8 @@ def test_class_folders_that_disagree_or_are_empty_are_one_line(tmp_path):
     assert not out.exists()
 
 
-def test_imagenet_layout_says_nb_classes_is_ignored(tmp_path):
-    image_folder(tmp_path / "imnet" / "train", ["n01", "n02"])
-    image_folder(tmp_path / "imnet" / "val", ["n01", "n02"], per_class=1)
+def test_imagenet_layout_says_nb_classes_is_ignored_and_needs_no_val_without_eval(tmp_path):
+    image_folder(tmp_path / "imnet" / "train", ["n01", "n02"])  # --disable_eval true: no val/
     result = run_main(*TINY_MODEL, *FAST, "--data_set", "IMNET", "--data_path", tmp_path / "imnet",
                       "--nb_classes", "2", "--device", "cpu", "--input_size", "32", "--num_workers",
                       "0", "--epochs", "1", "--batch_size", "4", "--disable_eval", "true")
