@@ -102,7 +102,9 @@ def init_distributed_mode(args):
         return
 
     args.distributed = True
-    use_cuda = args.device.startswith("cuda")
+    # --device cuda without a GPU is refused by the flag checks that follow: the group is still
+    # made (over gloo) so that rank 0 alone reports it, as it reports every other bad flag.
+    use_cuda = args.device.startswith("cuda") and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"

@@ -272,6 +272,10 @@ def check_args(args):
         raise ConfigError("--model_ema_eval true needs --model_ema true")
     if args.update_freq < 1 or args.batch_size < 1:
         raise ConfigError("--batch_size and --update_freq must be at least 1")
+    if args.batch_size % 2 and mixes_images(args) and not args.eval:
+        raise ConfigError(f"--batch_size {args.batch_size} is odd, and mixup and cutmix pair each "
+                          f"image with another of its batch: pass an even --batch_size, or "
+                          f"--mixup 0 --cutmix 0")
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity {args.sparsity} must be in [0, 1)")
     sparsified = args.model if args.distill_type is None else args.model_s
@@ -380,6 +384,11 @@ def build_loaders(args, dataset_train, dataset_val):
         if data_loader_val is not None:
             data_loader_val = PrefetchLoader(data_loader_val, mean, std, device=device)
     return data_loader_train, data_loader_val
+
+
+def mixes_images(args):
+    """Whether training batches go through timm's Mixup (mixup or cutmix)."""
+    return args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
 
 
 def build_criterion(args, mixup_active):
@@ -521,7 +530,7 @@ def main(args):
     wandb_logger = WandbLogger(args) if args.enable_wandb and is_main_process() else None
 
     mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+    mixup_active = mixes_images(args)
     if mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,

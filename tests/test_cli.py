@@ -160,6 +160,15 @@ def test_two_process_gloo_training(tmp_path, launcher, dist_eval):
     assert "(64 images)" in result.stdout  # the whole validation set, split or not
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_torchrun_without_a_gpu_reports_the_device_flag_once():
+    result = run_main(*TINY_MODEL, *SYNTHETIC, "--device", "cuda", "--epochs", "1", check=False,
+                      launcher=torchrun(2))
+    assert result.returncode != 0
+    assert result.stderr.count("error: --device cuda but no GPU is visible; pass --device cpu") == 1
+    assert 'main.py", line' not in result.stderr  # (torchrun's own report follows it)
+
+
 def test_one_process_ddp_trains_exactly_like_the_plain_run(tmp_path):
     # DDP (gloo, gradients as views into its buckets) with one process must change nothing:
     # same sampler order, same gradients, accumulation (no_sync) and set-to-None zeroing included;

@@ -28,6 +28,7 @@ def one_error_line(result, message, code=2):
     (["--eval", "true", "--disable_eval", "true"], "leaves nothing to do"),
     (["--eval", "true"], "--eval true needs weights"),
     (["--enable_wandb", "true"], "pip install wandb"),
+    (["--batch_size", "7"], "--batch_size 7 is odd, and mixup and cutmix pair"),
 ])
 def test_bad_flags_are_one_line_before_anything_is_written(tmp_path, bad_args, message):
     if "wandb" in message and __import__("importlib").util.find_spec("wandb") is not None:
