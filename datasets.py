@@ -123,17 +123,26 @@ class SafeImageFolder(datasets.ImageFolder):
               f"dropped", flush=True)
 
     def __getitem__(self, index):
-        for attempt in range(min(len(self.samples), 100)):
-            path = self.samples[(index + attempt) % len(self.samples)][0]
+        attempts = min(len(self.samples), 100)
+        for attempt in range(attempts):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return super().__getitem__((index + attempt) % len(self.samples))
+                image = self.loader(path)
             except UNREADABLE as exc:
                 with self.skipped.get_lock():
                     self.skipped.value += 1
                 print(f"Warning: skipping unreadable image {path} ({type(exc).__name__}: "
                       f"{str(exc)[:100]}); pass --check_images true to drop such files at start-up",
                       flush=True)
-        raise ConfigError(f"{self.root}: 100 images in a row cannot be read; check the data folder")
+                continue
+            # Outside the try: a transform's error is a bug to report, not an unreadable file.
+            if self.transform is not None:
+                image = self.transform(image)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return image, target
+        raise ConfigError(f"{self.root}: {attempts} images in a row cannot be read; check the "
+                          f"data folder")
 
 
 def check_same_classes(dataset_train, dataset_val):

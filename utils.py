@@ -50,7 +50,10 @@ def run_cli(main, *args, on_interrupt=None):
     try:
         return main(*args)
     except RunStopped as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        message = str(exc)
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker, and re-raised
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]  # with its traceback
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         hint = on_interrupt() if on_interrupt is not None else ""

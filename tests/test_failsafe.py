@@ -220,6 +220,16 @@ def test_an_unreadable_image_is_skipped_with_one_warning_and_counted(tmp_path):
     assert json.loads((tmp_path / "checked" / "log.txt").read_text())["train_skipped_images"] == 0
 
 
+def test_a_training_folder_of_unreadable_images_is_one_line_from_the_loader_workers(tmp_path):
+    train = image_folder(tmp_path / "train", ["a", "b"], per_class=2)
+    val = image_folder(tmp_path / "val", ["a", "b"], per_class=1)
+    for image in train.glob("*/*.jpg"):
+        image.write_bytes(image.read_bytes()[:40])
+    result = folder_run(train, val, "--num_workers", "1", "--output_dir", tmp_path / "out",
+                        nb_classes=2)
+    one_error_line(result, f"{train}: 4 images in a row cannot be read; check the data folder")
+
+
 def test_class_folders_that_disagree_or_are_empty_are_one_line(tmp_path):
     train = image_folder(tmp_path / "train", ["cat", "dog", "fox"])
     val = image_folder(tmp_path / "val", ["cat", "dog", "owl"], per_class=1)
