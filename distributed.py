@@ -82,9 +82,26 @@ def init_distributed_mode(args):
 
     Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` and
     ``args.dist_backend`` (NCCL on CUDA, gloo on CPU). A plain ``python main.py`` stays
-    single-process.
+    single-process. With ``--dist_on_itp true`` the processes are OpenMPI's (``mpirun``, as on
+    Microsoft's ITP clusters), meeting at ``MASTER_ADDR:MASTER_PORT``.
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / torch.distributed.launch
+    if getattr(args, "dist_on_itp", False):
+        needed = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                  "MASTER_ADDR", "MASTER_PORT"]
+        missing = [name for name in needed if name not in os.environ]
+        if missing:
+            from utils import ConfigError  # (utils imports this module)
+            raise ConfigError(f"--dist_on_itp true takes the processes from mpirun, but "
+                              f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                              f"set; launch with mpirun and set "
+                              f"MASTER_ADDR and MASTER_PORT, or drop --dist_on_itp")
+        args.rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+        args.world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        args.gpu = int(os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+        args.dist_url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        os.environ.update(RANK=str(args.rank), WORLD_SIZE=str(args.world_size),
+                          LOCAL_RANK=str(args.gpu))
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / torch.distributed.launch
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
         args.gpu = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank >= 0 else 0))

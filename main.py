@@ -107,7 +107,9 @@ def get_args_parser():
     group.add_argument("--reprob", type=float, default=0.25, help="random erase probability")
     group.add_argument("--remode", type=str, default="pixel")
     group.add_argument("--recount", type=int, default=1)
-    group.add_argument("--resplit", type=str2bool, default=False)
+    group.add_argument("--resplit", type=str2bool, default=False,
+                       help="accepted for the original's command lines; no effect there either "
+                            "(no augmentation splits)")
     group.add_argument("--mixup", type=float, default=0.8)
     group.add_argument("--cutmix", type=float, default=1.0)
     group.add_argument("--cutmix_minmax", type=float, nargs="+", default=None)
@@ -164,7 +166,9 @@ def get_args_parser():
     group = parser.add_argument_group("distributed")
     group.add_argument("--world_size", default=1, type=int)
     group.add_argument("--local_rank", "--local-rank", default=-1, type=int)
-    group.add_argument("--dist_on_itp", type=str2bool, default=False)
+    group.add_argument("--dist_on_itp", type=str2bool, default=False,
+                       help="processes started by mpirun (OpenMPI's OMPI_COMM_WORLD_* variables), "
+                            "meeting at MASTER_ADDR:MASTER_PORT")
     group.add_argument("--dist_url", default="env://")
     group.add_argument("--ddp_bucket_cap_mb", type=float, default=None,
                        help="DistributedDataParallel's gradient bucket size in MB (default: "
@@ -641,7 +645,8 @@ def resume_hint(args, argv):
     if args.distill_type is not None:
         if "--distill_resume" not in argv:
             command.append("--distill_resume")
-    elif "--resume" in argv or not args.auto_resume:  # a later --resume overrides an earlier one
+    elif any(a == "--resume" or a.startswith("--resume=") for a in argv) or not args.auto_resume:
+        # Appended: a later --resume overrides an earlier one.
         command += ["--resume", newest]
     return f"newest complete checkpoint {newest}; resume with: {shlex.join(command)}"
 

@@ -160,6 +160,30 @@ def test_two_process_gloo_training(tmp_path, launcher, dist_eval):
     assert "(64 images)" in result.stdout  # the whole validation set, split or not
 
 
+def test_dist_on_itp_takes_the_processes_from_openmpis_variables(tmp_path):
+    """--dist_on_itp true: the processes are mpirun's; here two started by hand as it would."""
+    port = str(free_port())
+    command = [sys.executable, str(REPO / "main.py"), *TINY_MODEL, *SYNTHETIC, *FAST, "--epochs",
+               "1", "--batch_size", "16", "--synthetic_train_size", "64", "--disable_eval", "true",
+               "--dist_on_itp", "true", "--output_dir", tmp_path / "out"]
+    ranks = [subprocess.Popen(list(map(str, command)), cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env=dict(cli_env(), OMPI_COMM_WORLD_RANK=str(rank),
+                                       OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_RANK=str(rank),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in range(2)]
+    outputs = [process.communicate(timeout=300) for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], outputs
+    assert "16 per process x 1 accumulation x 2 processes" in outputs[0][0]
+    assert (tmp_path / "out" / "checkpoint-0.pth").exists()
+    # Without mpirun's variables: one line naming them.
+    result = run_main(*TINY_MODEL, *SYNTHETIC, "--dist_on_itp", "true", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --dist_on_itp true takes the processes from mpirun, but "
+                               "OMPI_COMM_WORLD_RANK, ") and lines[0].endswith("drop --dist_on_itp")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_torchrun_without_a_gpu_reports_the_device_flag_once():
     result = run_main(*TINY_MODEL, *SYNTHETIC, "--device", "cuda", "--epochs", "1", check=False,
