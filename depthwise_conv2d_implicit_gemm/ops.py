@@ -243,12 +243,14 @@ class _EagerConv(torch.autograd.Function):
 
 
 def autocast_inputs(x, *tensors):
-    """``x`` and ``tensors`` (None kept) cast as autocast casts conv2d's inputs: all to the
-    autocast dtype when autocast is on for ``x``'s device. Autocast does not see custom ops."""
+    """``x`` and ``tensors`` (None kept) cast as autocast casts conv2d's inputs: every floating
+    tensor but float64 ones to the autocast dtype when autocast is on for ``x``'s device.
+    Autocast does not see custom ops."""
     if x.is_cuda and torch.is_autocast_enabled("cuda") or (
             x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
         dtype = torch.get_autocast_dtype(x.device.type)
-        return tuple(t if t is None else t.to(dtype) for t in (x, *tensors))
+        return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype)
+                     for t in (x, *tensors))
     return (x, *tensors)
 
 

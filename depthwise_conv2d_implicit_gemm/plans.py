@@ -2,8 +2,8 @@
 
 The heuristics behind a launch and Triton's own argument binding cost more host time than a
 small stage's GPU work, so an eager call with a known signature only looks its plan up and
-calls the compiled binary. Every function here takes tensors already in the geometry the
-kernels run in (``ops.py`` transposes for the ``transposed`` strategy).
+calls the compiled binary (Triton 3.3 and later). Every function here takes tensors already in
+the geometry the kernels run in (``ops.py`` transposes for the ``transposed`` strategy).
 """
 import functools
 import inspect
@@ -17,6 +17,11 @@ from .kernels import (dwconv_cross_kernel, dwconv_fwd_kernel, dwconv_pair_kernel
                       dwconv_wgrad_kernel, get_kernels)
 
 _MAX_PLANS = 4096
+
+# The compiled binary's launcher takes every argument, constants included (as ``launch`` passes
+# them), from Triton 3.3 on; before, only the others. There every call goes through the JIT
+# function's own binding: the same kernel, more host time per call.
+LAUNCH_COMPILED = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 3)
 
 
 class Plan:
@@ -71,7 +76,7 @@ def launch(plan, tensors):
     else:
         compiled = plan.kernel[plan.grid](*tensors, *plan.args, num_warps=plan.num_warps,
                                           num_stages=plan.num_stages)
-        if compiled is not None:   # the interpreter has no binary to call
+        if compiled is not None and LAUNCH_COMPILED:   # the interpreter has no binary to call
             plan.compiled = compiled
 
 

@@ -40,9 +40,13 @@ def sum_forward(x, weight_a, bias_a, weight_b, bias_b):
     strategy is ``planes`` or ``cross``."""
     ops.check_args(x, weight_a, bias_a)
     ops.check_args(x, weight_b, bias_b)
+    strategy = choose_sum_strategy(x.shape)
+    if strategy not in (PLANES, CROSS):
+        raise ValueError(f"slak::dwconv2d_sum runs on maps of at most 64x64 pixels, not "
+                         f"{x.shape[2]}x{x.shape[3]}; depthwise_conv2d_sum takes any map")
     bias = _added_biases(bias_a, bias_b)
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    if choose_sum_strategy(x.shape) == PLANES:
+    if strategy == PLANES:
         ops.plans.plane_conv(x, _added_kernels(weight_a, weight_b), bias, False, y)
         return y
     # The kernel with the fewer rows runs along W (as rows of the image), the other along H.

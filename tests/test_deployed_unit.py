@@ -142,3 +142,16 @@ def test_compiled_deployed_unit_traces_the_sum_op_without_graph_breaks(launched)
         ref = deployed(x)
     assert "dwconv_cross_kernel" in launched_compiled
     assert rel_err(y, ref) < 1e-6
+
+
+def test_the_sum_op_called_directly_refuses_maps_it_does_not_cover(launched):
+    """``depthwise_conv2d_sum`` sends maps over 64x64 pixels to two convolutions; the custom op
+    itself, reachable as ``torch.ops.slak.dwconv2d_sum``, says so instead of misusing a kernel."""
+    x = torch.randn(1, 2, 65, 40, device=DEVICE)
+    weight_a = torch.randn(2, 1, 5, 1, device=DEVICE)
+    weight_b = torch.randn(2, 1, 1, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 64x64 pixels, not 65x40"):
+        torch.ops.slak.dwconv2d_sum(x, weight_a, None, weight_b, None)
+    assert launched == []
+    reference = depthwise_conv2d_reference(x, weight_a) + depthwise_conv2d_reference(x, weight_b)
+    assert rel_err(depthwise_conv2d_sum(x, weight_a, None, weight_b, None), reference) < 1e-5

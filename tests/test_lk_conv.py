@@ -299,6 +299,11 @@ def test_autocast_casts_like_conv2d():
     assert rel_err(y, ref) < TOL[dtype]
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
+    # Autocast leaves float64 alone, and so does the convolution under it.
+    with torch.autocast(DEVICE, dtype=dtype):
+        y64 = conv.double()(x.detach().double())
+        ref64 = depthwise_conv2d_reference(x.detach().double(), conv.weight, conv.bias)
+    assert y64.dtype == ref64.dtype == torch.float64 and rel_err(y64, ref64) < 1e-12
 
 
 def test_torch_compile_fullgraph():
