@@ -234,11 +234,13 @@ def unit_input_grad(grad_tall, tall_transposed, grad_wide, grad_small, weight_ta
     ``grad_tall`` stored transposed with ``tall_transposed`` (see ``unit_conv``)."""
     if dx.numel() == 0:
         return
-    plan = _cached(_key("unit_dx", tall_transposed, grad_tall, grad_wide, weight_tall,
-                        weight_wide, weight_small, dx),
+    # The kernel reads grad_small with grad_wide's strides and alignment hint.
+    plan = _cached(_key("unit_dx", tall_transposed, grad_tall, grad_wide, grad_small,
+                        weight_tall, weight_wide, weight_small, dx),
                    lambda: _cross_plan(grad_wide, weight_tall, weight_wide, weight_small, dx,
                                        False, split=False, flip=True,
-                                       x_tall=grad_tall if tall_transposed else None))
+                                       x_tall=grad_tall if tall_transposed else None,
+                                       x_small=grad_small))
     wide, tall, small = plan.scratch
     launch(plan, (grad_wide, grad_small, grad_tall, toeplitz_tiles(wide, weight_wide, dx),
                   toeplitz_tiles(small, weight_small, dx), toeplitz_tiles(tall, weight_tall, dx),
@@ -246,12 +248,16 @@ def unit_input_grad(grad_tall, tall_transposed, grad_wide, grad_small, weight_ta
 
 
 def _cross_plan(x, weight_tall, weight_wide, weight_small, y, has_bias, split, flip,
-                x_tall=None):
+                x_tall=None, x_small=None):
     """``dwconv_cross_kernel`` for a deployed unit (two kernels, one source, summed), a trained
     unit's forward pass (``split``: three outputs and statistics) or its input gradient
     (``flip``: three sources, rotated kernels, summed); ``x_tall``: the tall kernel's source
-    where it is stored transposed (``TALL_T``). ``scratch``: the Toeplitz tile plans, wide,
-    tall, then small if any."""
+    where it is stored transposed (``TALL_T``); ``x_small``: the small kernel's source where it
+    is not ``x`` (read with ``x``'s strides). ``scratch``: the Toeplitz tile plans, wide, tall,
+    then small if any."""
+    if x_small is not None and x_small.stride() != x.stride():
+        raise ValueError(f"the small branch's source has strides {x_small.stride()}, the wide "
+                         f"one's {x.stride()}: pass both contiguous")
     N, C, H, W = x.shape
     hp, wp = (max(16, triton.next_power_of_2(n)) for n in (H, W))
     tuning = heuristics.TUNING
@@ -270,7 +276,8 @@ def _cross_plan(x, weight_tall, weight_wide, weight_small, y, has_bias, split, f
         syc=y.stride(1), H=H, W=W, HP=hp, WP=wp, G=images, HAS_SMALL=has_small,
         SMALL_SHARES_ROWS=has_small and not flip, HAS_BIAS=has_bias, SPLIT=split,
         **heuristics.dot_args(x), INDEX_64=heuristics.needs_index_64(x, y),
-        ALIGN=heuristics.vector_width(g, x) if tuning.vectorize else 1,
+        ALIGN=heuristics.vector_width(g, x, *([] if x_small is None else [x_small]))
+        if tuning.vectorize else 1,
         Y_ALIGN=heuristics.vector_width(g, y) if tuning.vectorize else 1)
     if x_tall is not None:
         values.update(TALL_T=True, T_ALIGN=heuristics.vector_width(g, x_tall)
