@@ -3,7 +3,9 @@
 A ConvNeXt whose 7x7 depthwise convolution is replaced by a large-kernel unit: for stage kernel
 K and small kernel s, either two rectangular depthwise convolutions (K, s) + (s, K) ("Decom"), or
 one (K, K) convolution, plus an (s, s) convolution when s < K; each branch is conv then
-BatchNorm and the unit returns their sum. ``kernel_size = (7, 7, 7, 7, 100)`` gives ConvNeXt.
+BatchNorm and the unit returns their sum. ``kernel_size = (7, 7, 7, 7, 100)`` gives the
+original's ConvNeXt baseline: one 7x7 depthwise convolution per block, followed by BatchNorm
+(ConvNeXt's own has a bias and no BatchNorm).
 
 Module attribute names (``large_kernel``, ``LoRA1``, ``LoRA2``, ``lkb_origin``, ``small_conv``,
 ``downsample_layers``, ``gamma``...) are the original release's, because they are the names in
@@ -88,8 +90,15 @@ def fuse_conv_bn(branch):
     if not hasattr(branch, "bn"):
         return weight, bias
     bn = branch.bn
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return weight * scale.view(-1, 1, 1, 1), bn.bias + (bias - bn.running_mean) * scale
+    if bn.running_var is None:
+        raise ValueError("a BatchNorm without running statistics normalises with each batch's "
+                         "own and folds into no convolution; build it with "
+                         "track_running_stats=True to reparameterize")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shifted = (bias - bn.running_mean) * scale
+    if bn.affine:
+        scale, shifted = scale * bn.weight, shifted * bn.weight + bn.bias
+    return weight * scale.view(-1, 1, 1, 1), shifted
 
 
 def _after_conv(branch, z):
@@ -135,9 +144,9 @@ def pad_kernel_to(weight, shape):
 
 
 def _hooked(module):
-    """Whether ``module`` has forward hooks, which a fused path that skips its call would skip
-    (the FLOPs counter counts convolutions through them)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Whether ``module`` or a module inside it has forward hooks, which a fused path that skips
+    their calls would skip (the FLOPs counter counts convolutions through them)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 class LargeKernelUnit(nn.Module):
@@ -217,7 +226,7 @@ class LargeKernelUnit(nn.Module):
             out = self.LoRA1(x) + _after_conv(wide, z) if self.Decom else _after_conv(wide, z)
             return out + _after_conv(self.small_conv, z_small)
         if self.Decom:
-            if self.deploy and not _hooked(self.LoRA1.conv) and not _hooked(self.LoRA2.conv):
+            if self.deploy and not _hooked(self.LoRA1) and not _hooked(self.LoRA2):
                 # Both biased convolutions in one pass where the kernels allow it.
                 return depthwise_conv2d_sum(x, self.LoRA1.conv.weight, self.LoRA1.conv.bias,
                                             self.LoRA2.conv.weight, self.LoRA2.conv.bias)
@@ -245,7 +254,7 @@ class LargeKernelUnit(nn.Module):
             return False
         branches = (self.LoRA1, self.LoRA2, self.small_conv)
         return (all(hasattr(b, "bn") and b.bn.training and b.conv.bias is None and
-                    not _hooked(b.conv) and not _hooked(b.bn) for b in branches) and
+                    not _hooked(b) for b in branches) and
                 x.shape[0] * x.shape[2] * x.shape[3] > 1 and
                 can_fuse_unit(x, *(b.conv.weight for b in branches)))
 
@@ -271,7 +280,7 @@ class LargeKernelUnit(nn.Module):
     def _pairs_small_branch(self, x, wide):
         return (self.fuse_small and hasattr(self, "small_conv") and not self.deploy and
                 wide.conv.bias is None and self.small_conv.conv.bias is None and
-                not _hooked(wide.conv) and not _hooked(self.small_conv.conv) and
+                not _hooked(wide) and not _hooked(self.small_conv) and
                 can_pair(x, wide.conv.weight, self.small_conv.conv.weight))
 
     @torch.no_grad()

@@ -127,6 +127,13 @@ def test_hooks_on_the_deployed_convolutions_still_fire(launched):
     _, deployed = deployed_unit(3, 13)
     seen = []
     deployed.LoRA1.conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    deployed.LoRA2.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # a branch's
+    with torch.no_grad():
+        deployed(torch.randn(1, 3, 18, 20, device=DEVICE))
+    assert len(seen) == 2 and "dwconv_cross_kernel" not in launched
+    seen.clear()
+    _, deployed = deployed_unit(3, 13)
+    deployed.LoRA2.register_forward_pre_hook(lambda m, i: seen.append(i[0].shape))
     with torch.no_grad():
         deployed(torch.randn(1, 3, 18, 20, device=DEVICE))
     assert len(seen) == 1 and "dwconv_cross_kernel" not in launched

@@ -31,8 +31,9 @@ def _randomise_batchnorm(model, generator):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.5, generator=generator)
             m.running_var.uniform_(0.5, 2.0, generator=generator)
-            m.weight.data.normal_(1, 0.3, generator=generator)
-            m.bias.data.normal_(0, 0.3, generator=generator)
+            if m.affine:
+                m.weight.data.normal_(1, 0.3, generator=generator)
+                m.bias.data.normal_(0, 0.3, generator=generator)
 
 
 @pytest.mark.parametrize("kernel_size,decom,bn", [
@@ -67,6 +68,24 @@ def test_reparameterize_preserves_eval_output(kernel_size, decom, bn, tmp_path):
                          Decom=decom, bn=bn, deploy=True).double().eval()
     reloaded.load_state_dict(SLaK.checkpoint_filter_fn(torch.load(path, weights_only=True)), strict=True)
     assert torch.equal(reloaded(x), after)
+
+
+def test_reparameterize_folds_batchnorms_without_affine_and_refuses_those_without_statistics():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(2)
+    unit = SLaK.LargeKernelUnit(6, 13, 5, Decom=True).double()
+    for branch in (unit.LoRA1, unit.LoRA2, unit.small_conv):
+        branch.bn = torch.nn.BatchNorm2d(6, affine=False).double()
+    _randomise_batchnorm(unit, generator)  # (only the running statistics: there is no affine)
+    unit.eval()
+    x = torch.randn(2, 6, 20, 18, dtype=torch.float64, generator=generator)
+    before = unit(x)
+    unit.reparameterize()
+    assert ((unit(x) - before).norm() / before.norm()).item() < 1e-12
+    unit = SLaK.LargeKernelUnit(6, 13, 5, Decom=True)
+    unit.LoRA1.bn = torch.nn.BatchNorm2d(6, track_running_stats=False)
+    with pytest.raises(ValueError, match="without running statistics"):
+        unit.reparameterize()
 
 
 @pytest.mark.parametrize("name", ["SLaK_tiny", "SLaK_small", "SLaK_base", "SLaK_large"])
