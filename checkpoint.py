@@ -13,7 +13,7 @@ from distributed import is_main_process
 from utils import ConfigError
 
 _EPOCH_FILE = re.compile(r"checkpoint-(\d+)\.pth$")
-_TEMPORARY_FILE = re.compile(r"\.tmp-\d+$")  # what save_atomic writes before its rename
+_TEMPORARY_FILE = re.compile(r"\.tmp-\d+$")  # what write_atomic writes before its rename
 LOG_FILE = "log.txt"
 
 
@@ -212,18 +212,24 @@ def load_state_dict_checked(model, state_dict, flag, path, strict=True):
                               f"pass the flags it was trained with") from None
 
 
-def save_atomic(obj, path):
-    """Write ``obj`` to ``path`` so that a crash at any moment leaves the old file intact."""
+def write_atomic(path, write, mode="wb"):
+    """``write(file)`` into a temporary file beside ``path``, then renamed over it: a crash at any
+    moment leaves the old file intact."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomic(obj, path):
+    """``torch.save(obj, path)`` through ``write_atomic``."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def save_on_master(obj, path):
@@ -275,7 +281,7 @@ def prepare_output_dir(output_dir, start_epoch, keep):
             lines = f.read().splitlines(keepends=True)
         kept = [line for line in lines if _log_epoch(line) < start_epoch]
         if kept != lines:
-            _write_text_atomic(log, "".join(kept))
+            write_atomic(log, lambda f: f.write("".join(kept)), mode="w")
     remove_old_checkpoints(output_dir, keep)
 
 
@@ -284,15 +290,6 @@ def _log_epoch(line):
         return int(json.loads(line)["epoch"])
     except (ValueError, KeyError, TypeError):
         return float("inf")  # a half-written last line of a killed run: dropped
-
-
-def _write_text_atomic(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def append_log(output_dir, stats):

@@ -34,6 +34,7 @@ import SLaK
 from checkpoint import args_model_config, load_state_dict_checked, open_checkpoint
 from distributed import data_parallel
 from model_factory import build_model
+from optim_factory import param_groups
 
 __all__ = ["DISTILL_TYPES", "FD_LOSS_TYPES", "STUDENT_OVERRIDES", "KDLoss", "NKDLoss",
            "FeatureDistillLoss", "last_stage", "as_feature_map", "LastStageTap", "DistillationLoss",
@@ -236,14 +237,11 @@ def freeze(model):
 
 
 def add_param_groups(optimizer, module, weight_decay):
-    """Add ``module``'s trainable parameters to ``optimizer`` (weights decayed, biases not) with
-    the keys the training loop's schedule reads (``lr_scale``, ``scheduled_weight_decay``)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for group_params, decay in (([p for p in params if p.ndim > 1], weight_decay),
-                                ([p for p in params if p.ndim <= 1], 0.0)):
-        if group_params:
-            optimizer.add_param_group({"params": group_params, "weight_decay": decay,
-                                       "lr_scale": 1.0, "scheduled_weight_decay": decay > 0})
+    """Add ``module``'s trainable parameters to ``optimizer``, grouped as the student's are
+    (``optim_factory.param_groups``: weights decayed, biases and norms not), with the key the
+    training loop's weight-decay schedule reads."""
+    for group in param_groups(module, weight_decay):
+        optimizer.add_param_group({**group, "scheduled_weight_decay": group["weight_decay"] > 0})
 
 
 class DistillationLoss:

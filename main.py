@@ -574,8 +574,6 @@ def main(args):
         # (seed, epoch, rank), so an epoch re-run after a crash is identical.
         seed_everything(args.seed + 1_000_003 * epoch + get_rank())
         data_loader_train.sampler.set_epoch(epoch)
-        if log_writer is not None:
-            log_writer.set_step(epoch * steps_per_epoch)
         skipped_before = dataset_train.skipped.value if hasattr(dataset_train, "skipped") else 0
         train_stats = train_one_epoch(
             train_model, loss_fn, data_loader_train, optimizer, device, epoch, scaler,

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from bitmask import count_set_bits, pack_bits, unpack_bits, zero_unset_
+from distributed import get_world_size, is_main_process
 
 __all__ = ["Masking", "PRUNE", "GROWTH", "magnitude_prune", "random_growth", "gradient_growth",
            "momentum_growth", "momentum_neuron_growth", "momentum_score", "erk_densities",
@@ -230,15 +231,11 @@ def _random_mask(shape, density, generator, device):
     return mask.view(shape)
 
 
-def _is_dist():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _from_rank0(bitmaps):
     """Rank 0's ``bitmaps`` (a list of flat uint8 tensors) on every rank: one broadcast of their
     concatenation, returned as views of it. The bitmaps are an eighth of the bool masks' bytes,
     and splitting them back costs no operation per layer, where an adaptation of SLaK-T has 90."""
-    if not _is_dist() or not bitmaps:
+    if get_world_size() == 1 or not bitmaps:
         return bitmaps
     packed = torch.cat(bitmaps)
     dist.broadcast(packed, src=0)
@@ -250,10 +247,6 @@ def _byte_aligned(tensors):
     the layout in which the layers' bitmaps lie end to end in one buffer."""
     gap = tensors[0].new_zeros(7)
     return torch.cat([piece for t in tensors for piece in (t.reshape(-1), gap[:-t.numel() % 8])])
-
-
-def _is_main():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _optimizer_state_tensors(optimizer, param):
@@ -415,7 +408,7 @@ class Masking:
             return {k: 1.0 for k in scores}
         threshold = torch.topk(flat, n_keep, sorted=True).values[-1]
         raw = {k: (s >= threshold).float().mean().item() for k, s in scores.items()}
-        if _is_dist():  # one batch per rank would give each rank other densities: take rank 0's
+        if get_world_size() > 1:  # each rank's batch would give other densities: rank 0's
             vec = torch.tensor([raw[k] for k in names], dtype=torch.float64, device=flat.device)
             dist.broadcast(vec, src=0)
             raw = dict(zip(names, vec.tolist()))
@@ -499,7 +492,7 @@ class Masking:
             return graph
         except Exception as exc:  # noqa: BLE001 - any capture failure: fall back to eager
             self._use_graph = False
-            if _is_main():
+            if is_main_process():
                 print(f"[sparse] CUDA graph for re-masking unavailable ({exc}); eager re-masking",
                       flush=True)
             return None
@@ -684,7 +677,7 @@ class Masking:
         return out
 
     def _report(self, when, stats):
-        if not _is_main():
+        if not is_main_process():
             return
         print(f"[sparse] {when}: density {stats['density']:.4f} (target {self.density:.4f}), "
               f"prune rate {stats['prune_rate']:.4f}, ever active {stats['ever_active']:.4f}, "

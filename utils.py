@@ -9,7 +9,7 @@ from collections import defaultdict, deque
 import numpy as np
 import torch
 
-from distributed import all_reduce_sum, is_main_process
+from distributed import all_reduce_sum
 
 
 class RunStopped(Exception):
@@ -84,8 +84,9 @@ def seed_everything(seed):
 
 
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
-                     start_warmup_value=0.0, warmup_steps=-1):
-    """Per-iteration values: linear warmup, then cosine decay from ``base_value`` to ``final_value``.
+                     warmup_steps=-1):
+    """Per-iteration values: linear warmup from 0, then cosine decay from ``base_value`` to
+    ``final_value``.
 
     Used for both the learning rate and the weight decay (timm's schedulers cannot schedule weight
     decay on the decayed parameter groups only). ``warmup_steps > 0`` overrides ``warmup_epochs``.
@@ -93,7 +94,7 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
     total = epochs * niter_per_ep
     warmup = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
     warmup = min(warmup, total)
-    warmup_part = np.linspace(start_warmup_value, base_value, warmup, endpoint=False)
+    warmup_part = np.linspace(0.0, base_value, warmup, endpoint=False)
     steps = np.arange(total - warmup)
     cosine_part = final_value + 0.5 * (base_value - final_value) * (
         1 + np.cos(np.pi * steps / max(len(steps), 1)))
@@ -159,11 +160,6 @@ class MetricLogger:
     def add_meter(self, name, meter):
         self.meters[name] = meter
 
-    def __getattr__(self, name):
-        if name in self.__dict__.get("meters", {}):
-            return self.meters[name]
-        raise AttributeError(name)
-
     def __str__(self):
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
@@ -194,24 +190,21 @@ class MetricLogger:
 
 
 class TensorboardLogger:
-    """Scalars to TensorBoard under ``--log_dir``; ``step`` counts optimizer updates."""
+    """Scalars to TensorBoard under ``--log_dir``, each at the ``step`` given (the training
+    curves count optimizer updates, the evaluation ones epochs)."""
 
     def __init__(self, log_dir):
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(log_dir=log_dir)
-        self.step = 0
 
-    def set_step(self, step=None):
-        self.step = self.step + 1 if step is None else step
-
-    def update(self, head="scalar", step=None, **kwargs):
+    def update(self, head, step, **kwargs):
         for name, value in kwargs.items():
             if value is None:
                 continue
             if isinstance(value, torch.Tensor):
                 value = value.item()
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(f"{head}/{name}", value, self.step if step is None else step)
+                self.writer.add_scalar(f"{head}/{name}", value, step)
 
     def flush(self):
         self.writer.flush()
@@ -221,10 +214,7 @@ class WandbLogger:
     """Weights & Biases run for ``--enable_wandb true`` (the package is optional)."""
 
     def __init__(self, args):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("--enable_wandb needs the wandb package; pip install wandb") from None
+        import wandb  # (main.py's flag checks made sure it is installed)
         self.wandb = wandb
         if wandb.run is None:
             wandb.init(project=args.project, config=vars(args))
@@ -240,7 +230,3 @@ class WandbLogger:
     def finish(self):
         self.wandb.finish()
 
-
-def only_on_main(logger_factory, *args):
-    """Build a logger on rank 0 only (others get ``None``)."""
-    return logger_factory(*args) if is_main_process() else None
