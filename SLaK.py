@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from depthwise_conv2d_implicit_gemm import (DepthWiseConv2dImplicitGEMM, can_fuse_unit, can_pair,
                                              depthwise_conv2d_pair, depthwise_conv2d_sum,
-                                             depthwise_conv2d_unit)
+                                             depthwise_conv2d_unit, pad_kernel_to)
 
 __all__ = ["SLaK", "LargeKernelUnit", "Block", "PatchConv2d", "aligned_linear",
            "validate_kernel_size", "checkpoint_filter_fn", "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
@@ -135,12 +135,6 @@ def _batch_norm_from_stats(bn, z, stats, count, shift):
         scale, bias = scale * bn.weight, bias * bn.weight + bn.bias
     # In float32 from z as it is: autograd keeps z, not a float32 copy of it.
     return torch.addcmul(bias[:, None, None], z, scale[:, None, None])
-
-
-def pad_kernel_to(weight, shape):
-    """Zero-pad a ``(C, 1, kh, kw)`` kernel symmetrically to ``(C, 1, *shape)``."""
-    dh, dw = shape[0] - weight.shape[2], shape[1] - weight.shape[3]
-    return F.pad(weight, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
 
 
 def _hooked(module):

@@ -2,7 +2,7 @@
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from .ops import depthwise_conv2d
+from .ops import check_odd_kernel, depthwise_conv2d
 
 
 class DepthWiseConv2dImplicitGEMM(nn.Conv2d):
@@ -21,8 +21,7 @@ class DepthWiseConv2dImplicitGEMM(nn.Conv2d):
 
     def __init__(self, channels, kernel, bias=False):
         kh, kw = _pair(kernel)
-        if kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"kernel {(kh, kw)} must be odd on both axes for 'same' padding")
+        check_odd_kernel(kh, kw)
         super().__init__(channels, channels, (kh, kw), padding=(kh // 2, kw // 2),
                          groups=channels, bias=bias)
 

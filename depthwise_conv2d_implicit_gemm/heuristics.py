@@ -1,7 +1,8 @@
 """Launch heuristics: which kernels a call runs (its strategy) and with which tiles and hints.
 
 Everything here is a pure function of shapes, strides, dtypes and alignment, plus the
-parameters in ``TUNING``; ``plans.py`` turns the answers into kernel launches.
+parameters in ``TUNING`` and PyTorch's TF32 flag (``dot_args``); ``plans.py`` turns the answers
+into kernel launches.
 """
 import dataclasses
 
@@ -24,14 +25,16 @@ class Tuning:
     * ``tile_elements``: the output tile of one program for 32- and 64-wide tiles (enough
       tensor-core work per Toeplitz gather); 8 warps then hold 32 accumulators a thread (with
       4 warps stage 1 and 2 ran 1.8-2.8x slower).
-    * ``narrow_tile_lines``: lines per program for 16-wide tiles (7- and 14-pixel maps, where
-      more, smaller programs measured faster: stage 4 forward 38-39 us against 47-50 us).
+    * ``narrow_tile_lines``: lines per program for 16-wide tiles (lines of at most 16 pixels
+      that the whole-plane kernels do not take), where more, smaller programs measured faster.
     * ``wgrad_lines`` / ``wgrad_lines_fp32``: the reduction chunk of the weight-gradient GEMM.
     * ``plane_pixels``: maps of at most this many pixels run through the whole-plane kernels
       (SLaK's 7x7 stage: 2.2-3.6x less GPU time than the line kernels); 0 disables them.
     * ``transpose_align``: a tall kernel runs as the wide one on transposed images when the
       image height is a multiple of this (see ``choose_strategy``); 0 never transposes.
     * ``vectorize``: pass the alignment hints that let lines load and store as 16-byte vectors.
+      Off, the paths built on them are off too: the ``transposed`` strategy, one-tile lines
+      (``LA_ONE_BLOCK``) and with them the Toeplitz tiles in memory.
     * ``num_stages``: software pipelining depth; deeper kept more tiles in registers and
       measured 6% slower in the forward passes.
     * ``toeplitz_in_memory``: where one 64-wide tile spans a line (lines of 33-64 pixels,
@@ -68,6 +71,9 @@ TUNING = Tuning()
 
 PLANES, TRANSPOSED, LINES = "planes", "transposed", "lines"
 CROSS, SEPARATE = "cross", "separate"
+# The one-pass unit kernel (``dwconv_cross_kernel``) holds whole images of one channel, up to
+# 64x64 pixels, in one tile.
+CROSS_MAX_SIDE = 64
 
 
 def choose_strategy(shape, kernel):
@@ -106,7 +112,7 @@ def choose_sum_strategy(shape):
     h, w = shape[2], shape[3]
     if h * w <= TUNING.plane_pixels:
         return PLANES
-    if TUNING.cross_unit and h <= 64 and w <= 64:
+    if TUNING.cross_unit and h <= CROSS_MAX_SIDE and w <= CROSS_MAX_SIDE:
         return CROSS
     return SEPARATE
 

@@ -50,6 +50,8 @@ That combiner is private to Triton: it is used only on the Triton 3 releases tha
 (``SUM_COMBINE``), and ``tl.sum`` otherwise (compiled kernels, and the interpreter when Triton
 was imported under ``TRITON_INTERPRET=1``, are fine with it).
 """
+import inspect
+
 import triton
 import triton.language as tl
 
@@ -768,7 +770,7 @@ def get_kernels(interpret):
         # Sizes and strides are not specialised on divisibility: the line offsets are
         # unaligned anyway (shifted by taps), and one binary per tile configuration keeps
         # compilation to a few dozen kernels for all SLaK shapes. Unit strides still are.
-        lines = ["N", "C", "LA", "LB", "KA", "KB", "N_KCHUNK", "SPLIT_M"] + [
+        lines = ["N", "LA", "LB", "KA", "KB", "N_KCHUNK", "SPLIT_M"] + [
             p + s for p in ("sx", "sy", "sd") for s in "ncb"] + [
             "swc", "swa", "swb", "swslot", "swi", "swj", "KA2", "KB2", "sw2c", "sw2a", "sw2b"]
         # The plane kernels address whole planes, so nothing is specialised but unit strides.
@@ -778,7 +780,7 @@ def get_kernels(interpret):
         cross = ["N", "KBW", "KBS", "KBT", "sxn", "sxc", "syn", "syc"]
         _COMPILED[interpret] = {
             fn.__name__: triton.jit(fn, do_not_specialize=[
-                a for a in unspecialised if a in fn.__code__.co_varnames])
+                a for a in unspecialised if a in inspect.signature(fn).parameters])
             for fn, unspecialised in ((dwconv_fwd_kernel, lines), (dwconv_pair_kernel, lines),
                                       (dwconv_toeplitz_kernel, lines),
                                       (dwconv_cross_kernel, cross),

@@ -21,6 +21,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .heuristics import PLANES, TRANSPOSED, choose_strategy, output_format
@@ -59,9 +60,8 @@ def kernel_layout(t, kernel):
 
     Called outside the custom ops on output gradients and on inputs, so that under
     ``torch.compile`` the change of layout is Inductor's: the kernel producing the tensor (a
-    BatchNorm backward, say) writes it in this layout directly. Inside the ops it was an eager
-    copy per branch and pass (channels-last gradients: 9 ms of a compiled SLaK-T step on the
-    H200). See ``input_layout`` for the one exception."""
+    BatchNorm backward, say) writes it in this layout directly, where inside an op it would be
+    an eager copy per branch and pass. See ``input_layout`` for the one exception."""
     if choose_strategy(t.shape, kernel) == TRANSPOSED:
         return t.transpose(2, 3).contiguous().transpose(2, 3)
     return t.contiguous()
@@ -94,13 +94,23 @@ def _convolve(x, weight, bias, flip):
     return y.contiguous(memory_format=output_format(x))
 
 
+def pad_kernel_to(weight, shape):
+    """Zero-pad a ``(C, 1, kh, kw)`` kernel symmetrically to ``(C, 1, *shape)``: the same
+    convolution, with "same" padding, as a larger kernel."""
+    dh, dw = shape[0] - weight.shape[2], shape[1] - weight.shape[3]
+    return F.pad(weight, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+
+
+def check_odd_kernel(kh, kw):
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel {(kh, kw)} must be odd on both axes for 'same' padding")
+
+
 def check_args(x, weight, bias):
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
         raise ValueError(f"depthwise conv expects x (N, C, H, W) and weight (C, 1, kh, kw), got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    kh, kw = weight.shape[-2:]
-    if kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"kernel {(kh, kw)} must be odd on both axes for 'same' padding")
+    check_odd_kernel(*weight.shape[-2:])
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"input ({x.dtype}), weight ({weight.dtype}) and bias must share a dtype; "
                         f"cast them, or run under autocast")
@@ -231,8 +241,7 @@ class _EagerConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        _setup_context(ctx, (x, weight, bias), None)
         return conv_forward(x, weight, bias)
 
     @staticmethod

@@ -116,7 +116,7 @@ class _EagerPair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, weight_small):
-        ctx.save_for_backward(x, weight, weight_small)
+        _setup_context(ctx, (x, weight, weight_small), None)
         return pair_forward(x, weight, weight_small)
 
     @staticmethod

@@ -11,7 +11,6 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -20,13 +19,8 @@ from .heuristics import CROSS, PLANES, choose_sum_strategy
 
 def _added_kernels(weight_a, weight_b):
     """One ``(C, 1, kh, kw)`` kernel equal to the two centred kernels summed."""
-    kh = max(weight_a.shape[2], weight_b.shape[2])
-    kw = max(weight_a.shape[3], weight_b.shape[3])
-
-    def padded(w):
-        dh, dw = (kh - w.shape[2]) // 2, (kw - w.shape[3]) // 2
-        return F.pad(w, [dw, dw, dh, dh])
-    return padded(weight_a) + padded(weight_b)
+    shape = (max(weight_a.shape[2], weight_b.shape[2]), max(weight_a.shape[3], weight_b.shape[3]))
+    return ops.pad_kernel_to(weight_a, shape) + ops.pad_kernel_to(weight_b, shape)
 
 
 def _added_biases(bias_a, bias_b):

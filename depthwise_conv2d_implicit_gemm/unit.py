@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .heuristics import TRANSPOSED, choose_strategy
+from .heuristics import CROSS_MAX_SIDE, TRANSPOSED, choose_strategy
 
 
 def can_fuse_unit(x, weight_tall, weight_wide, weight_small):
@@ -34,7 +34,7 @@ def can_fuse_unit(x, weight_tall, weight_wide, weight_small):
     most 64x64 pixels, the kernels are tall, wide and small, odd-sized, and the small kernel
     has at most the wide one's rows."""
     if not (ops.use_triton(x) and not os.environ.get("LARGE_KERNEL_CONV_IMPL") and x.dim() == 4
-            and x.shape[2] <= 64 and x.shape[3] <= 64):
+            and x.shape[2] <= CROSS_MAX_SIDE and x.shape[3] <= CROSS_MAX_SIDE):
         return False
     (th, tw), (wh, ww), (sh, sw) = (w.shape[2:] for w in (weight_tall, weight_wide, weight_small))
     return (th >= tw and wh <= ww and sh <= wh and
