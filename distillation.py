@@ -381,7 +381,7 @@ def build_distillation(args, nb_classes, device):
     built with :data:`STUDENT_OVERRIDES`), the teacher from ``--resume`` or
     ``--teacher_pretrained``, and for ``*FD`` types the feature loss on ``device``."""
     overrides = STUDENT_OVERRIDES if args.model_s in SLaK.MODEL_DEPTHS_DIMS else {}
-    student = build_model(args, args.model_s, nb_classes, **overrides)
+    student = build_model(args, args.model_s, nb_classes, flag="--model_s", **overrides)
     model_config = args_model_config(args, args.model_s, **overrides)
     teacher = None
     if args.resume or args.teacher_pretrained:

@@ -75,6 +75,8 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, scale
             grad_norm = None
             if max_norm:
                 scaler.unscale_(optimizer)
+                # The model's parameters, as the original clipped them: a feature-distillation
+                # projection trains unclipped beside the student.
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             scaler.step(optimizer)  # skipped by the scaler on fp16 overflow
             scaler.update()

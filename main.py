@@ -24,7 +24,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler
 
-import SLaK  # noqa: F401 - registers the SLaK family in timm
+import SLaK  # registers the SLaK family in timm
 import sparse_core
 from checkpoint import (append_log, args_model_config, epoch_checkpoints, latest_checkpoint,
                         load_state_dict_checked, open_checkpoint, prepare_output_dir,

@@ -9,9 +9,10 @@ import SLaK  # also registers the SLaK family in timm
 from utils import ConfigError
 
 
-def build_model(args, name, num_classes, pretrained=False, **overrides):
-    """A model by registry name; SLaK models get the kernel/width/decomposition flags, other timm
-    models that take an image size (ViT, Swin) get ``--input_size``."""
+def build_model(args, name, num_classes, pretrained=False, flag="--model", **overrides):
+    """A model by registry name (given by ``flag``); SLaK models get the kernel/width/
+    decomposition flags, other timm models that take an image size (ViT, Swin) get
+    ``--input_size``."""
     kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path)
     if name in SLaK.MODEL_DEPTHS_DIMS:
         kwargs.update(layer_scale_init_value=args.layer_scale_init_value,
@@ -20,7 +21,7 @@ def build_model(args, name, num_classes, pretrained=False, **overrides):
                       # a training-speed option of main.py, not part of the model's weights
                       fuse_unit=getattr(args, "fuse_unit", False))
     elif not timm.is_model(name):
-        raise ConfigError(f"--model {name}: unknown model; use one of "
+        raise ConfigError(f"{flag} {name}: unknown model; use one of "
                           f"{', '.join(SLaK.MODEL_DEPTHS_DIMS)} or a timm model name "
                           f"(timm.list_models())")
     kwargs.update(overrides)

@@ -339,7 +339,7 @@ def test_sparse_distillation_masks_the_student_only(tmp_path, teacher_decom, ext
 @pytest.mark.parametrize("extra,message", [
     (["--distill_type", "NKD"], "needs the teacher's weights: pass --resume"),
     (["--distill_type", "KD", "--resume", "/nonexistent/teacher.pth"], "teacher's checkpoint not found"),
-    (["--distill_type", "None", "--model_s", "no_such_net"], "--model no_such_net: unknown model"),
+    (["--distill_type", "None", "--model_s", "no_such_net"], "--model_s no_such_net: unknown model"),
     (["--distill_type", "None", "--distill_resume", "--sparse", "--sparse_init", "resume"],
      "--sparse_init resume takes the masks from the zeros of a checkpoint"),
 ])
