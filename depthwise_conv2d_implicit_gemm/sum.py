@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .heuristics import CROSS, PLANES, choose_sum_strategy
+from .heuristics import CROSS, CROSS_MAX_SIDE, PLANES, choose_sum_strategy
 
 
 def _added_kernels(weight_a, weight_b):
@@ -36,7 +36,8 @@ def sum_forward(x, weight_a, bias_a, weight_b, bias_b):
     ops.check_args(x, weight_b, bias_b)
     strategy = choose_sum_strategy(x.shape)
     if strategy not in (PLANES, CROSS):
-        raise ValueError(f"slak::dwconv2d_sum runs on maps of at most 64x64 pixels, not "
+        raise ValueError(f"slak::dwconv2d_sum runs on maps of at most {CROSS_MAX_SIDE}x"
+                         f"{CROSS_MAX_SIDE} pixels, not "
                          f"{x.shape[2]}x{x.shape[3]}; depthwise_conv2d_sum takes any map")
     bias = _added_biases(bias_a, bias_b)
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
