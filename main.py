@@ -71,10 +71,6 @@ def get_args_parser():
                             "graphs (fastest on one GPU, see BENCHMARKS.md)")
     group.add_argument("--channels_last", type=str2bool, default=False,
                        help="channels-last memory format for model and inputs")
-    group.add_argument("--fuse_unit", type=str2bool, default=False,
-                       help="SLaK models: train each Decom unit on maps up to 64x64 with "
-                            "BatchNorms as one kernel pass (same weights and checkpoints; "
-                            "BENCHMARKS.md)")
 
     group = parser.add_argument_group("EMA")
     group.add_argument("--model_ema", type=str2bool, default=False)
