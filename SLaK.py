@@ -19,7 +19,6 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
@@ -27,9 +26,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from depthwise_conv2d_implicit_gemm import (DepthWiseConv2dImplicitGEMM, depthwise_conv2d_sum,
                                              pad_kernel_to)
+from fast_layers import EVAL_POINTWISE_ALIGN, GEMM_ALIGN, PatchConv2d, aligned_linear
 
-__all__ = ["SLaK", "LargeKernelUnit", "Block", "PatchConv2d", "aligned_linear",
-           "validate_kernel_size", "checkpoint_filter_fn", "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
+__all__ = ["SLaK", "LargeKernelUnit", "Block", "validate_kernel_size", "checkpoint_filter_fn",
+           "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
 
 # Checkpoints of the original release pickle their argparse.Namespace and NumPy scalars (its
 # schedules are NumPy arrays); allow exactly those on top of torch's weights-only set, for every
@@ -211,77 +211,6 @@ class LargeKernelUnit(nn.Module):
             branch.conv.bias.copy_(b)
             setattr(self, name, branch)
         self.deploy = True
-
-
-# Rows of a half-precision GEMM operand start 16 bytes apart only when their length is a
-# multiple of 8; otherwise cuBLAS falls back to slow kernels (BENCHMARKS.md, "Where the step's
-# time goes": SLaK's width-1.3 channel counts are 124, 249, 499, 998).
-GEMM_ALIGN = 8
-# Eval forwards pad the pointwise layers' GEMMs further: cuBLAS ran SLaK-T's shapes up to 2.5x
-# faster on an H200 with widths that are multiples of 32 or 64 (benchmarks/pointwise_gemm.py).
-# Training keeps GEMM_ALIGN: autograd saves the padded hidden activations, and padding to 32
-# raised the SLaK-T step's peak memory above 1.5x ConvNeXt-T's (BENCHMARKS.md).
-EVAL_POINTWISE_ALIGN = 64
-
-
-def aligned_linear(x, linear, align=GEMM_ALIGN):
-    """``linear(x)`` computed on operands zero-padded to multiples of ``align`` along the
-    reduction and output dimensions, then sliced back. The zeros add nothing, so the result is
-    the same up to the GEMM's summation order; under ``torch.compile`` the padding and slicing
-    fuse into the neighbouring LayerNorm, GELU and scale kernels."""
-    return _aligned_linear(x, linear.weight, linear.bias, align)
-
-
-def _aligned_linear(x, weight, bias, align=GEMM_ALIGN):
-    n, k = weight.shape
-    pad_k, pad_n = -k % align, -n % align
-    if not (pad_k or pad_n):
-        return F.linear(x, weight, bias)
-    weight = F.pad(weight, (0, pad_k, 0, pad_n))
-    bias = None if bias is None else F.pad(bias, (0, pad_n))
-    return F.linear(F.pad(x, (0, pad_k)), weight, bias)[..., :n]
-
-
-class PatchConv2d(nn.Conv2d):
-    """A convolution whose kernel is its stride (no padding): a linear layer applied to each
-    non-overlapping ``k x k`` patch, as SLaK's 2x2/2 downsampling layers are.
-
-    Where the channel counts are not multiples of 8 (124, 249 and 499 at width 1.3), cuDNN's
-    convolution pads its operands in a kernel of its own on every call. With ``align`` set,
-    compiled forwards pad them where Inductor can fuse the padding into the neighbouring
-    kernels: training forwards compute the layer as :func:`aligned_linear`'s padded GEMM over
-    the patches laid out as rows (3.7% off the SLaK-T step on an H200); eval forwards run the
-    convolution on input and output channels zero-padded to multiples of ``GEMM_ALIGN`` and
-    slice the output back (5% off the deployed SLaK-T forward, BENCHMARKS.md; as GEMMs it ran
-    5% slower than through cuDNN under CUDA graphs, with an extra copy per unit). The zeros add
-    nothing. Weights and state-dict names are ``nn.Conv2d``'s.
-    """
-
-    def __init__(self, in_channels, out_channels, patch, align=True):
-        super().__init__(in_channels, out_channels, kernel_size=patch, stride=patch)
-        self.align = align
-
-    def forward(self, x):
-        if not (self.align and torch.compiler.is_compiling()):
-            return super().forward(x)
-        if not self.training:
-            return self._aligned_conv(x)
-        n, c, h, w = x.shape
-        k = self.stride[0]
-        rows, cols = h // k, w // k   # the convolution drops a remainder, so the patches do
-        patches = x[:, :, :rows * k, :cols * k].reshape(n, c, rows, k, cols, k)
-        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(n, rows, cols, k * k * c)
-        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, k * k * c)
-        return _aligned_linear(patches, weight, self.bias).permute(0, 3, 1, 2)
-
-    def _aligned_conv(self, x):
-        pad_in, pad_out = -self.in_channels % GEMM_ALIGN, -self.out_channels % GEMM_ALIGN
-        if not (pad_in or pad_out):
-            return super().forward(x)
-        weight = F.pad(self.weight, (0, 0, 0, 0, 0, pad_in, 0, pad_out))
-        bias = None if self.bias is None else F.pad(self.bias, (0, pad_out))
-        y = F.conv2d(F.pad(x, (0, 0, 0, 0, 0, pad_in)), weight, bias, self.stride)
-        return y[:, :self.out_channels]
 
 
 class Block(nn.Module):

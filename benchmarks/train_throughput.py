@@ -99,6 +99,7 @@ import timm  # noqa: E402
 import SLaK  # noqa: E402,F401 - registers the SLaK models
 from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, heuristics  # noqa: E402
 from distributed import data_parallel  # noqa: E402
+from fast_layers import PatchConv2d  # noqa: E402
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)
@@ -148,7 +149,7 @@ def build(name, sparse_update_frequency):
     if name.startswith("slak_deploy"):
         model.eval().reparameterize()
     for m in model.modules():
-        if isinstance(m, SLaK.PatchConv2d):
+        if isinstance(m, PatchConv2d):
             m.align = not name.endswith(("unaligned", "cudnn_downsample"))
         if isinstance(m, SLaK.LargeKernelUnit):
             # slak_freelk: every convolution through its module, so that all become identities.
