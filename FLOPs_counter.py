@@ -58,7 +58,8 @@ def get_args_parser():
 def build_masks(model, args):
     """``{param name: bool mask}`` for the counted model, or ``{}`` for a dense one."""
     if args.resume:
-        from checkpoint import load_state_dict_checked, model_config, open_checkpoint
+        from checkpoint import load_state_dict_checked, open_checkpoint
+        from slak_config import model_config
         expected = model_config(args.model, args.kernel_size, args.Decom, args.width_factor,
                                 args.bn, args.nb_classes)
         checkpoint, state_dict = open_checkpoint(args.resume, "--resume", expected)

@@ -19,18 +19,17 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from depthwise_conv2d_implicit_gemm import (DepthWiseConv2dImplicitGEMM, can_fuse_unit, can_pair,
-                                             depthwise_conv2d_pair, depthwise_conv2d_sum,
-                                             depthwise_conv2d_unit, pad_kernel_to)
+from depthwise_conv2d_implicit_gemm import (DepthWiseConv2dImplicitGEMM, depthwise_conv2d_sum,
+                                             pad_kernel_to)
+from fast_layers import EVAL_POINTWISE_ALIGN, GEMM_ALIGN, PatchConv2d, aligned_linear
 
-__all__ = ["SLaK", "LargeKernelUnit", "Block", "PatchConv2d", "aligned_linear",
-           "validate_kernel_size", "checkpoint_filter_fn", "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
+__all__ = ["SLaK", "LargeKernelUnit", "Block", "validate_kernel_size", "checkpoint_filter_fn",
+           "checkpoint_blocks", "MODEL_DEPTHS_DIMS"]
 
 # Checkpoints of the original release pickle their argparse.Namespace and NumPy scalars (its
 # schedules are NumPy arrays); allow exactly those on top of torch's weights-only set, for every
@@ -106,37 +105,6 @@ def _after_conv(branch, z):
     return branch.bn(z) if hasattr(branch, "bn") else z
 
 
-def _sync_group(bn):
-    """The process group whose statistics a SyncBatchNorm ``bn`` combines, or None (a plain
-    BatchNorm, or one process: SyncBatchNorm runs no collective then either)."""
-    if not isinstance(bn, nn.SyncBatchNorm) or not torch.distributed.is_initialized():
-        return None
-    group = bn.process_group or torch.distributed.group.WORLD
-    return group if torch.distributed.get_world_size(group) > 1 else None
-
-
-def _batch_norm_from_stats(bn, z, stats, count, shift):
-    """``bn(z)`` in training mode from ``stats``: the sum and sum of squares of ``z - shift``
-    per channel over ``count`` pixels (``depthwise_conv2d_unit``), in float32. Updates the
-    running statistics as ``nn.BatchNorm2d`` does (momentum, or the cumulative average when
-    it is None; the unbiased variance)."""
-    mean_shifted = stats[0] / count
-    var = (stats[1] / count - mean_shifted.square()).clamp_min(0)
-    mean = shift + mean_shifted
-    if bn.track_running_stats:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            factor = (1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum)
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-            bn.running_var.lerp_((var * count / (count - 1)).to(bn.running_var.dtype), factor)
-    scale = torch.rsqrt(var + bn.eps)
-    bias = -mean * scale
-    if bn.affine:
-        scale, bias = scale * bn.weight, bias * bn.weight + bn.bias
-    # In float32 from z as it is: autograd keeps z, not a float32 copy of it.
-    return torch.addcmul(bias[:, None, None], z, scale[:, None, None])
-
-
 def _hooked(module):
     """Whether ``module`` or a module inside it has forward hooks, which a fused path that skips
     their calls would skip (the FLOPs counter counts convolutions through them)."""
@@ -154,19 +122,6 @@ class LargeKernelUnit(nn.Module):
         bn: BatchNorm after each branch's convolution.
         deploy: build the re-parameterised inference form (biased convolutions, no BN, small
             kernel merged); see :meth:`reparameterize`.
-        fuse_small: run the (s, K) (or (K, K)) branch and the small one in one pass
-            (``depthwise_conv2d_pair``) where the Triton kernels run; each keeps its own
-            BatchNorm and weights. Opt-in: on the H200 the pair took 1.6% less GPU time per
-            unit, but the compiled SLaK-T step ran 1.4% slower with it (BENCHMARKS.md). Also
-            the attribute of the same name.
-        fuse_unit: in training, run a Decom unit with BatchNorms and a small branch as one
-            pass over its input (``depthwise_conv2d_unit``: the three convolutions and their
-            BatchNorm statistics; the input gradient in one pass too) where the Triton
-            kernels run, on maps of at most 64x64 pixels. The BatchNorms keep their
-            parameters, buffers and semantics (batch statistics, running statistics with
-            their momentum and unbiased variance; a ``SyncBatchNorm``'s statistics are summed
-            across its process group in one collective for the three). Also the attribute
-            of the same name.
         recompute_small: under ``torch.compile``, recompute the small branch's convolution
             output in the backward pass, where its BatchNorm's backward needs it, from the
             input that the other branches keep anyway, instead of keeping it: one (s, s)
@@ -179,11 +134,10 @@ class LargeKernelUnit(nn.Module):
     """
 
     def __init__(self, channels, kernel_size, small_kernel, Decom=False, bn=True, deploy=False,
-                 fuse_small=False, fuse_unit=False, recompute_small=True):
+                 recompute_small=True):
         super().__init__()
         self.kernel_size, self.small_kernel, self.Decom = kernel_size, small_kernel, Decom
         self.deploy = deploy
-        self.fuse_small, self.fuse_unit = fuse_small, fuse_unit
         self.recompute_small = recompute_small
         if deploy:
             # Two biased branches (K, s) + (s, K), or one biased (K, K) branch.
@@ -211,14 +165,6 @@ class LargeKernelUnit(nn.Module):
             # channels-last input here (fused into its producer under torch.compile) is
             # shared by all branches, instead of a copy per branch and per pass inside each.
             x = x.contiguous()
-        wide = self.LoRA2 if self.Decom else self.lkb_origin
-        if self._runs_fused(x):
-            return self._fused_forward(x)
-        if self._pairs_small_branch(x, wide):
-            # The wide branch and the small one in one pass (depthwise_conv2d_pair).
-            z, z_small = depthwise_conv2d_pair(x, wide.conv.weight, self.small_conv.conv.weight)
-            out = self.LoRA1(x) + _after_conv(wide, z) if self.Decom else _after_conv(wide, z)
-            return out + _after_conv(self.small_conv, z_small)
         if self.Decom:
             if self.deploy and not _hooked(self.LoRA1) and not _hooked(self.LoRA2):
                 # Both biased convolutions in one pass where the kernels allow it.
@@ -241,41 +187,6 @@ class LargeKernelUnit(nn.Module):
         else:
             z = conv(x)
         return _after_conv(self.small_conv, z)
-
-    def _runs_fused(self, x):
-        if not (self.fuse_unit and self.Decom and not self.deploy and
-                hasattr(self, "small_conv")):
-            return False
-        branches = (self.LoRA1, self.LoRA2, self.small_conv)
-        return (all(hasattr(b, "bn") and b.bn.training and b.conv.bias is None and
-                    not _hooked(b) for b in branches) and
-                x.shape[0] * x.shape[2] * x.shape[3] > 1 and
-                can_fuse_unit(x, *(b.conv.weight for b in branches)))
-
-    def _fused_forward(self, x):
-        """The training forward of ``_runs_fused`` units: the three convolutions and their
-        statistics in one op, then each branch's BatchNorm from those statistics."""
-        branches = (self.LoRA2, self.small_conv, self.LoRA1)   # the op's order: wide, small, tall
-        shift = torch.stack([b.bn.running_mean.float() if b.bn.running_mean is not None else
-                             x.new_zeros(x.shape[1], dtype=torch.float32) for b in branches])
-        *z, stats = depthwise_conv2d_unit(x, self.LoRA1.conv.weight, self.LoRA2.conv.weight,
-                                          self.small_conv.conv.weight, shift)
-        count = x.new_full((), x.shape[0] * x.shape[2] * x.shape[3], dtype=torch.float32)
-        group = _sync_group(self.LoRA2.bn)
-        if group is not None:
-            # SyncBatchNorm: the statistics of all ranks, one collective for the three.
-            import torch.distributed.nn.functional as dist_fn
-            summed = dist_fn.all_reduce(torch.cat([stats.flatten(), count[None]]), group=group)
-            stats, count = summed[:-1].view_as(stats), summed[-1]
-        out = sum(_batch_norm_from_stats(b.bn, zb, stats[i], count, shift[i])
-                  for i, (b, zb) in enumerate(zip(branches, z)))
-        return out.to(z[0].dtype)
-
-    def _pairs_small_branch(self, x, wide):
-        return (self.fuse_small and hasattr(self, "small_conv") and not self.deploy and
-                wide.conv.bias is None and self.small_conv.conv.bias is None and
-                not _hooked(wide) and not _hooked(self.small_conv) and
-                can_pair(x, wide.conv.weight, self.small_conv.conv.weight))
 
     @torch.no_grad()
     def reparameterize(self):
@@ -302,77 +213,6 @@ class LargeKernelUnit(nn.Module):
         self.deploy = True
 
 
-# Rows of a half-precision GEMM operand start 16 bytes apart only when their length is a
-# multiple of 8; otherwise cuBLAS falls back to slow kernels (BENCHMARKS.md, "Where the step's
-# time goes": SLaK's width-1.3 channel counts are 124, 249, 499, 998).
-GEMM_ALIGN = 8
-# Eval forwards pad the pointwise layers' GEMMs further: cuBLAS ran SLaK-T's shapes up to 2.5x
-# faster on an H200 with widths that are multiples of 32 or 64 (benchmarks/pointwise_gemm.py).
-# Training keeps GEMM_ALIGN: autograd saves the padded hidden activations, and padding to 32
-# raised the SLaK-T step's peak memory above 1.5x ConvNeXt-T's (BENCHMARKS.md).
-EVAL_POINTWISE_ALIGN = 64
-
-
-def aligned_linear(x, linear, align=GEMM_ALIGN):
-    """``linear(x)`` computed on operands zero-padded to multiples of ``align`` along the
-    reduction and output dimensions, then sliced back. The zeros add nothing, so the result is
-    the same up to the GEMM's summation order; under ``torch.compile`` the padding and slicing
-    fuse into the neighbouring LayerNorm, GELU and scale kernels."""
-    return _aligned_linear(x, linear.weight, linear.bias, align)
-
-
-def _aligned_linear(x, weight, bias, align=GEMM_ALIGN):
-    n, k = weight.shape
-    pad_k, pad_n = -k % align, -n % align
-    if not (pad_k or pad_n):
-        return F.linear(x, weight, bias)
-    weight = F.pad(weight, (0, pad_k, 0, pad_n))
-    bias = None if bias is None else F.pad(bias, (0, pad_n))
-    return F.linear(F.pad(x, (0, pad_k)), weight, bias)[..., :n]
-
-
-class PatchConv2d(nn.Conv2d):
-    """A convolution whose kernel is its stride (no padding): a linear layer applied to each
-    non-overlapping ``k x k`` patch, as SLaK's 2x2/2 downsampling layers are.
-
-    Where the channel counts are not multiples of 8 (124, 249 and 499 at width 1.3), cuDNN's
-    convolution pads its operands in a kernel of its own on every call. With ``align`` set,
-    compiled forwards pad them where Inductor can fuse the padding into the neighbouring
-    kernels: training forwards compute the layer as :func:`aligned_linear`'s padded GEMM over
-    the patches laid out as rows (3.7% off the SLaK-T step on an H200); eval forwards run the
-    convolution on input and output channels zero-padded to multiples of ``GEMM_ALIGN`` and
-    slice the output back (5% off the deployed SLaK-T forward, BENCHMARKS.md; as GEMMs it ran
-    5% slower than through cuDNN under CUDA graphs, with an extra copy per unit). The zeros add
-    nothing. Weights and state-dict names are ``nn.Conv2d``'s.
-    """
-
-    def __init__(self, in_channels, out_channels, patch, align=True):
-        super().__init__(in_channels, out_channels, kernel_size=patch, stride=patch)
-        self.align = align
-
-    def forward(self, x):
-        if not (self.align and torch.compiler.is_compiling()):
-            return super().forward(x)
-        if not self.training:
-            return self._aligned_conv(x)
-        n, c, h, w = x.shape
-        k = self.stride[0]
-        rows, cols = h // k, w // k   # the convolution drops a remainder, so the patches do
-        patches = x[:, :, :rows * k, :cols * k].reshape(n, c, rows, k, cols, k)
-        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(n, rows, cols, k * k * c)
-        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, k * k * c)
-        return _aligned_linear(patches, weight, self.bias).permute(0, 3, 1, 2)
-
-    def _aligned_conv(self, x):
-        pad_in, pad_out = -self.in_channels % GEMM_ALIGN, -self.out_channels % GEMM_ALIGN
-        if not (pad_in or pad_out):
-            return super().forward(x)
-        weight = F.pad(self.weight, (0, 0, 0, 0, 0, pad_in, 0, pad_out))
-        bias = None if self.bias is None else F.pad(self.bias, (0, pad_out))
-        y = F.conv2d(F.pad(x, (0, 0, 0, 0, 0, pad_in)), weight, bias, self.stride)
-        return y[:, :self.out_channels]
-
-
 class Block(nn.Module):
     """SLaK block: large-kernel unit -> LayerNorm -> Linear(4d) -> GELU -> Linear(d) -> scale -> residual.
 
@@ -381,7 +221,7 @@ class Block(nn.Module):
         drop_path: stochastic depth rate of the residual branch.
         layer_scale_init_value: initial per-channel scale ``gamma``; no scale when <= 0.
         kernel_size: ``(K, s)``, the stage kernel and the small kernel.
-        Decom, bn, deploy, fuse_small, fuse_unit: see :class:`LargeKernelUnit`.
+        Decom, bn, deploy: see :class:`LargeKernelUnit`.
         align_pointwise: compiled forwards run the two Linear layers through
             :func:`aligned_linear` (eager ones never: there the padding would be extra copies),
             to multiples of ``GEMM_ALIGN`` in training and ``EVAL_POINTWISE_ALIGN`` in eval; on
@@ -389,12 +229,10 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim, drop_path=0.0, layer_scale_init_value=1e-6, kernel_size=(7, 5),
-                 Decom=False, bn=True, deploy=False, align_pointwise=True, fuse_small=False,
-                 fuse_unit=False):
+                 Decom=False, bn=True, deploy=False, align_pointwise=True):
         super().__init__()
         self.align_pointwise = align_pointwise
-        self.large_kernel = LargeKernelUnit(dim, kernel_size[0], kernel_size[1], Decom, bn, deploy,
-                                            fuse_small, fuse_unit)
+        self.large_kernel = LargeKernelUnit(dim, kernel_size[0], kernel_size[1], Decom, bn, deploy)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
@@ -478,7 +316,6 @@ class SLaK(nn.Module):
         deploy: build the re-parameterised inference form (see :meth:`reparameterize`).
         align_pointwise: see :class:`Block`; it also sets the downsampling layers'
             :class:`PatchConv2d` ``align`` (the weights and their names are the same).
-        fuse_small, fuse_unit: see :class:`LargeKernelUnit` (the same weights and names too).
 
     ``forward(x)``: ``(N, in_chans, H, W)`` -> logits ``(N, num_classes)``.
     ``forward_features(x)``: pooled, normalised features ``(N, num_features)``.
@@ -488,7 +325,7 @@ class SLaK(nn.Module):
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  drop_path_rate=0.0, layer_scale_init_value=1e-6, head_init_scale=1.0,
                  kernel_size=(51, 49, 47, 13, 5), width_factor=1.0, Decom=False, bn=True,
-                 deploy=False, align_pointwise=True, fuse_small=False, fuse_unit=False):
+                 deploy=False, align_pointwise=True):
         super().__init__()
         kernel_size = validate_kernel_size(kernel_size)
         dims = [int(d * width_factor) for d in dims]
@@ -509,8 +346,7 @@ class SLaK(nn.Module):
             first = sum(depths[:i])
             self.stages.append(nn.Sequential(*[
                 Block(dims[i], rates[first + j], layer_scale_init_value,
-                      (kernel_size[i], kernel_size[4]), Decom, bn, deploy, align_pointwise,
-                      fuse_small, fuse_unit)
+                      (kernel_size[i], kernel_size[4]), Decom, bn, deploy, align_pointwise)
                 for j in range(depth)]))
         self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
                              for i, d in enumerate(dims)]

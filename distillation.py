@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
 import SLaK
-from checkpoint import args_model_config, load_state_dict_checked, open_checkpoint
+from checkpoint import load_state_dict_checked, open_checkpoint
 from distributed import data_parallel
 from model_factory import build_model
 from optim_factory import param_groups
+from slak_config import args_model_config
 
 __all__ = ["DISTILL_TYPES", "FD_LOSS_TYPES", "STUDENT_OVERRIDES", "KDLoss", "NKDLoss",
            "FeatureDistillLoss", "last_stage", "as_feature_map", "LastStageTap", "DistillationLoss",

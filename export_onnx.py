@@ -17,10 +17,11 @@ import tempfile
 import torch
 
 import SLaK
-from checkpoint import args_model_config, load_state_dict_checked, open_checkpoint
+from checkpoint import load_state_dict_checked, open_checkpoint
 from depthwise_conv2d_implicit_gemm.export import onnx_translation_table
 from main import ArgumentParser, add_model_args
 from model_factory import build_model
+from slak_config import args_model_config
 from utils import ConfigError, run_cli, str2bool
 
 # Keys only a deployed checkpoint has: the large-kernel branches carry their folded bias.

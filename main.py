@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import SLaK  # registers the SLaK family in timm
 import sparse_core
-from checkpoint import (append_log, args_model_config, epoch_checkpoints, latest_checkpoint,
+from checkpoint import (append_log, epoch_checkpoints, latest_checkpoint,
                         load_state_dict_checked, open_checkpoint, prepare_output_dir,
                         remove_old_checkpoints,
                         restore_training_state, save_training_state)
@@ -37,6 +37,7 @@ from distributed import (all_reduce_sum, data_parallel, get_rank, get_world_size
 from engine import SupervisedLoss, evaluate, train_one_epoch
 from model_factory import build_model
 from optim_factory import create_optimizer
+from slak_config import args_model_config
 from utils import (ConfigError, TensorboardLogger, WandbLogger, cosine_scheduler,
                    run_cli, seed_everything, str2bool)
 
@@ -71,10 +72,6 @@ def get_args_parser():
                             "graphs (fastest on one GPU, see BENCHMARKS.md)")
     group.add_argument("--channels_last", type=str2bool, default=False,
                        help="channels-last memory format for model and inputs")
-    group.add_argument("--fuse_unit", type=str2bool, default=False,
-                       help="SLaK models: train each Decom unit on maps up to 64x64 with "
-                            "BatchNorms as one kernel pass (same weights and checkpoints; "
-                            "BENCHMARKS.md)")
 
     group = parser.add_argument_group("EMA")
     group.add_argument("--model_ema", type=str2bool, default=False)

@@ -17,9 +17,7 @@ def build_model(args, name, num_classes, pretrained=False, flag="--model", **ove
     if name in SLaK.MODEL_DEPTHS_DIMS:
         kwargs.update(layer_scale_init_value=args.layer_scale_init_value,
                       head_init_scale=args.head_init_scale, kernel_size=args.kernel_size,
-                      width_factor=args.width_factor, Decom=args.Decom, bn=args.bn,
-                      # a training-speed option of main.py, not part of the model's weights
-                      fuse_unit=getattr(args, "fuse_unit", False))
+                      width_factor=args.width_factor, Decom=args.Decom, bn=args.bn)
     elif not timm.is_model(name):
         raise ConfigError(f"{flag} {name}: unknown model; use one of "
                           f"{', '.join(SLaK.MODEL_DEPTHS_DIMS)} or a timm model name "

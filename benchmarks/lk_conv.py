@@ -20,14 +20,6 @@ hidden by CUDA graphs or ``torch.compile`` (``speedup_gpu_*``); the per-kernel s
 
     python benchmarks/lk_conv.py --batch 64 --models T --check --step --profile --json-out lk.jsonl
 
-``--unit`` times whole large-kernel units instead (``SLaK.LargeKernelUnit`` in training mode:
-the three branch convolutions, their BatchNorms and the sum, forward and backward, under
-autocast in each ``--dtypes`` entry), eager and in GPU time, per stage and per training step:
-the unit in one pass (``fuse_unit``: ``depthwise_conv2d_unit``), its wide and small branches in
-one pass (``fuse_small``: ``depthwise_conv2d_pair``), and separate convolutions:
-
-    python benchmarks/lk_conv.py --unit --batch 64 --dtypes bf16
-
 ``--deployed`` times deployed units (``reparameterize()``, eval, no autograd; per stage and per
 forward): both convolutions and the bias in one pass (``depthwise_conv2d_sum``) against two
 convolutions and a sum:
@@ -146,28 +138,6 @@ def profiled_kernels(fn, iters=5):
     return kernels
 
 
-UNIT_FUSIONS = {"one_pass": dict(fuse_unit=True), "pair": dict(fuse_small=True),
-                "separate": {}}
-
-
-def time_unit(n, c, size, kernel, dtype, fusion):
-    """Eager median ms and profiled GPU ms of one training-mode unit's forward+backward, with
-    the ``UNIT_FUSIONS`` entry ``fusion``."""
-    from SLaK import LargeKernelUnit
-    unit = LargeKernelUnit(c, kernel, SMALL, Decom=True, **UNIT_FUSIONS[fusion]).cuda()
-    x = torch.randn(n, c, size, size, device="cuda", requires_grad=True)
-    gy = torch.randn(n, c, size, size, device="cuda", dtype=dtype)
-    inputs = [x, *unit.parameters()]
-
-    def fwd_bwd():
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            out = unit(x.to(dtype))
-        torch.autograd.grad(out, inputs, gy)
-    eager = bench(fwd_bwd)
-    kernels = profiled_kernels(fwd_bwd)
-    return eager, sum(kernels.values()) / 1e3, kernels
-
-
 def unit_cases(args):
     """(model, dtype name, stage, units, channels, map size, kernel K) of every stage's units
     that ``args`` selects."""
@@ -177,29 +147,6 @@ def unit_cases(args):
             for stage, (depth, dim, k, size) in enumerate(zip(depths, dims, KERNELS, SIZES), 1):
                 if stage in args.stages:
                     yield f"SLaK-{model}", dt_name, stage, depth, int(dim * WIDTH), size, k
-
-
-def unit_main(args, emit):
-    totals = {}
-    for model, dt_name, stage, depth, c, size, k in unit_cases(args):
-        rec = {"model": model, "unit_stage": stage, "channels": c, "size": size,
-               "kernel": k, "blocks": depth, "dtype": dt_name, "batch": args.batch}
-        for name, fusion, fields in [(name, name, {}) for name in UNIT_FUSIONS] + [
-                (f"one_pass{v}", "one_pass", json.loads(v)) for v in args.variants]:
-            with tuned(**fields):
-                eager, gpu, kernels = time_unit(args.batch, c, size, k, DTYPES[dt_name], fusion)
-            rec[f"{name}_eager_ms"], rec[f"{name}_gpu_ms"] = eager, gpu
-            rec[f"{name}_gpu_kernels_us"] = kernels
-            for what, ms in (("eager", eager), ("gpu", gpu)):
-                key = (model, dt_name, name, what)
-                totals[key] = totals.get(key, 0.0) + ms * depth
-        emit(rec)
-    print(f"\nPer-step totals of the units' forward+backward, ms (batch {args.batch})")
-    print(f"{'model':8} {'dtype':5} {'units':40} {'eager':>8} {'GPU':>8}")
-    for (model, dt_name, name, what), ms in totals.items():
-        if what == "eager":
-            print(f"{model:8} {dt_name:5} {name:40} {ms:8.2f} "
-                  f"{totals[model, dt_name, name, 'gpu']:8.2f}")
 
 
 def time_deployed_unit(n, c, size, kernel, dtype):
@@ -296,8 +243,6 @@ def main():
     p.add_argument("--deployed", action="store_true",
                    help="time deployed units (after reparameterize(), no autograd) instead: "
                         "both convolutions in one pass against two and a sum")
-    p.add_argument("--unit", action="store_true",
-                   help="time whole units, fused against separate branch convolutions")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/lk_conv.py needs a CUDA GPU")
@@ -314,9 +259,6 @@ def main():
         if out:
             out.write(line + "\n")
     emit({"env": env})
-    if args.unit:
-        unit_main(args, emit)
-        return
     if args.deployed:
         deployed_main(args, emit)
         return

@@ -1,6 +1,6 @@
 """The pointwise layers' GEMMs of SLaK (and ConvNeXt, for reference) through cuBLAS, with their
 widths padded to multiples of each ``--aligns`` entry: how much the padding of
-``SLaK.aligned_linear`` buys.
+``fast_layers.aligned_linear`` buys.
 
 Each block runs ``Linear(C, 4C)`` and ``Linear(4C, C)`` on every pixel: ``M = batch * H * W``
 rows. For every stage and alignment ``a`` this times ``F.linear`` (bias included) with ``C``

@@ -13,9 +13,7 @@ the width-1.3 channel counts as they are, not on operands padded to 8-element ro
 stem and downsampling layers through cuDNN's convolution), ``slak_cudnn_downsample`` (only the
 latter: ``PatchConv2d.align`` off), ``slak_cudnn`` (the same network with its large-kernel
 convolutions through cuDNN, ``F.conv2d``),
-``slak_fused`` (the same with ``fuse_small`` on: each unit's wide and small branches in one
-pass), ``slak_unit`` (the same with ``fuse_unit`` on: each unit's three convolutions and their
-BatchNorm statistics in one pass), ``slak_keep_small`` (the same with ``recompute_small``
+``slak_keep_small`` (the same with ``recompute_small``
 off: autograd keeps each small branch's convolution output instead of recomputing it),
 ``slak_freelk`` (the same network with every large-kernel convolution replaced by the identity:
 the ceiling that a free large-kernel convolution would give), ``slak_ddp`` (the default model
@@ -101,13 +99,14 @@ import timm  # noqa: E402
 import SLaK  # noqa: E402,F401 - registers the SLaK models
 from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, heuristics  # noqa: E402
 from distributed import data_parallel  # noqa: E402
+from fast_layers import PatchConv2d  # noqa: E402
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)
 
 
-TRAIN_MODELS = ["slak", "slak_unaligned", "slak_cudnn_downsample", "slak_fused", "slak_unit",
-                "slak_keep_small", "slak_sparse", "slak_cudnn", "slak_freelk", "slak_ddp", "slak_base", "convnext_timm"]
+TRAIN_MODELS = ["slak", "slak_unaligned", "slak_cudnn_downsample", "slak_keep_small",
+                "slak_sparse", "slak_cudnn", "slak_freelk", "slak_ddp", "slak_base", "convnext_timm"]
 INFERENCE_MODELS = ["slak", "slak_deploy", "slak_deploy_separate", "slak_deploy_unaligned",
                     "slak_deploy_cudnn_downsample", "slak_deploy_cudnn", "convnext_timm"]
 # Heuristics (``heuristics.Tuning`` fields) that a model runs under, on top of ``--tuning``.
@@ -150,12 +149,10 @@ def build(name, sparse_update_frequency):
     if name.startswith("slak_deploy"):
         model.eval().reparameterize()
     for m in model.modules():
-        if isinstance(m, SLaK.PatchConv2d):
+        if isinstance(m, PatchConv2d):
             m.align = not name.endswith(("unaligned", "cudnn_downsample"))
         if isinstance(m, SLaK.LargeKernelUnit):
             # slak_freelk: every convolution through its module, so that all become identities.
-            m.fuse_small = name == "slak_fused"
-            m.fuse_unit = name == "slak_unit"
             m.recompute_small = name != "slak_keep_small"
     replacement = {"slak_cudnn": nn.Conv2d.forward, "slak_deploy_cudnn": nn.Conv2d.forward,
                    "slak_freelk": identity_forward}.get(name)

@@ -5,9 +5,6 @@ original release documented; it keeps working here.
 """
 from .conv import DepthWiseConv2dImplicitGEMM
 from .ops import depthwise_conv2d, pad_kernel_to
-from .pair import can_pair, depthwise_conv2d_pair
 from .sum import depthwise_conv2d_sum
-from .unit import can_fuse_unit, depthwise_conv2d_unit
 
-__all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d", "depthwise_conv2d_pair", "can_pair",
-           "depthwise_conv2d_sum", "can_fuse_unit", "depthwise_conv2d_unit", "pad_kernel_to"]
+__all__ = ["DepthWiseConv2dImplicitGEMM", "depthwise_conv2d", "depthwise_conv2d_sum", "pad_kernel_to"]

@@ -49,8 +49,6 @@ class Tuning:
       At batch 256 (bf16, per unit) 64x64 tiles of two images took 0.70 ms against 0.76 with
       one; 32x32 tiles of four 0.30 ms against 0.32 with eight; 16x16 tiles of sixteen
       0.17 ms against 0.29 with thirty-two.
-    * ``unit_tile_elements``: the same for a trained unit's forward pass
-      (``depthwise_conv2d_unit``), whose kernel holds three accumulators: at least one image.
     """
     max_block_a: int = 64
     tile_elements: int = 8192
@@ -64,7 +62,6 @@ class Tuning:
     toeplitz_in_memory: bool = True
     cross_unit: bool = True
     cross_tile_elements: int = 4096
-    unit_tile_elements: int = 4096
 
 
 TUNING = Tuning()

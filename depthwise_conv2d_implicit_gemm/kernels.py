@@ -11,12 +11,10 @@ input chunks that meet the band are visited.
 
 Maps of at most 64 pixels (SLaK's 7x7 stage) use the whole-plane variants at the end of this
 file instead: one GEMM per block of images with a 2-D Toeplitz matrix, no lines at all. A
-whole unit on maps of at most 64x64 pixels runs ``dwconv_cross_kernel``, which applies its
-kernels to whole images of one channel: a deployed unit (a tall and a wide biased kernel,
-summed; ``sum.py``), or a trained unit's three convolutions with their BatchNorm statistics
-and its input gradient (``unit.py``). Where
-one 64-wide tile spans a line, the Toeplitz tiles are written to memory once per call
-(``dwconv_toeplitz_kernel``) instead of gathered by every program.
+deployed unit (a tall and a wide biased kernel, summed; ``sum.py``) on maps of at most 64x64
+pixels runs ``dwconv_cross_kernel``, which applies both kernels to whole images of one
+channel. Where one 64-wide tile spans a line, the Toeplitz tiles are written to memory once per
+call (``dwconv_toeplitz_kernel``) instead of gathered by every program.
 
 Geometry shared by the line kernels (``plans.py`` maps NCHW onto it):
 
@@ -236,41 +234,25 @@ def dwconv_toeplitz_kernel(
 
 
 def dwconv_cross_kernel(
-    xw_ptr, xs_ptr, xt_ptr, wide_ptr, small_ptr, tall_ptr, bias_ptr, shift_ptr,
-    y_ptr, ys_ptr, yt_ptr, stats_ptr,
-    N, KBW, KBS, KBT, sxn, sxc, syn, syc,
+    x_ptr, wide_ptr, tall_ptr, bias_ptr, y_ptr,
+    N, KBW, KBT, sxn, sxc, syn, syc,
     H: tl.constexpr, W: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, G: tl.constexpr,
-    HAS_SMALL: tl.constexpr, SMALL_SHARES_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     INDEX_64: tl.constexpr, ALIGN: tl.constexpr = 1, Y_ALIGN: tl.constexpr = 1,
-    TALL_T: tl.constexpr = False, T_ALIGN: tl.constexpr = 1,
 ):
-    """A large-kernel unit's branches on maps of at most 64x64 pixels (``HP``/``WP``: ``H``/``W``
-    rounded up to a power of two), from one read of each image: every program takes ``G``
-    whole images of one channel. Three branches, each with its own source image (the same
-    one in the forward pass; in the input gradient, each branch's output gradient):
+    """A deployed unit, ``y = conv(x, w_tall) + conv(x, w_wide) + bias``, on maps of at most
+    64x64 pixels (``HP``/``WP``: ``H``/``W`` rounded up to a power of two), from one read of
+    each image: every program takes ``G`` whole images of one channel.
 
-    * a wide kernel (``KBW`` rows) as in ``dwconv_fwd_kernel``: rows ``(g, h)`` of ``xw``,
-      shifted by each kernel row, times that row's Toeplitz tile ``wide[c, i]`` (``[k, a]``
-      along W), accumulated as ``acc[(g, h), w]``;
-    * with ``HAS_SMALL``, a small kernel (``KBS <= KBW`` rows, centred) in the same way from
-      ``xs``; with ``SMALL_SHARES_ROWS`` (``xs`` is ``xw``) its products reuse the wide
-      kernel's row tiles;
-    * a tall kernel (``KBT`` columns) on ``xt`` read column-wise (the tile ``[(g, w), h']``,
-      shifted along W by each kernel column; the shifted re-reads hit the cache), times that
+    * The wide kernel as in ``dwconv_fwd_kernel``: rows ``(g, h)`` of the images, shifted by
+      each of its ``KBW`` rows, times that row's Toeplitz tile ``wide[c, i]`` (``[k, a]``
+      along W), accumulated as ``acc[(g, h), w]``.
+    * The tall kernel on the same images read column-wise (the tile ``[(g, w), h']``, shifted
+      along W by each of its ``KBT`` columns; the shifted re-reads hit the cache), times that
       column's Toeplitz tile ``tall[c, j]`` (``[k, a]`` along H), accumulated as
-      ``acc_t[(g, w), h]`` and transposed image by image. With ``TALL_T`` ``xt`` is stored
-      transposed, ``(N, C, W, H)`` with the same strides, so that its columns are contiguous
-      lines (``T_ALIGN`` is their ``ALIGN``).
+      ``acc_t[(g, w), h]`` and transposed image by image onto ``acc``.
 
-    Without ``SPLIT`` the branches and the bias are summed into ``y`` (a deployed unit; the
-    input gradient of a trained one, with rotated tiles). With ``SPLIT`` (a trained unit's
-    forward pass, before its BatchNorms) the wide, small and tall outputs go to ``y``,
-    ``ys`` and ``yt``, and each program adds the BatchNorm statistics of its tile: for
-    branch ``b`` (wide, small, tall) the sum and the sum of squares of ``z - shift[b, c]``
-    over its pixels, in float32 from the accumulators, at ``stats[b, 0 or 1, c, program]``.
-
-    All tile sets are written by ``dwconv_toeplitz_kernel`` for the call. ``H`` and ``W``
+    Both tile sets are written by ``dwconv_toeplitz_kernel`` for the call. ``H`` and ``W``
     are compile-time constants, so that masks along the lines stay uniform across vectors.
     Grid: ``(cdiv(N, G), C)``.
     """
@@ -278,16 +260,14 @@ def dwconv_cross_kernel(
     c = tl.program_id(1)
     if INDEX_64:
         c = c.to(tl.int64)
-    xw_base = xw_ptr + c * sxc
-    xs_base = xs_ptr + c * sxc
-    xt_base = xt_ptr + c * sxc
-    if TALL_T and T_ALIGN > 1:
-        xt_base = tl.multiple_of(xt_base, T_ALIGN * (xt_ptr.dtype.element_ty.primitive_bitwidth // 8))
+    x_base = x_ptr + c * sxc
+    y_base = y_ptr + c * syc
     if ALIGN > 1:
-        xw_base = tl.multiple_of(xw_base, ALIGN * (xw_ptr.dtype.element_ty.primitive_bitwidth // 8))
-        xs_base = tl.multiple_of(xs_base, ALIGN * (xs_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        x_base = tl.multiple_of(x_base, ALIGN * (x_ptr.dtype.element_ty.primitive_bitwidth // 8))
+    if Y_ALIGN > 1:
+        y_base = tl.multiple_of(y_base, Y_ALIGN * (y_ptr.dtype.element_ty.primitive_bitwidth // 8))
 
-    # Wide and small kernels: rows r = (g, h), columns w.
+    # Wide kernel: rows r = (g, h), columns w.
     r = tl.arange(0, G * HP)
     n = pid * G + r // HP
     h = r % HP
@@ -297,48 +277,19 @@ def dwconv_cross_kernel(
     wk = tl.arange(0, WP)
     col_ok = wk < W
     acc = tl.full((G * HP, WP), 0.0, tl.float32)
-    acc_s = tl.full((G * HP, WP), 0.0, tl.float32)
     for i in range(0, KBW):
         h_in = h + i - KBW // 2
         ok = row_ok & (h_in >= 0) & (h_in < H)
         row_off = n * sxn + h_in * W
         if ALIGN > 1:
             row_off = tl.multiple_of(row_off, ALIGN)
-        xt = tl.load(xw_base + row_off[:, None] + wk[None, :], mask=ok[:, None] & col_ok[None, :],
+        xt = tl.load(x_base + row_off[:, None] + wk[None, :], mask=ok[:, None] & col_ok[None, :],
                      other=0.0)
         t = tl.load(wide_ptr + (c * KBW + i) * (WP * WP) + wk[:, None] * WP + wk[None, :])
         if DOT_UPCAST:
             xt = xt.to(tl.float32)
             t = t.to(tl.float32)
         acc = tl.dot(xt, t, acc, input_precision=DOT_PRECISION)
-        if HAS_SMALL and SMALL_SHARES_ROWS:
-            i_s = i - (KBW - KBS) // 2
-            if (i_s >= 0) & (i_s < KBS):
-                ts = tl.load(small_ptr + (c * KBS + i_s) * (WP * WP) + wk[:, None] * WP +
-                             wk[None, :])
-                if DOT_UPCAST:
-                    ts = ts.to(tl.float32)
-                if SPLIT:
-                    acc_s = tl.dot(xt, ts, acc_s, input_precision=DOT_PRECISION)
-                else:
-                    acc = tl.dot(xt, ts, acc, input_precision=DOT_PRECISION)
-    if HAS_SMALL and not SMALL_SHARES_ROWS:
-        for i in range(0, KBS):
-            h_in = h + i - KBS // 2
-            ok = row_ok & (h_in >= 0) & (h_in < H)
-            row_off = n * sxn + h_in * W
-            if ALIGN > 1:
-                row_off = tl.multiple_of(row_off, ALIGN)
-            xt = tl.load(xs_base + row_off[:, None] + wk[None, :],
-                         mask=ok[:, None] & col_ok[None, :], other=0.0)
-            ts = tl.load(small_ptr + (c * KBS + i) * (WP * WP) + wk[:, None] * WP + wk[None, :])
-            if DOT_UPCAST:
-                xt = xt.to(tl.float32)
-                ts = ts.to(tl.float32)
-            if SPLIT:
-                acc_s = tl.dot(xt, ts, acc_s, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(xt, ts, acc, input_precision=DOT_PRECISION)
 
     # Tall kernel: rows q = (g, w), columns h.
     q = tl.arange(0, G * WP)
@@ -351,191 +302,22 @@ def dwconv_cross_kernel(
     for j in range(0, KBT):
         w_in = w + j - KBT // 2
         ok = (w < W) & (n_t < N) & (w_in >= 0) & (w_in < W)
-        if TALL_T:
-            col_off = n_t * sxn + w_in * H
-            if T_ALIGN > 1:
-                col_off = tl.multiple_of(col_off, T_ALIGN)
-            xt = tl.load(xt_base + col_off[:, None] + hk[None, :],
-                         mask=ok[:, None] & (hk < H)[None, :], other=0.0)
-        else:
-            xt = tl.load(xt_base + (n_t * sxn + w_in)[:, None] + hk[None, :] * W,
-                         mask=ok[:, None] & (hk < H)[None, :], other=0.0)
+        xt = tl.load(x_base + (n_t * sxn + w_in)[:, None] + hk[None, :] * W,
+                     mask=ok[:, None] & (hk < H)[None, :], other=0.0)
         t = tl.load(tall_ptr + (c * KBT + j) * (HP * HP) + hk[:, None] * HP + hk[None, :])
         if DOT_UPCAST:
             xt = xt.to(tl.float32)
             t = t.to(tl.float32)
         acc_t = tl.dot(xt, t, acc_t, input_precision=DOT_PRECISION)
-    acc_t = tl.reshape(tl.permute(tl.reshape(acc_t, (G, WP, HP)), (0, 2, 1)), (G * HP, WP))
+    acc += tl.reshape(tl.permute(tl.reshape(acc_t, (G, WP, HP)), (0, 2, 1)), (G * HP, WP))
 
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c).to(tl.float32)
     out_off = n * syn + h * W
     if Y_ALIGN > 1:
         out_off = tl.multiple_of(out_off, Y_ALIGN)
-    out_off = c * syc + out_off[:, None] + wk[None, :]
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    if SPLIT:
-        tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-        tl.store(yt_ptr + out_off, acc_t.to(yt_ptr.dtype.element_ty), mask=out_ok)
-        C = tl.num_programs(1)
-        P = tl.num_programs(0)
-        two = tl.arange(0, 2)
-        # Branch b's (sum, sum of squares) of z - shift over the tile, to stats[b, :, c, pid].
-        d = tl.where(out_ok, acc - tl.load(shift_ptr + c), 0.0)
-        v = tl.join(d, d * d)
-        if SUM_COMBINE:
-            v = tl.reduce(tl.reduce(v, 0, tl.standard._sum_combine), 0, tl.standard._sum_combine)
-        else:
-            v = tl.sum(tl.sum(v, 0), 0)
-        tl.store(stats_ptr + (two * C + c) * P + pid, v)
-        d = tl.where(out_ok, acc_t - tl.load(shift_ptr + 2 * C + c), 0.0)
-        v = tl.join(d, d * d)
-        if SUM_COMBINE:
-            v = tl.reduce(tl.reduce(v, 0, tl.standard._sum_combine), 0, tl.standard._sum_combine)
-        else:
-            v = tl.sum(tl.sum(v, 0), 0)
-        tl.store(stats_ptr + ((4 + two) * C + c) * P + pid, v)
-        if HAS_SMALL:
-            tl.store(ys_ptr + out_off, acc_s.to(ys_ptr.dtype.element_ty), mask=out_ok)
-            d = tl.where(out_ok, acc_s - tl.load(shift_ptr + C + c), 0.0)
-            v = tl.join(d, d * d)
-            if SUM_COMBINE:
-                v = tl.reduce(tl.reduce(v, 0, tl.standard._sum_combine), 0,
-                              tl.standard._sum_combine)
-            else:
-                v = tl.sum(tl.sum(v, 0), 0)
-            tl.store(stats_ptr + ((2 + two) * C + c) * P + pid, v)
-    else:
-        acc += acc_t
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + c).to(tl.float32)
-        tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-
-
-def dwconv_pair_kernel(
-    x_ptr, x2_ptr, w_ptr, w2_ptr, y_ptr, y2_ptr,
-    N, LA, LB, KA, KB, KA2, KB2,
-    sxn, sxc, sxa, sxb,
-    syn, syc, sya, syb,
-    swc, swa, swb, sw2c, sw2a, sw2b,
-    FLIP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    INDEX_64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
-    LA_ONE_BLOCK: tl.constexpr = 0, ALIGN: tl.constexpr = 1, Y_ALIGN: tl.constexpr = 1,
-    EVEN_M: tl.constexpr = False,
-):
-    """Two wide kernels of one unit in one pass: a ``(KB, KA)`` kernel ``w`` and a smaller
-    ``(KB2, KA2)`` kernel ``w2`` centred in it (SLaK's ``(s, K)`` and ``(s, s)`` branches),
-    long axis W (``A``), lines along W as in ``dwconv_fwd_kernel``.
-
-    * Forward (``FLIP`` False): ``y = conv(x, w)`` and ``y2 = conv(x, w2)`` from one read of
-      each ``x`` tile; ``x2_ptr`` is unused.
-    * Input gradient (``FLIP``): ``y = conv(x, rot(w)) + conv(x2, rot(w2))``, ``x`` and ``x2``
-      the two branches' output gradients, summed in the float32 accumulator; ``y2_ptr`` is
-      unused.
-
-    The small kernel's row ``i - (KB - KB2) // 2`` meets the big kernel's row ``i`` on the same
-    input line, and its band is the big band's middle ``KA2`` diagonals, so both Toeplitz
-    blocks act on the same tile. ``x``/``x2`` and ``y``/``y2`` share their strides. Grid:
-    ``(cdiv(N * LB, BLOCK_M), cdiv(LA, BLOCK_A), C)``. The line geometry repeats
-    ``dwconv_fwd_kernel``'s, as kernels cannot share jitted helpers here (module docstring).
-    """
-    pid_m = tl.program_id(0)
-    pid_a = tl.program_id(1)
-    c = tl.program_id(2)
-    PA = KA // 2
-    PB = KB // 2
-    OA = (KA - KA2) // 2   # the small kernel's offset inside the big one
-    OB = (KB - KB2) // 2
-
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < N * LB
-    n = m // LB
-    b = m % LB
-    if INDEX_64:
-        c = c.to(tl.int64)
-        n = n.to(tl.int64)
-    a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    a0 = pid_a * BLOCK_A
-    if LA_ONE_BLOCK:
-        la = LA_ONE_BLOCK
-        k_lo = 0
-        k_hi = LA_ONE_BLOCK
-    else:
-        la = LA
-        k_lo = tl.maximum(a0 - PA, 0)
-        k_hi = tl.minimum(a0 + BLOCK_A + PA, LA)
-
-    x_base = x_ptr + c * sxc
-    x2_base = x2_ptr + c * sxc
-    if ALIGN > 1:
-        x_base = tl.multiple_of(x_base, ALIGN * (x_ptr.dtype.element_ty.primitive_bitwidth // 8))
-        x2_base = tl.multiple_of(x2_base,
-                                 ALIGN * (x2_ptr.dtype.element_ty.primitive_bitwidth // 8))
-    w_base = w_ptr + c * swc
-    w2_base = w2_ptr + c * sw2c
-    acc = tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32)
-    acc2 = tl.full((BLOCK_M, BLOCK_A), 0.0, tl.float32)
-
-    n_chunks = (k_hi - k_lo + BLOCK_K - 1) // BLOCK_K
-    for step in range(0, KB * n_chunks):
-        i = step // n_chunks
-        k0 = k_lo + (step - i * n_chunks) * BLOCK_K
-        b_in = b + i - PB
-        line_ok = m_ok & (b_in >= 0) & (b_in < LB)
-        line_off = n * sxn + b_in * sxb
-        if ALIGN > 1:
-            line_off = tl.multiple_of(line_off, ALIGN)
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < k_hi
-        offs = line_off[:, None] + k[None, :] * sxa
-        tile_ok = line_ok[:, None] & k_ok[None, :]
-        xt = tl.load(x_base + offs, mask=tile_ok, other=0.0)
-        d = k[:, None] - a[None, :] + PA
-        i2 = i - OB
-        d2 = d - OA
-        if FLIP:
-            tap_b = KB - 1 - i
-            tap_a = KA - 1 - d
-            tap_b2 = KB2 - 1 - i2
-            tap_a2 = KA2 - 1 - d2
-        else:
-            tap_b = i
-            tap_a = d
-            tap_b2 = i2
-            tap_a2 = d2
-        t = tl.load(w_base + tap_b * swb + tap_a * swa, mask=(d >= 0) & (d < KA), other=0.0)
-        t2 = tl.load(w2_base + tap_b2 * sw2b + tap_a2 * sw2a,
-                     mask=(d2 >= 0) & (d2 < KA2) & (i2 >= 0) & (i2 < KB2), other=0.0)
-        t = t.to(xt.dtype)
-        t2 = t2.to(xt.dtype)
-        if DOT_UPCAST:
-            xt = xt.to(tl.float32)
-            t = t.to(tl.float32)
-            t2 = t2.to(tl.float32)
-        acc = tl.dot(xt, t, acc, input_precision=DOT_PRECISION)
-        if FLIP:
-            x2t = tl.load(x2_base + offs, mask=tile_ok, other=0.0)
-            if DOT_UPCAST:
-                x2t = x2t.to(tl.float32)
-            acc = tl.dot(x2t, t2, acc, input_precision=DOT_PRECISION)
-        else:
-            acc2 = tl.dot(xt, t2, acc2, input_precision=DOT_PRECISION)
-
-    out_off = n * syn + b * syb
-    y_base = y_ptr + c * syc
-    y2_base = y2_ptr + c * syc
-    if Y_ALIGN > 1:
-        y_base = tl.multiple_of(y_base, Y_ALIGN * (y_ptr.dtype.element_ty.primitive_bitwidth // 8))
-        y2_base = tl.multiple_of(y2_base,
-                                 Y_ALIGN * (y2_ptr.dtype.element_ty.primitive_bitwidth // 8))
-        out_off = tl.multiple_of(out_off, Y_ALIGN)
-    if EVEN_M:
-        mask = (a < la)[None, :]
-    else:
-        mask = m_ok[:, None] & (a < la)[None, :]
-    y_offs = out_off[:, None] + a[None, :] * sya
-    tl.store(y_base + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    if not FLIP:
-        tl.store(y2_base + y_offs, acc2.to(y2_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_base + out_off[:, None] + wk[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 def dwconv_wgrad_kernel(
@@ -772,16 +554,16 @@ def get_kernels(interpret):
         # compilation to a few dozen kernels for all SLaK shapes. Unit strides still are.
         lines = ["N", "LA", "LB", "KA", "KB", "N_KCHUNK", "SPLIT_M"] + [
             p + s for p in ("sx", "sy", "sd") for s in "ncb"] + [
-            "swc", "swa", "swb", "swslot", "swi", "swj", "KA2", "KB2", "sw2c", "sw2a", "sw2b"]
+            "swc", "swa", "swb", "swslot", "swi", "swj"]
         # The plane kernels address whole planes, so nothing is specialised but unit strides.
         planes = ["N", "H", "W", "KH", "KW", "sxn", "sxc", "syn", "syc", "sdn", "sdc", "swc",
                   "swh"]
         # The deployed unit's kernel is specialised on the map size (H, W), not on the rest.
-        cross = ["N", "KBW", "KBS", "KBT", "sxn", "sxc", "syn", "syc"]
+        cross = ["N", "KBW", "KBT", "sxn", "sxc", "syn", "syc"]
         _COMPILED[interpret] = {
             fn.__name__: triton.jit(fn, do_not_specialize=[
                 a for a in unspecialised if a in inspect.signature(fn).parameters])
-            for fn, unspecialised in ((dwconv_fwd_kernel, lines), (dwconv_pair_kernel, lines),
+            for fn, unspecialised in ((dwconv_fwd_kernel, lines),
                                       (dwconv_toeplitz_kernel, lines),
                                       (dwconv_cross_kernel, cross),
                                       (dwconv_wgrad_kernel, lines),

@@ -12,9 +12,9 @@ import torch
 import triton
 
 from . import heuristics
-from .kernels import (dwconv_cross_kernel, dwconv_fwd_kernel, dwconv_pair_kernel,
-                      dwconv_plane_fwd_kernel, dwconv_plane_wgrad_kernel, dwconv_toeplitz_kernel,
-                      dwconv_wgrad_kernel, get_kernels)
+from .kernels import (dwconv_cross_kernel, dwconv_fwd_kernel, dwconv_plane_fwd_kernel,
+                      dwconv_plane_wgrad_kernel, dwconv_toeplitz_kernel, dwconv_wgrad_kernel,
+                      get_kernels)
 
 _MAX_PLANS = 4096
 
@@ -154,142 +154,38 @@ def _conv_plan(x, weight, bias, flip, y):
                 scratch=scratch)
 
 
-def pair_conv(x, x2, weight, weight2, flip, y, y2):
-    """A wide kernel and a smaller one centred in it, in one pass (``dwconv_pair_kernel``):
-    forward ``y, y2 = conv(x, weight), conv(x, weight2)`` (``x2`` and ``flip`` unused), or
-    with ``flip`` the input gradient ``y = conv(x, rot(weight)) + conv(x2, rot(weight2))``
-    (``y2`` unused). ``x``/``x2`` and ``y``/``y2`` share shapes and strides, unit stride
-    along W."""
-    if y.numel() == 0:
-        return
-    plan = _cached(_key("pair", flip, x, x2, weight, weight2, y),
-                   lambda: _pair_plan(x, x2, weight, weight2, flip, y))
-    launch(plan, (x, x2, weight, weight2, y, y2))
-
-
-def _pair_plan(x, x2, weight, weight2, flip, y):
-    N, C = x.shape[:2]
-    g = heuristics.geometry(x, weight.shape[2:])
-    assert not g["long_is_h"] and x.stride(3) == 1 and x2.stride() == x.stride()
-    n_lines = N * g["LB"]
-    t = heuristics.tiles(g, n_lines, x.dtype)
-    store = heuristics.store_hints(g, y, t["block_m"], n_lines)
-    values = dict(
-        N=N, LA=g["LA"], LB=g["LB"], KA=g["KA"], KB=g["KB"],
-        KA2=weight2.shape[3], KB2=weight2.shape[2],
-        sxn=x.stride(0), sxc=x.stride(1), sxa=x.stride(3), sxb=x.stride(2),
-        syn=y.stride(0), syc=y.stride(1), sya=y.stride(3), syb=y.stride(2),
-        swc=weight.stride(0), swa=weight.stride(3), swb=weight.stride(2),
-        sw2c=weight2.stride(0), sw2a=weight2.stride(3), sw2b=weight2.stride(2),
-        FLIP=flip, **heuristics.dot_args(x), INDEX_64=heuristics.needs_index_64(x, x2, y),
-        **heuristics.load_hints(t, g, x, x2), Y_ALIGN=store["Y_ALIGN"], EVEN_M=store["EVEN_M"],
-        BLOCK_M=t["block_m"], BLOCK_A=t["block_a"], BLOCK_K=t["block_a"])
-    grid = (triton.cdiv(n_lines, t["block_m"]), triton.cdiv(g["LA"], t["block_a"]), C)
-    return Plan(dwconv_pair_kernel, not x.is_cuda, grid, values, t["num_warps"], t["num_stages"])
-
-
 def cross_conv(x, weight_tall, weight_wide, bias, y):
     """``conv(x, weight_tall) + conv(x, weight_wide) + bias`` in one pass
     (``dwconv_cross_kernel``) for maps of at most 64x64 pixels; ``x`` and ``y`` contiguous."""
     if y.numel() == 0:
         return
     plan = _cached(_key("cross", None, x, weight_tall, weight_wide, bias, y),
-                   lambda: _cross_plan(x, weight_tall, weight_wide, None, y, bias is not None,
-                                       split=False, flip=False))
+                   lambda: _cross_plan(x, weight_tall, weight_wide, bias, y))
     wide, tall = plan.scratch
-    launch(plan, (x, x, x, toeplitz_tiles(wide, weight_wide, x), x,
-                  toeplitz_tiles(tall, weight_tall, x), bias if bias is not None else x, x,
-                  y, y, y, x))
+    launch(plan, (x, toeplitz_tiles(wide, weight_wide, x), toeplitz_tiles(tall, weight_tall, x),
+                  bias if bias is not None else x, y))
 
 
-def unit_conv(x, x_tall, tall_transposed, weight_tall, weight_wide, weight_small, shift, z_tall,
-              z_wide, z_small):
-    """A trained unit's three convolutions in one pass, each into its own output, and their
-    BatchNorm statistics: returns ``(3, 2, C)`` float32, the sum and the sum of squares of
-    ``z - shift[b, c]`` per branch ``b`` (wide, small, tall) and channel. ``x`` and the
-    outputs contiguous, at most 64x64 pixels; ``shift`` ``(3, C)`` float32. The tall kernel
-    reads ``x_tall``: ``x``, or with ``tall_transposed`` ``x`` stored transposed
-    (``(N, C, W, H)`` contiguous)."""
-    N, C = x.shape[:2]
-    stats = None
-    if x.numel():
-        plan = _cached(_key("unit", tall_transposed, x, x_tall, weight_tall, weight_wide,
-                            weight_small, z_wide),
-                       lambda: _cross_plan(x, weight_tall, weight_wide, weight_small, z_wide,
-                                           False, split=True, flip=False,
-                                           x_tall=x_tall if tall_transposed else None))
-        wide, tall, small = plan.scratch[:3]
-        stats = torch.empty((3, 2, C, plan.grid[0]), device=x.device, dtype=torch.float32)
-        launch(plan, (x, x, x_tall, toeplitz_tiles(wide, weight_wide, x),
-                      toeplitz_tiles(small, weight_small, x), toeplitz_tiles(tall, weight_tall, x),
-                      x, shift, z_wide, z_small, z_tall, stats))
-    return (stats.sum(3) if stats is not None else
-            torch.zeros((3, 2, C), device=x.device, dtype=torch.float32))
-
-
-def unit_input_grad(grad_tall, tall_transposed, grad_wide, grad_small, weight_tall, weight_wide,
-                    weight_small, dx):
-    """A trained unit's input gradient from its branches' output gradients, in one pass: the
-    three convolutions with rotated kernels, summed. All contiguous, at most 64x64 pixels;
-    ``grad_tall`` stored transposed with ``tall_transposed`` (see ``unit_conv``)."""
-    if dx.numel() == 0:
-        return
-    # The kernel reads grad_small with grad_wide's strides and alignment hint.
-    plan = _cached(_key("unit_dx", tall_transposed, grad_tall, grad_wide, grad_small,
-                        weight_tall, weight_wide, weight_small, dx),
-                   lambda: _cross_plan(grad_wide, weight_tall, weight_wide, weight_small, dx,
-                                       False, split=False, flip=True,
-                                       x_tall=grad_tall if tall_transposed else None,
-                                       x_small=grad_small))
-    wide, tall, small = plan.scratch
-    launch(plan, (grad_wide, grad_small, grad_tall, toeplitz_tiles(wide, weight_wide, dx),
-                  toeplitz_tiles(small, weight_small, dx), toeplitz_tiles(tall, weight_tall, dx),
-                  dx, dx, dx, dx, dx, dx))
-
-
-def _cross_plan(x, weight_tall, weight_wide, weight_small, y, has_bias, split, flip,
-                x_tall=None, x_small=None):
-    """``dwconv_cross_kernel`` for a deployed unit (two kernels, one source, summed), a trained
-    unit's forward pass (``split``: three outputs and statistics) or its input gradient
-    (``flip``: three sources, rotated kernels, summed); ``x_tall``: the tall kernel's source
-    where it is stored transposed (``TALL_T``); ``x_small``: the small kernel's source where it
-    is not ``x`` (read with ``x``'s strides). ``scratch``: the Toeplitz tile plans, wide, tall,
-    then small if any."""
-    if x_small is not None and x_small.stride() != x.stride():
-        raise ValueError(f"the small branch's source has strides {x_small.stride()}, the wide "
-                         f"one's {x.stride()}: pass both contiguous")
+def _cross_plan(x, weight_tall, weight_wide, bias, y):
     N, C, H, W = x.shape
     hp, wp = (max(16, triton.next_power_of_2(n)) for n in (H, W))
-    tuning = heuristics.TUNING
-    if split:   # three accumulators
-        images = max(1, tuning.unit_tile_elements // (hp * wp))
-        warps = 8 if 3 * images * hp * wp >= 8192 else 4
-    else:
-        images = max(2, tuning.cross_tile_elements // (hp * wp))
-        warps = 8 if images * hp * wp >= 8192 else 4
-    images = min(images, triton.next_power_of_2(N))
+    images = min(max(2, heuristics.TUNING.cross_tile_elements // (hp * wp)),
+                 triton.next_power_of_2(N))
     g = heuristics.geometry(x, (1, 3))   # rows along W, as the wide kernel reads them
-    has_small = weight_small is not None
     values = dict(
-        N=N, KBW=weight_wide.shape[2], KBS=weight_small.shape[2] if has_small else 0,
-        KBT=weight_tall.shape[3], sxn=x.stride(0), sxc=x.stride(1), syn=y.stride(0),
-        syc=y.stride(1), H=H, W=W, HP=hp, WP=wp, G=images, HAS_SMALL=has_small,
-        SMALL_SHARES_ROWS=has_small and not flip, HAS_BIAS=has_bias, SPLIT=split,
+        N=N, KBW=weight_wide.shape[2], KBT=weight_tall.shape[3],
+        sxn=x.stride(0), sxc=x.stride(1), syn=y.stride(0), syc=y.stride(1),
+        H=H, W=W, HP=hp, WP=wp, G=images, HAS_BIAS=bias is not None,
         **heuristics.dot_args(x), INDEX_64=heuristics.needs_index_64(x, y),
-        ALIGN=heuristics.vector_width(g, x, *([] if x_small is None else [x_small]))
-        if tuning.vectorize else 1,
-        Y_ALIGN=heuristics.vector_width(g, y) if tuning.vectorize else 1)
-    if x_tall is not None:
-        values.update(TALL_T=True, T_ALIGN=heuristics.vector_width(g, x_tall)
-                      if tuning.vectorize else 1)
+        ALIGN=heuristics.vector_width(g, x) if heuristics.TUNING.vectorize else 1,
+        Y_ALIGN=heuristics.vector_width(g, y) if heuristics.TUNING.vectorize else 1)
     interpret = not x.is_cuda
-    # Tiles [k, a]: along W for the wide and small kernels, along H for the tall one.
-    scratch = (_toeplitz_plan(weight_wide, interpret, 3, 2, flip, False, wp),
-               _toeplitz_plan(weight_tall, interpret, 2, 3, flip, False, hp))
-    if has_small:
-        scratch += (_toeplitz_plan(weight_small, interpret, 3, 2, flip, False, wp),)
+    # Tiles [k, a]: along W for the wide kernel, along H for the tall one.
+    scratch = (_toeplitz_plan(weight_wide, interpret, 3, 2, False, False, wp),
+               _toeplitz_plan(weight_tall, interpret, 2, 3, False, False, hp))
+    warps = 8 if images * hp * wp >= 8192 else 4
     return Plan(dwconv_cross_kernel, interpret, (triton.cdiv(N, images), C), values, warps,
-                tuning.num_stages, scratch=scratch)
+                heuristics.TUNING.num_stages, scratch=scratch)
 
 
 @functools.lru_cache(maxsize=None)

@@ -192,7 +192,8 @@ def _slak_family(args):
 
     state_dict = None
     if args.weights:
-        from checkpoint import checkpoint_model_config, model_config, open_checkpoint
+        from checkpoint import open_checkpoint
+        from slak_config import checkpoint_model_config, model_config
         depths = args.depths or SLaK.MODEL_DEPTHS_DIMS["SLaK_tiny"][0]
         family = next((n for n, (d, _) in SLaK.MODEL_DEPTHS_DIMS.items() if d == list(depths)), None)
         expected = model_config(family, kernel_size, decom, width_factor, True, 0)

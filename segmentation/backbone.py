@@ -133,7 +133,8 @@ def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="cu
     if prefix is None and os.path.isfile(str(checkpoint)):
         # A local classification checkpoint: checked like every other loader's (one line naming
         # what differs); the classifier is dropped below, so its class count does not matter.
-        from checkpoint import infer_model_config, open_checkpoint
+        from checkpoint import open_checkpoint
+        from slak_config import infer_model_config
         expected = infer_model_config(backbone.state_dict())
         raw, _ = open_checkpoint(str(checkpoint), "init_cfg checkpoint", expected,
                                  ignore=("nb_classes",))
