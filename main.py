@@ -182,11 +182,11 @@ def get_args_parser():
     group.add_argument("--sparse_init", type=str, default="snip",
                        choices=["snip", "ERK", "uniform", "resume"])
     group.add_argument("--growth", type=str, default="random",
-                       choices=["random", "gradient", "momentum", "momentum_neuron"],
+                       choices=list(sparse_core.GROWTH),
                        help="how regrown weights are chosen; momentum: |Adam exp_avg / (sqrt(exp_avg_sq) "
                             "+ 1e-8)| or |SGD momentum|; momentum_neuron: that score, shared out "
                             "among output neurons by their mean score")
-    group.add_argument("--prune", type=str, default="magnitude", choices=["magnitude"])
+    group.add_argument("--prune", type=str, default="magnitude", choices=list(sparse_core.PRUNE))
     group.add_argument("--redistribution", type=str, default="none",
                        choices=["none", "momentum", "magnitude", "nonzeros"],
                        help="accepted for the original's command lines; its adaptation never "
@@ -491,7 +491,8 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     masking = None
     if args.sparse and not args.eval:
-        masking = sparse_core.Masking(model_without_ddp, optimizer, args, args.epochs * steps_per_epoch)
+        masking = sparse_core.Masking.from_args(model_without_ddp, optimizer, args,
+                                                args.epochs * steps_per_epoch)
     max_accuracy, max_accuracy_ema, masks_restored = 0.0, 0.0, False
     if checkpoint is not None:
         args.start_epoch, max_accuracy, max_accuracy_ema, masks_restored = restore_training_state(

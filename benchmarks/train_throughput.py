@@ -168,10 +168,8 @@ def build(name, sparse_update_frequency):
 
     def masking_factory(model, optimizer, images, targets, criterion, total_steps):
         import sparse_core
-        args = argparse.Namespace(sparsity=0.4, sparse_init="snip", growth="random", prune="magnitude",
-                                  prune_rate=0.3, update_frequency=sparse_update_frequency, fix=False,
-                                  only_L=False, redistribution="none", verbose=False, seed=0)
-        masking = sparse_core.Masking(model, optimizer, args, total_steps)
+        masking = sparse_core.Masking(model, optimizer, total_steps, sparsity=0.4, sparse_init="snip",
+                                      update_frequency=sparse_update_frequency)
         masking.init(images, targets, criterion)
         return masking
     return model, masking_factory
