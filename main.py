@@ -31,7 +31,7 @@ from checkpoint import (append_log, args_model_config, epoch_checkpoints, latest
                         remove_old_checkpoints,
                         restore_training_state, save_training_state)
 from datasets import build_dataset, check_same_classes, normalization
-from distillation import DISTILL_TYPES, FD_LOSS_TYPES, build_distillation
+from distillation import DISTILL_MODES, DISTILL_TYPES, FD_LOSS_TYPES, build_distillation
 from distributed import (all_reduce_sum, data_parallel, get_rank, get_world_size,
                          init_distributed_mode, is_main_process)
 from engine import SupervisedLoss, evaluate, train_one_epoch
@@ -298,7 +298,7 @@ def check_args(args):
         raise ConfigError(f"--compile_mode {args.compile_mode} applies to a compiled model: "
                           f"add --compile true")
     if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune") and \
-            args.distill_type and args.distill_type.endswith("FD"):
+            args.distill_type and DISTILL_MODES[args.distill_type].features:
         raise ConfigError(f"--compile_mode {args.compile_mode} replays CUDA graphs, whose output "
                           f"buffers would overwrite the student features that {args.distill_type} "
                           f"taps; use --compile_mode default or max-autotune-no-cudagraphs")
@@ -310,7 +310,8 @@ def check_args(args):
     if args.finetune and not os.path.isfile(args.finetune):
         raise ConfigError(f"--finetune {args.finetune}: file not found")
     if args.distill_type is not None:
-        if args.distill_type != "None" and not args.resume and not args.teacher_pretrained:
+        if DISTILL_MODES[args.distill_type].uses_teacher and not args.resume and \
+                not args.teacher_pretrained:
             raise ConfigError(f"--distill_type {args.distill_type} needs the teacher's weights: pass "
                               f"--resume /path/to/teacher/checkpoint.pth (or --teacher_pretrained "
                               f"true for timm's weights)")
