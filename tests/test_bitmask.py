@@ -20,6 +20,8 @@ def kernel_launches(monkeypatch):
     if not CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     launches = []
+    # No public hook tells which path zero_unset_ took (the kernel or unpacking the bits), so this
+    # spies on the private kernel factory.
     real = bitmask._kernel
 
     def counting(interpret):

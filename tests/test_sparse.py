@@ -231,7 +231,7 @@ def test_a_registered_growth_rule_is_a_choice_and_gets_what_it_names(monkeypatch
         make(growth="by_weight")
 
 
-@pytest.mark.parametrize("growth", ["random", "gradient", "momentum", "momentum_neuron"])
+@pytest.mark.parametrize("growth", list(sparse_core.GROWTH))
 def test_adaptation_is_the_rules_applied_layer_by_layer(growth):
     """An adaptation scores all layers at once; its masks are exactly those of the public
     per-layer rules (magnitude prune, then the growth rule) applied one layer at a time, in
@@ -263,14 +263,13 @@ def test_adaptation_is_the_rules_applied_layer_by_layer(growth):
         assert torch.equal(mask, expected[k]), k
 
 
-@pytest.mark.parametrize("growth", ["random", "gradient", "momentum", "momentum_neuron"])
+@pytest.mark.parametrize("growth", list(sparse_core.GROWTH))
 def test_adaptation_counts_and_regrown_start_at_zero(growth):
     model, optimizer, masking = make(growth=growth, update_frequency=3)
     counts = {k: m.sum().item() for k, m in masking.masks.items()}
     before = {k: m.clone() for k, m in masking.masks.items()}
     stats = train(model, optimizer, masking, 2)
     assert stats == [None, None]
-    snapshot = {k: v.detach().clone() for k, v in model.named_parameters()}
     stats = train(model, optimizer, masking, 1, seed=7)[0]
     assert set(stats) >= {"density", "prune_rate", "ever_active"}
     assert abs(stats["density"] - TARGET) < (0.005 if growth == "random" else 0.05)
@@ -290,7 +289,6 @@ def test_adaptation_counts_and_regrown_start_at_zero(growth):
     for k, mask in masking.masks.items():
         grown = mask & ~before[k]
         assert torch.all(params[k][grown] == 0)  # regrown weights start at zero
-    assert snapshot  # (weights were trained before)
 
 
 def test_prune_rate_cosine_decay_and_fix():
