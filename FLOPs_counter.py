@@ -66,13 +66,13 @@ def build_masks(model, args):
         load_state_dict_checked(model, state_dict, "--resume", args.resume)
         if isinstance(checkpoint, dict) and checkpoint.get("masks"):
             return {k: v.bool() for k, v in checkpoint["masks"].items()}
-        args.sparse_init = "resume"  # no masks stored: the zeros of the weights are the masks
+        sparse_init = "resume"  # no masks stored: the zeros of the weights are the masks
     elif not args.sparse:
         return {}
-    ns = argparse.Namespace(sparsity=args.sparsity, sparse_init=args.sparse_init, growth="random",
-                            prune="magnitude", prune_rate=0.0, update_frequency=1, fix=True,
-                            only_L=args.only_L, redistribution="none", verbose=False, seed=args.seed)
-    masking = sparse_core.Masking(model, None, ns, total_steps=1)
+    else:
+        sparse_init = args.sparse_init
+    masking = sparse_core.Masking(model, None, 1, sparsity=args.sparsity, sparse_init=sparse_init,
+                                  fix=True, only_L=args.only_L, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.snip_batch, 3, args.input_size, args.input_size, generator=generator)
     # Channels-last: the CPU's depthwise weight gradient is ~20x faster in that layout.

@@ -18,6 +18,9 @@ autograd, the student with it, and combines
   student's map, projected to the teacher's width, is resized bilinearly to the teacher's size;
 - ``None``: the supervised loss only (the student trained alone, as a baseline).
 
+:data:`DISTILL_MODES` is the table of these types: which logit loss, whether features are
+distilled.
+
 :func:`build_distillation` builds all of it from main.py's flags: the student, the teacher
 (:func:`load_teacher`) and the feature loss, then the optimizer's extra parameter groups and the
 training loss (:class:`Distillation`).
@@ -25,6 +28,8 @@ training loss (:class:`Distillation`).
 Targets are class indices ``(N,)`` or, under Mixup/CutMix, class probabilities ``(N, C)``; the
 losses that need one class per image take the most probable one.
 """
+from typing import Callable, NamedTuple, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,14 +42,54 @@ from model_factory import build_model
 from optim_factory import param_groups
 from slak_config import args_model_config
 
-__all__ = ["DISTILL_TYPES", "FD_LOSS_TYPES", "STUDENT_OVERRIDES", "KDLoss", "NKDLoss",
-           "FeatureDistillLoss", "last_stage", "as_feature_map", "LastStageTap", "DistillationLoss",
-           "freeze", "add_param_groups", "build_distillation_loss", "load_teacher", "Distillation",
-           "build_distillation"]
+__all__ = ["DISTILL_MODES", "DistillMode", "DISTILL_TYPES", "FD_LOSS_TYPES", "STUDENT_OVERRIDES",
+           "KDLoss", "NKDLoss", "FeatureDistillLoss", "last_stage", "as_feature_map", "LastStageTap",
+           "DistillationLoss", "freeze", "add_param_groups", "kd_loss", "nkd_loss",
+           "build_distillation_loss", "load_teacher", "Distillation", "build_distillation"]
 
-DISTILL_TYPES = ["None", "KD", "NKD", "FD", "KD_FD", "NKD_FD"]
 # --FDLoss_type spellings: the original's (smoothL1, MSE) and ours.
 FD_LOSS_TYPES = {"smoothL1": "SmoothL1", "SmoothL1": "SmoothL1", "MSE": "MSE"}
+
+
+def kd_loss(args, criterion):
+    """``KD``'s logit loss from the flags: :class:`KDLoss` at ``--T``, ``--alpha``, ``--hard``.
+    The original's KD supervises with plain cross-entropy on the labels (no label smoothing) when
+    no mixup mixes them (``criterion`` is then not timm's SoftTargetCrossEntropy)."""
+    mixed = isinstance(criterion, SoftTargetCrossEntropy)
+    return KDLoss(args.T, args.alpha, args.hard, criterion if mixed else F.cross_entropy)
+
+
+def nkd_loss(args, criterion):
+    """``NKD``'s logit loss from the flags: :class:`NKDLoss` at ``--T``."""
+    return NKDLoss(args.T)
+
+
+class DistillMode(NamedTuple):
+    """What one ``--distill_type`` trains the student with.
+
+    Attributes:
+        logit_loss: ``(args, criterion) -> loss module`` between student and teacher logits,
+            which replaces the supervised ``criterion``; None: ``criterion`` alone.
+        features: add :class:`FeatureDistillLoss` between the last-stage maps.
+    """
+    logit_loss: Optional[Callable]
+    features: bool
+
+    @property
+    def uses_teacher(self):
+        return self.logit_loss is not None or self.features
+
+
+# --distill_type: a new logit loss is a function as above and a line here.
+DISTILL_MODES = {
+    "None": DistillMode(None, features=False),  # the student alone, as a baseline
+    "KD": DistillMode(kd_loss, features=False),
+    "NKD": DistillMode(nkd_loss, features=False),
+    "FD": DistillMode(None, features=True),
+    "KD_FD": DistillMode(kd_loss, features=True),
+    "NKD_FD": DistillMode(nkd_loss, features=True),
+}
+DISTILL_TYPES = list(DISTILL_MODES)
 
 # The student is the SLaK family at ConvNeXt settings: 7x7 kernels everywhere, no small branch
 # (100 > 7), no decomposition, width 1 (the paper's ConvNeXt-T/S students).
@@ -253,8 +298,10 @@ class DistillationLoss:
         student: the bare student (``model`` may be it or its DDP/compiled wrapper).
         teacher: the frozen teacher, or None for ``"None"``.
         criterion: the student's supervised loss ``(logits, target) -> scalar``.
-        logit_loss: :class:`KDLoss` or :class:`NKDLoss` for ``*KD*`` types, else None.
-        feature_loss: :class:`FeatureDistillLoss` (or a DDP wrapper of it) for ``*FD`` types.
+        logit_loss: the logit loss (:class:`KDLoss`, :class:`NKDLoss`) for the types whose
+            :data:`DISTILL_MODES` entry has one, else None.
+        feature_loss: :class:`FeatureDistillLoss` (or a DDP wrapper of it) for the types that
+            distil features (``*FD``), else None.
         feature_weight: weight of the feature loss (``--lr_fd``).
         compile_teacher: run the teacher through ``torch.compile`` (``--compile true``).
 
@@ -264,15 +311,18 @@ class DistillationLoss:
 
     def __init__(self, distill_type, student, teacher, criterion, logit_loss=None,
                  feature_loss=None, feature_weight=1.0, compile_teacher=False):
-        if distill_type not in DISTILL_TYPES:
+        if distill_type not in DISTILL_MODES:
             raise ValueError(f"distill_type {distill_type!r}: use one of {DISTILL_TYPES}")
-        uses_teacher = distill_type != "None"
+        mode = DISTILL_MODES[distill_type]
+        uses_teacher = mode.uses_teacher
         if uses_teacher and teacher is None:
             raise ValueError(f"distill_type {distill_type} needs a teacher")
-        if ("KD" in distill_type) != (logit_loss is not None):
-            raise ValueError(f"distill_type {distill_type}: logit_loss must be given exactly for KD/NKD")
-        if distill_type.endswith("FD") != (feature_loss is not None):
-            raise ValueError(f"distill_type {distill_type}: feature_loss must be given exactly for *FD")
+        if (mode.logit_loss is not None) != (logit_loss is not None):
+            raise ValueError(f"distill_type {distill_type} takes "
+                             f"{'a' if mode.logit_loss else 'no'} logit_loss")
+        if mode.features != (feature_loss is not None):
+            raise ValueError(f"distill_type {distill_type} takes "
+                             f"{'a' if mode.features else 'no'} feature_loss")
         self.distill_type, self.criterion = distill_type, criterion
         self.teacher = freeze(teacher) if uses_teacher else None
         self.run_teacher = torch.compile(self.teacher) if uses_teacher and compile_teacher \
@@ -313,14 +363,8 @@ class DistillationLoss:
 def build_distillation_loss(args, student, teacher, criterion, feature_loss=None):
     """:class:`DistillationLoss` from main.py's flags (``feature_loss`` built beforehand, since
     its projection must be in the optimizer and the checkpoint)."""
-    logit_loss = None
-    if args.distill_type.startswith("KD"):
-        # The original's KD supervises with plain cross-entropy on the labels (no label
-        # smoothing) when no mixup mixes them.
-        mixed = isinstance(criterion, SoftTargetCrossEntropy)
-        logit_loss = KDLoss(args.T, args.alpha, args.hard, criterion if mixed else F.cross_entropy)
-    elif args.distill_type.startswith("NKD"):
-        logit_loss = NKDLoss(args.T)
+    logit_loss = DISTILL_MODES[args.distill_type].logit_loss
+    logit_loss = logit_loss(args, criterion) if logit_loss is not None else None
     return DistillationLoss(args.distill_type, student, teacher, criterion, logit_loss,
                             feature_loss, args.lr_fd, compile_teacher=args.compile)
 
@@ -388,7 +432,7 @@ def build_distillation(args, nb_classes, device):
     if args.resume or args.teacher_pretrained:
         teacher = load_teacher(args, nb_classes, device)
     feature_loss = None
-    if args.distill_type.endswith("FD"):
+    if DISTILL_MODES[args.distill_type].features:
         # Trained and saved with the student (checkpoint key "distill"): the 1x1 projection from
         # student to teacher width.
         feature_loss = FeatureDistillLoss(last_stage(student)[1], last_stage(teacher)[1],

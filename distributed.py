@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from utils import ConfigError
+
 
 def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
@@ -90,7 +92,6 @@ def init_distributed_mode(args):
                   "MASTER_ADDR", "MASTER_PORT"]
         missing = [name for name in needed if name not in os.environ]
         if missing:
-            from utils import ConfigError  # (utils imports this module)
             raise ConfigError(f"--dist_on_itp true takes the processes from mpirun, but "
                               f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
                               f"set; launch with mpirun and set "

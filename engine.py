@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 
 from distributed import all_reduce_sum
+from metric_logger import MetricLogger, SmoothedValue
 from optim_factory import set_schedule
-from utils import MetricLogger, SmoothedValue, TrainingDiverged
+from utils import TrainingDiverged
 
 
 class SupervisedLoss:

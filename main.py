@@ -31,7 +31,7 @@ from checkpoint import (append_log, epoch_checkpoints, latest_checkpoint,
                         remove_old_checkpoints,
                         restore_training_state, save_training_state)
 from datasets import build_dataset, check_same_classes, normalization
-from distillation import DISTILL_TYPES, FD_LOSS_TYPES, build_distillation
+from distillation import DISTILL_MODES, DISTILL_TYPES, FD_LOSS_TYPES, build_distillation
 from distributed import (all_reduce_sum, data_parallel, get_rank, get_world_size,
                          init_distributed_mode, is_main_process)
 from engine import SupervisedLoss, evaluate, train_one_epoch
@@ -179,11 +179,11 @@ def get_args_parser():
     group.add_argument("--sparse_init", type=str, default="snip",
                        choices=["snip", "ERK", "uniform", "resume"])
     group.add_argument("--growth", type=str, default="random",
-                       choices=["random", "gradient", "momentum", "momentum_neuron"],
+                       choices=list(sparse_core.GROWTH),
                        help="how regrown weights are chosen; momentum: |Adam exp_avg / (sqrt(exp_avg_sq) "
                             "+ 1e-8)| or |SGD momentum|; momentum_neuron: that score, shared out "
                             "among output neurons by their mean score")
-    group.add_argument("--prune", type=str, default="magnitude", choices=["magnitude"])
+    group.add_argument("--prune", type=str, default="magnitude", choices=list(sparse_core.PRUNE))
     group.add_argument("--redistribution", type=str, default="none",
                        choices=["none", "momentum", "magnitude", "nonzeros"],
                        help="accepted for the original's command lines; its adaptation never "
@@ -295,7 +295,7 @@ def check_args(args):
         raise ConfigError(f"--compile_mode {args.compile_mode} applies to a compiled model: "
                           f"add --compile true")
     if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune") and \
-            args.distill_type and args.distill_type.endswith("FD"):
+            args.distill_type and DISTILL_MODES[args.distill_type].features:
         raise ConfigError(f"--compile_mode {args.compile_mode} replays CUDA graphs, whose output "
                           f"buffers would overwrite the student features that {args.distill_type} "
                           f"taps; use --compile_mode default or max-autotune-no-cudagraphs")
@@ -307,7 +307,8 @@ def check_args(args):
     if args.finetune and not os.path.isfile(args.finetune):
         raise ConfigError(f"--finetune {args.finetune}: file not found")
     if args.distill_type is not None:
-        if args.distill_type != "None" and not args.resume and not args.teacher_pretrained:
+        if DISTILL_MODES[args.distill_type].uses_teacher and not args.resume and \
+                not args.teacher_pretrained:
             raise ConfigError(f"--distill_type {args.distill_type} needs the teacher's weights: pass "
                               f"--resume /path/to/teacher/checkpoint.pth (or --teacher_pretrained "
                               f"true for timm's weights)")
@@ -488,7 +489,8 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     masking = None
     if args.sparse and not args.eval:
-        masking = sparse_core.Masking(model_without_ddp, optimizer, args, args.epochs * steps_per_epoch)
+        masking = sparse_core.Masking.from_args(model_without_ddp, optimizer, args,
+                                                args.epochs * steps_per_epoch)
     max_accuracy, max_accuracy_ema, masks_restored = 0.0, 0.0, False
     if checkpoint is not None:
         args.start_epoch, max_accuracy, max_accuracy_ema, masks_restored = restore_training_state(

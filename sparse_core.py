@@ -9,7 +9,7 @@ left dense and gets no mask.
 
 Life cycle (as ``main.py``/``engine.py`` drive it)::
 
-    masking = Masking(model, optimizer, args, total_steps)
+    masking = Masking.from_args(model, optimizer, args, total_steps)
     masking.init(images, targets, criterion)     # or masking.load_masks(ckpt["masks"])
     masking.mask_ema(ema.module)                 # the EMA starts masked too
     for each optimizer step:
@@ -32,20 +32,22 @@ step just taken, ``momentum``: largest |exp_avg / (sqrt(exp_avg_sq) + 1e-8)| und
 |momentum_buffer| under SGD, ``momentum_neuron``: the momentum score, the regrowth shared out
 among output neurons in proportion to their mean score). The weights are then masked again, so a
 weight pruned and regrown in one adaptation keeps its value and a newly grown one starts at 0.
-``rate`` follows a cosine decay from ``args.prune_rate`` to 0.005 over ``total_steps``, one step
+``rate`` follows a cosine decay from ``prune_rate`` to 0.005 over ``total_steps``, one step
 of decay per optimizer step before that step's adaptation (the original's schedule).
 
 The EMA (``update_ema``): masked entries are 0, an active entry whose EMA is exactly 0 (newly
 grown) takes the weight's value, the others the usual decayed average.
 
-Distributed training: all randomness comes from one generator seeded with ``args.seed`` (the
+Distributed training: all randomness comes from one generator seeded with ``seed`` (the
 same on every rank) and the decisions use weights and gradients that DDP keeps identical, so
 every rank computes the same masks; as a safety net rank 0's result is broadcast once per mask
 decision (once at init and once per adaptation, one packed uint8 tensor), never per step.
 
-The prune and grow rules are small pure functions (tensors in, mask out) in ``PRUNE`` and
-``GROWTH``, selected by ``args.prune`` and ``args.growth``.
+The prune and grow rules are small pure functions (tensors in, mask out), one entry each in
+``PRUNE`` and ``GROWTH`` (main.py's ``--prune`` and ``--growth`` choices), selected by ``prune``
+and ``growth``: a new rule is one function and one line.
 """
+import inspect
 import itertools
 import math
 
@@ -55,83 +57,106 @@ import torch.distributed as dist
 from bitmask import count_set_bits, pack_bits, unpack_bits, zero_unset_
 from distributed import get_world_size, is_main_process
 
-__all__ = ["Masking", "PRUNE", "GROWTH", "magnitude_prune", "random_growth", "gradient_growth",
-           "momentum_growth", "momentum_neuron_growth", "momentum_score", "erk_densities",
-           "fit_densities", "sparsifiable", "DENSE_THRESHOLD", "PRUNE_RATE_FLOOR", "REDISTRIBUTION"]
+__all__ = ["Masking", "PRUNE", "GROWTH", "GROWTH_INPUTS", "growth_inputs", "magnitude_prune",
+           "random_growth", "gradient_growth", "momentum_growth", "momentum_neuron_growth",
+           "momentum_score", "erk_densities", "fit_densities", "sparsifiable", "DENSE_THRESHOLD",
+           "PRUNE_RATE_FLOOR"]
 
 # A layer whose density would end at or above this is kept dense (no mask).
 DENSE_THRESHOLD = 0.99
 # The original's prune-rate cosine decay ends here, not at 0.
 PRUNE_RATE_FLOOR = 0.005
-# Accepted for the original's command lines; its adaptation never redistributed across layers,
-# so neither does this one (every name keeps each layer's count).
-REDISTRIBUTION = ("none", "momentum", "magnitude", "nonzeros")
 _LARGE_KERNEL_BRANCHES = ("LoRA1", "LoRA2", "lkb_origin")
 
 
 # --------------------------------------------------------------------------------------------
-# Prune / grow rules. The selections run on flat tensors holding one or many layers: each
-# ``(start, length, n)`` segment is one layer's entries and its count, so that an adaptation
-# scores all layers in a few operations and only the per-layer top-k or sort is per layer. The
-# rules themselves are small pure functions of one layer (tensors in, mask out).
+# Prune / grow rules: one function each, registered under its flag's name in ``PRUNE`` or
+# ``GROWTH``. Tensors in, mask out (the inputs are left as they are):
+#
+#     prune(weight, mask, n) -> mask          growth(mask, n, **inputs) -> mask
+#
+# ``n`` is the number of entries to remove or add when the tensors are one layer, or, when they
+# are flat and hold many layers end to end (how ``Masking`` adapts all its layers in a few
+# operations; only the per-layer top-k or sort stays per layer), the list of those layers as
+# ``(start, shape, n)``. A growth rule names what it ranks by as keyword-only arguments, and
+# ``Masking`` passes it exactly those of ``GROWTH_INPUTS``, laid out as ``mask``:
+# ``generator`` (the random generator, the same on every rank), ``grad`` (the gradients of the
+# step just taken) and ``momentum`` (``momentum_score`` of the optimizer's state), with zeros
+# where a layer has none yet (an unused weight, no optimizer state).
 # --------------------------------------------------------------------------------------------
 
-def _drop_smallest(score, mask, segments):
-    """``mask`` without, in each segment, the ``n`` active entries of smallest ``score``."""
-    flat = score.detach().float().masked_fill(~mask, float("inf"))
-    new = mask.clone()
-    for start, length, n in segments:
-        if n > 0:
-            idx = torch.topk(flat[start:start + length], n, largest=False, sorted=False).indices
+GROWTH_INPUTS = ("generator", "grad", "momentum")
+
+
+def _layers(mask, n):
+    """``(flat mask, [(start, shape, n), ...])`` from a rule's ``mask`` and ``n``."""
+    if isinstance(n, int):
+        return mask.reshape(-1), [(0, tuple(mask.shape), n)]
+    return mask, n
+
+
+def _drop_smallest(score, mask, n):
+    """``mask`` without, in each layer, the ``n`` active entries of smallest ``score`` (a
+    temporary of the caller's, overwritten)."""
+    flat_mask, layers = _layers(mask, n)
+    flat = score.detach().float().reshape(-1).masked_fill_(~flat_mask, float("inf"))
+    new = flat_mask.clone()
+    for start, shape, count in layers:
+        if count > 0:
+            end = start + math.prod(shape)
+            idx = torch.topk(flat[start:end], count, largest=False, sorted=False).indices
             # index_fill_ takes the value as a scalar; ``new[idx] = False`` would copy it to
             # the device first and wait for the GPU, twice per layer per adaptation.
-            new[start:start + length].index_fill_(0, idx, False)
-    return new
+            new[start:end].index_fill_(0, idx, False)
+    return new.view(mask.shape)
 
 
-def _add_largest(score, mask, segments):
-    """``mask`` plus, in each segment, the ``n`` entries of largest ``|score|`` with active
+def _add_largest(score, mask, n):
+    """``mask`` plus, in each layer, the ``n`` entries of largest ``|score|`` with active
     entries scored 0.
 
     As the original: when fewer than ``n`` inactive entries score above 0, the zero-score picks
     (first by position) may be active ones already, and the layer ends with fewer weights.
     """
-    flat = score.detach().float().abs().masked_fill_(mask, 0.0)  # abs made a new tensor
-    new = mask.clone()
-    for start, length, n in segments:
-        if n > 0:
+    flat_mask, layers = _layers(mask, n)
+    flat = score.detach().float().reshape(-1).abs().masked_fill_(flat_mask, 0.0)  # abs: a copy
+    new = flat_mask.clone()
+    for start, shape, count in layers:
+        if count > 0:
+            end = start + math.prod(shape)
             # torch.sort as the original (its tie order among zero scores decides which picks
             # are lost)
-            idx = torch.sort(flat[start:start + length], descending=True).indices[:n]
-            new[start:start + length].index_fill_(0, idx, True)
-    return new
-
-
-def _one_layer(select, score, mask, n):
-    return select(score.reshape(-1), mask.reshape(-1), [(0, mask.numel(), n)]).view(mask.shape)
+            idx = torch.sort(flat[start:end], descending=True).indices[:count]
+            new[start:end].index_fill_(0, idx, True)
+    return new.view(mask.shape)
 
 
 def magnitude_prune(weight, mask, n):
     """Deactivate the ``n`` active weights of smallest magnitude."""
-    return _one_layer(_drop_smallest, PRUNE_SCORE["magnitude"](weight), mask, n)
+    return _drop_smallest(weight.abs(), mask, n)
 
 
-def random_growth(mask, n, *, generator, **_):
-    """Activate ``n`` inactive entries chosen uniformly at random (from ``generator``)."""
-    return _one_layer(_add_largest, GROWTH_SCORE["random"](mask, generator=generator), mask, n)
+def random_growth(mask, n, *, generator):
+    """Activate ``n`` inactive entries chosen uniformly at random (from ``generator``; each layer
+    draws one score per entry, in order, whatever its ``n``)."""
+    flat, layers = _layers(mask, n)
+    score = torch.zeros(flat.shape, device=mask.device)
+    for start, shape, _ in layers:
+        score[start:start + math.prod(shape)].uniform_(generator=generator)
+    return _add_largest(score, mask, n)
 
 
-def gradient_growth(mask, n, *, grad, **_):
+def gradient_growth(mask, n, *, grad):
     """Activate the ``n`` inactive entries with the largest |gradient|."""
-    return _one_layer(_add_largest, GROWTH_SCORE["gradient"](mask, grad=grad), mask, n)
+    return _add_largest(grad, mask, n)
 
 
-def momentum_growth(mask, n, *, momentum, **_):
+def momentum_growth(mask, n, *, momentum):
     """Activate the ``n`` inactive entries with the largest |momentum score|."""
-    return _one_layer(_add_largest, GROWTH_SCORE["momentum"](mask, momentum=momentum), mask, n)
+    return _add_largest(momentum, mask, n)
 
 
-def momentum_neuron_growth(mask, n, *, momentum, **_):
+def momentum_neuron_growth(mask, n, *, momentum):
     """Momentum growth within output neurons (dim 0 rows).
 
     Each neuron gets a share of the ``n`` regrown weights proportional to its mean |momentum|
@@ -139,6 +164,13 @@ def momentum_neuron_growth(mask, n, *, momentum, **_):
     inactive entries; whatever the caps leave over goes to the largest remaining scores anywhere,
     so the layer keeps its count.
     """
+    if not isinstance(n, int):  # many layers: each in its own shape, one after the other
+        new = mask.clone()
+        for start, shape, count in n:
+            end = start + math.prod(shape)
+            new[start:end].view(shape).copy_(momentum_neuron_growth(
+                mask[start:end].view(shape), count, momentum=momentum[start:end].view(shape)))
+        return new
     if n <= 0:
         return mask.clone()
     score = momentum.detach().abs().float().reshape(mask.shape[0], -1)
@@ -164,15 +196,12 @@ def momentum_neuron_growth(mask, n, *, momentum, **_):
 PRUNE = {"magnitude": magnitude_prune}
 GROWTH = {"random": random_growth, "gradient": gradient_growth, "momentum": momentum_growth,
           "momentum_neuron": momentum_neuron_growth}
-# What each rule ranks, for one layer: the pruned are the active entries of smallest score, the
-# grown the largest |score| (momentum_neuron shares its growth out by neuron: no single score).
-PRUNE_SCORE = {"magnitude": torch.abs}
-GROWTH_SCORE = {
-    "random": lambda mask, *, generator, **_: torch.rand(mask.shape, generator=generator,
-                                                         device=mask.device),
-    "gradient": lambda mask, *, grad, **_: grad.abs(),
-    "momentum": lambda mask, *, momentum, **_: momentum.abs(),
-}
+
+
+def growth_inputs(rule):
+    """The names of what the growth ``rule`` ranks by: its keyword-only arguments."""
+    return [name for name, p in inspect.signature(rule).parameters.items()
+            if p.kind is p.KEYWORD_ONLY]
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,36 +302,52 @@ def momentum_score(optimizer, param):
 
 class Masking:
     """Masks and dynamic sparse training for ``model``; see the module docstring.
+    ``Masking.from_args`` builds it from main.py's flags.
 
     Args:
         model: the unwrapped ``nn.Module`` (not the DDP wrapper).
-        optimizer: the optimizer over its parameters (its state is masked too).
-        args: namespace with ``sparsity``, ``sparse_init``, ``growth``, ``prune``, ``prune_rate``,
-            ``update_frequency``, ``fix``, ``only_L``, ``redistribution``, ``verbose``, ``seed``.
+        optimizer: the optimizer over its parameters (its state is masked too), or None to only
+            build masks.
         total_steps: optimizer steps of the whole run (the prune-rate cosine decay's length).
+        sparsity: the fraction of the sparsifiable weights removed, in [0, 1).
+        sparse_init: the initial masks: ``snip``, ``ERK``, ``uniform`` or ``resume``.
+        growth, prune: the rules' names in ``GROWTH`` and ``PRUNE``.
+        prune_rate: the fraction of each layer's active weights replaced at the first adaptation.
+        update_frequency: optimizer steps between adaptations.
+        fix: keep the initial masks (static sparse training).
+        only_L: sparsify only the large-kernel branch convolutions.
+        zero_state: zero all same-shaped optimizer state of masked and regrown positions whenever
+            the masks change (the original leaves Adam's moments alone).
+        seed: seeds the generator behind every random choice (the same on every rank).
+        verbose: per-layer densities in the reports.
     """
 
-    def __init__(self, model, optimizer, args, total_steps):
+    def __init__(self, model, optimizer, total_steps, *, sparsity, sparse_init="snip",
+                 growth="random", prune="magnitude", prune_rate=0.3, update_frequency=100,
+                 fix=False, only_L=False, zero_state=False, seed=0, verbose=False):
         self.model, self.optimizer = model, optimizer
-        self.density = 1.0 - float(args.sparsity)
+        self.density = 1.0 - float(sparsity)
         if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-        self.sparse_init = args.sparse_init
-        self.growth, self.prune = args.growth, getattr(args, "prune", "magnitude")
+            raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
+        self.sparse_init = sparse_init
+        self.growth, self.prune = growth, prune
         if self.growth not in GROWTH:
             raise ValueError(f"--growth {self.growth}: choose one of {sorted(GROWTH)}")
         if self.prune not in PRUNE:
             raise ValueError(f"--prune {self.prune}: choose one of {sorted(PRUNE)}")
-        if getattr(args, "redistribution", "none") not in REDISTRIBUTION + (None,):
-            raise ValueError(f"--redistribution {args.redistribution}: choose one of "
-                             f"{', '.join(REDISTRIBUTION)}")
-        self.zero_state = bool(getattr(args, "sparse_zero_state", False))
-        self.prune_rate = float(args.prune_rate)
-        self.update_frequency = max(1, int(args.update_frequency))
-        self.fix = bool(getattr(args, "fix", False))
-        self.verbose = bool(getattr(args, "verbose", False))
+        # What the growth rule ranks by, gathered for it at each adaptation.
+        self._growth_reads = growth_inputs(GROWTH[self.growth])
+        unknown = sorted(set(self._growth_reads) - set(GROWTH_INPUTS))
+        if unknown:
+            raise ValueError(f"growth rule {self.growth} takes {unknown}; a growth rule's "
+                             f"keyword-only arguments are among {list(GROWTH_INPUTS)}")
+        self.zero_state = bool(zero_state)
+        self.prune_rate = float(prune_rate)
+        self.update_frequency = max(1, int(update_frequency))
+        self.fix = bool(fix)
+        self.verbose = bool(verbose)
         self.total_steps = max(1, int(total_steps))
-        self.params = sparsifiable(model, bool(getattr(args, "only_L", False)))
+        self.params = sparsifiable(model, bool(only_L))
         if not self.params:
             raise ValueError("no weights to sparsify in this model (with --only-L: no "
                              "LoRA1/LoRA2/lkb_origin convolutions)")
@@ -315,15 +360,26 @@ class Masking:
         self.pending = False  # an adaptation postponed because its step had no gradient
         device = next(iter(self.params.values())).device
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(int(getattr(args, "seed", 0)) * 1_000_003 + 12345)
-        # Gradient growth reads the gradients just before the optimizer consumes them.
+        self.generator.manual_seed(int(seed) * 1_000_003 + 12345)
+        # A rule ranking by gradients reads them just before the optimizer consumes them.
         self._grads = {}
         self._hook = None
         self._use_graph, self._graph, self._graph_key = True, None, None
         self._ema_dirty = True  # masks changed since the last EMA update
         self._ema_zeros = set()  # layers whose EMA had active entries at exactly 0
-        if optimizer is not None and self.growth == "gradient" and not self.fix:
+        if optimizer is not None and "grad" in self._growth_reads and not self.fix:
             self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    @classmethod
+    def from_args(cls, model, optimizer, args, total_steps):
+        """The ``Masking`` that main.py's sparsity flags ask for (``--sparsity``,
+        ``--sparse_init``, ``--growth``, ``--prune``, ``--prune_rate``, ``-u``, ``--fix``,
+        ``--only-L``, ``--sparse_zero_state``, ``--seed``, ``--verbose``)."""
+        return cls(model, optimizer, total_steps, sparsity=args.sparsity,
+                   sparse_init=args.sparse_init, growth=args.growth, prune=args.prune,
+                   prune_rate=args.prune_rate, update_frequency=args.update_frequency,
+                   fix=args.fix, only_L=args.only_L, zero_state=args.sparse_zero_state,
+                   seed=args.seed, verbose=args.verbose)
 
     # ---------------------------------------------------------------------------- schedule
     def current_prune_rate(self, step=None):
@@ -339,7 +395,7 @@ class Masking:
     # ---------------------------------------------------------------------------- init
     @torch.no_grad()
     def init(self, images=None, targets=None, criterion=None):
-        """Build masks (``args.sparse_init``), zero masked weights, print the density report.
+        """Build masks (``sparse_init``), zero masked weights, print the density report.
 
         ``snip`` needs one batch and ``criterion(model(images), targets)``; ``resume`` takes the
         non-zero pattern of the current weights. Returns the report as a dict of scalars.
@@ -543,7 +599,7 @@ class Masking:
         if not self._mask_bits:
             return None
         adapt = self.pending or self._adapts_at(self.steps)
-        if adapt and self.growth == "gradient" and not self._grads:
+        if adapt and "grad" in self._growth_reads and not self._grads:
             # The step had no finite gradients (fp16 overflow: the scaler skipped it, or stepped
             # a fused optimizer that skips it itself; the pre-step hook kept none): adapt at the
             # next step.
@@ -567,29 +623,19 @@ class Masking:
         on the same values as one layer at a time would give them."""
         rate = self.current_prune_rate()
         names = list(self._mask_bits)
-        layers = list(zip(names, self._starts))
         mask = unpack_bits(self._bits, (self._bits.numel() * 8,))
-        segments = [(start, self.params[k].numel(),
-                     min(math.ceil(rate * self._active[k]), self._active[k])) for k, start in layers]
+        layers = [(start, tuple(self.params[k].shape),
+                   min(math.ceil(rate * self._active[k]), self._active[k]))
+                  for k, start in zip(names, self._starts)]
         # At most two all-layer float temporaries live at once (each a copy of the masked
         # weights, 200 MB for SLaK-T's 50.6M): each is freed as the next is made.
-        kept = _drop_smallest(PRUNE_SCORE[self.prune](
-            _byte_aligned([self.params[k].detach() for k in names])), mask, segments)
-        evidence = [self._growth_evidence(k) for k in names]
-        if self.growth in GROWTH_SCORE:
-            new = _add_largest(_byte_aligned([
-                GROWTH_SCORE[self.growth](self._layer(kept, k, start), generator=self.generator,
-                                          grad=e, momentum=e)
-                for (k, start), e in zip(layers, evidence)]), kept, segments)
-        else:  # a rule that is not the ranking of one score (momentum_neuron): layer by layer
-            new = kept.clone()
-            for (k, start), (_, _, n), e in zip(layers, segments, evidence):
-                self._layer(new, k, start).copy_(GROWTH[self.growth](
-                    self._layer(kept, k, start), n, generator=self.generator, grad=e, momentum=e))
+        kept = PRUNE[self.prune](_byte_aligned([self.params[k].detach() for k in names]), mask,
+                                 layers)
+        new = GROWTH[self.growth](kept, layers, **self._growth_inputs(names))
         synced = _from_rank0([pack_bits(new)] + ([pack_bits(kept)] if self.zero_state else []))
         if self.zero_state:  # opt-in: everything not surviving the prune restarts at zero
             survived = unpack_bits(synced[1], (mask.numel(),))
-            for k, start in layers:
+            for k, start in zip(names, self._starts):
                 p = self.params[k]
                 p.mul_(self._layer(survived, k, start))
                 for t in _optimizer_state_tensors(self.optimizer, p):
@@ -605,19 +651,22 @@ class Masking:
         p = self.params[name]
         return flat[start:start + p.numel()].view(p.shape)
 
-    def _growth_evidence(self, name):
-        """What growth ranks besides randomness: the gradient (``gradient``) or the momentum
-        score (``momentum*``), zeros where there is none yet (an unused weight, no optimizer
-        state); None for ``random``."""
-        p = self.params[name]
-        score = None
-        if self.growth == "gradient":
-            score = self._grads.get(name)
-        elif self.growth.startswith("momentum"):
-            score = momentum_score(self.optimizer, p)
-        if score is None and self.growth != "random":
-            score = torch.zeros_like(p)
-        return score
+    def _growth_inputs(self, names):
+        """The keyword arguments of the growth rule (``GROWTH_INPUTS`` it names) for the layers
+        ``names``, in the flat layout of the bitmaps; zeros where a layer has no gradient or
+        optimizer state yet."""
+        def flat(scores):
+            return _byte_aligned([s if s is not None else torch.zeros_like(self.params[k])
+                                  for k, s in zip(names, scores)])
+        inputs = {}
+        if "generator" in self._growth_reads:
+            inputs["generator"] = self.generator
+        if "grad" in self._growth_reads:
+            inputs["grad"] = flat([self._grads.get(k) for k in names])
+        if "momentum" in self._growth_reads:
+            inputs["momentum"] = flat([momentum_score(self.optimizer, self.params[k])
+                                       for k in names])
+        return inputs
 
     @torch.no_grad()
     def mask_ema(self, ema_module):

@@ -1,15 +1,11 @@
-"""Small helpers for training: argument parsing, seeding, schedules, progress and experiment logs."""
+"""Small helpers for training: the one-line errors of every entry point, argument parsing,
+seeding, schedules and experiment logs (progress lines: ``metric_logger.py``)."""
 import argparse
-import datetime
 import math
 import random
-import time
-from collections import defaultdict, deque
 
 import numpy as np
 import torch
-
-from distributed import all_reduce_sum
 
 
 class RunStopped(Exception):
@@ -99,94 +95,6 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
     cosine_part = final_value + 0.5 * (base_value - final_value) * (
         1 + np.cos(np.pi * steps / max(len(steps), 1)))
     return np.concatenate((warmup_part, cosine_part))
-
-
-class SmoothedValue:
-    """A series whose recent window (median, average) and global average are reported."""
-
-    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
-        self.deque = deque(maxlen=window_size)
-        self.total, self.count, self.fmt = 0.0, 0, fmt
-
-    def update(self, value, n=1):
-        self.deque.append(value)
-        self.count += n
-        self.total += value * n
-
-    def synchronize_between_processes(self, device="cpu"):
-        self.count, self.total = all_reduce_sum([self.count, self.total], device)
-        self.count = int(self.count)
-
-    @property
-    def median(self):
-        return float(np.median(self.deque)) if self.deque else 0.0
-
-    @property
-    def avg(self):
-        return float(np.mean(self.deque)) if self.deque else 0.0
-
-    @property
-    def global_avg(self):
-        return self.total / max(self.count, 1)
-
-    @property
-    def max(self):
-        return max(self.deque) if self.deque else 0.0
-
-    @property
-    def value(self):
-        return self.deque[-1] if self.deque else 0.0
-
-    def __str__(self):
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
-                               max=self.max, value=self.value)
-
-
-class MetricLogger:
-    """Collects named meters and prints a progress line with ETA every ``print_freq`` iterations."""
-
-    def __init__(self, delimiter="  "):
-        self.meters = defaultdict(SmoothedValue)
-        self.delimiter = delimiter
-
-    def update(self, **kwargs):
-        for name, value in kwargs.items():
-            if value is None:
-                continue
-            if isinstance(value, torch.Tensor):
-                value = value.item()
-            self.meters[name].update(float(value))
-
-    def add_meter(self, name, meter):
-        self.meters[name] = meter
-
-    def __str__(self):
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
-
-    def synchronize_between_processes(self, device="cpu"):
-        for meter in self.meters.values():
-            meter.synchronize_between_processes(device)
-
-    def log_every(self, iterable, print_freq, header=""):
-        total = len(iterable)
-        width = len(str(total))
-        start = end = time.time()
-        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
-        for i, item in enumerate(iterable):
-            data_time.update(time.time() - end)
-            yield item
-            iter_time.update(time.time() - end)
-            if i % print_freq == 0 or i == total - 1:
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
-                parts = [header, f"[{i:>{width}}/{total}]", f"eta: {eta}", str(self),
-                         f"time: {iter_time}", f"data: {data_time}"]
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB")
-                print(self.delimiter.join(p for p in parts if p), flush=True)
-            end = time.time()
-        elapsed = datetime.timedelta(seconds=int(time.time() - start))
-        print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)",
-              flush=True)
 
 
 class TensorboardLogger:

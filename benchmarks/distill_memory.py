@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import timm  # noqa: E402
 
 import SLaK  # noqa: E402,F401 - registers the SLaK models
-from distillation import (STUDENT_OVERRIDES, FeatureDistillLoss, KDLoss, NKDLoss,  # noqa: E402
+from distillation import (DISTILL_MODES, STUDENT_OVERRIDES, FeatureDistillLoss,  # noqa: E402
                           DistillationLoss, add_param_groups, freeze)
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,7 +44,10 @@ def parse_args():
     parser.add_argument("--width_factor", type=float, default=1.3)
     parser.add_argument("--model_s", default="SLaK_tiny", help="student (built as a ConvNeXt)")
     parser.add_argument("--distill_type", nargs="+", default=["NKD", "NKD_FD"],
-                        choices=["KD", "NKD", "FD", "KD_FD", "NKD_FD"])
+                        choices=[t for t, mode in DISTILL_MODES.items() if mode.uses_teacher])
+    parser.add_argument("--T", type=float, default=3.0, help="KD/NKD temperature")
+    parser.add_argument("--alpha", type=float, default=1.0, help="KD: weight of the KD term")
+    parser.add_argument("--hard", action="store_true", help="KD with the teacher's hard labels")
     parser.add_argument("--nb_classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="steps per case (peak over all)")
     return parser.parse_args()
@@ -105,10 +108,10 @@ def main():
     student_mib = peak_above_baseline_mib(lambda: train_step(supervised), device, args.repeats)
     teacher_mib = peak_above_baseline_mib(teacher_inference, device, args.repeats)
     for distill_type in args.distill_type:
-        logit_loss = KDLoss(3.0) if distill_type.startswith("KD") else \
-            NKDLoss(3.0) if distill_type.startswith("NKD") else None
+        mode = DISTILL_MODES[distill_type]
+        logit_loss = mode.logit_loss(args, F.cross_entropy) if mode.logit_loss else None
         loss_fn = DistillationLoss(distill_type, student, teacher, F.cross_entropy, logit_loss,
-                                   feature_loss if distill_type.endswith("FD") else None, 3e-5)
+                                   feature_loss if mode.features else None, 3e-5)
         distill_mib = peak_above_baseline_mib(lambda: train_step(loss_fn), device, args.repeats)
         for tap in (loss_fn.student_tap, loss_fn.teacher_tap):
             if tap is not None:

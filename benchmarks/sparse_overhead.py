@@ -44,7 +44,7 @@ def parse_args():
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("-u", "--update_frequency", type=int, default=100)
     p.add_argument("--sparsity", type=float, default=0.4)
-    p.add_argument("--growth", default="random", choices=sorted(sparse_core.GROWTH))
+    p.add_argument("--growth", default="random", choices=list(sparse_core.GROWTH))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
@@ -65,10 +65,9 @@ def build(args, sparse, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     masking = None
     if sparse:
-        ns = argparse.Namespace(sparsity=args.sparsity, sparse_init="snip", growth=args.growth,
-                                prune="magnitude", prune_rate=0.3, update_frequency=args.update_frequency,
-                                fix=False, only_L=False, redistribution="none", verbose=False, seed=0)
-        masking = sparse_core.Masking(model, optimizer, ns, total_steps=100_000)
+        masking = sparse_core.Masking(model, optimizer, 100_000, sparsity=args.sparsity,
+                                      sparse_init="snip", growth=args.growth, prune_rate=0.3,
+                                      update_frequency=args.update_frequency)
         x = torch.randn(8, 3, args.input_size, args.input_size, device=device)
         masking.init(x, torch.randint(0, 1000, (8,), device=device), nn.CrossEntropyLoss())
     return model, optimizer, masking

@@ -165,10 +165,8 @@ def build(name, sparse_update_frequency):
 
     def masking_factory(model, optimizer, images, targets, criterion, total_steps):
         import sparse_core
-        args = argparse.Namespace(sparsity=0.4, sparse_init="snip", growth="random", prune="magnitude",
-                                  prune_rate=0.3, update_frequency=sparse_update_frequency, fix=False,
-                                  only_L=False, redistribution="none", verbose=False, seed=0)
-        masking = sparse_core.Masking(model, optimizer, args, total_steps)
+        masking = sparse_core.Masking(model, optimizer, total_steps, sparsity=0.4, sparse_init="snip",
+                                      update_frequency=sparse_update_frequency)
         masking.init(images, targets, criterion)
         return masking
     return model, masking_factory
@@ -336,10 +334,10 @@ def time_inference(name, dtype_name, channels_last, compile_model, batch, steps,
     return result
 
 
-# Progress lines of utils.MetricLogger.log_every for training, e.g.
+# Progress lines of metric_logger.MetricLogger.log_every for training, e.g.
 #   Epoch: [0]  [ 10/200]  eta: 0:00:31  lr: ...  loss: ...  time: 0.1571  data: 0.0008  max mem: ...
-# where "time" is the mean duration of the last WINDOW iterations (utils.SmoothedValue's default
-# window), and the epoch's closing line
+# where "time" is the mean duration of the last WINDOW iterations (metric_logger.SmoothedValue's
+# default window), and the epoch's closing line
 #   Epoch: [0] Total time: 0:00:32 (0.1603 s / it)
 PROGRESS_LINE = re.compile(r"^Epoch: \[\d+\]\s+\[\s*(\d+)/(\d+)\].*\btime: ([\d.]+)\s+data: ", re.M)
 # The same line's loader wait: the mean over the logged window of the time spent waiting for a batch.
@@ -366,7 +364,7 @@ def parse_main_log(stdout, window=None, steady_after=0):
     iteration to time.
     """
     if window is None:
-        from utils import SmoothedValue
+        from metric_logger import SmoothedValue
         window = SmoothedValue().deque.maxlen
     total_match = TOTAL_LINE.search(stdout)
     progress = [(int(i), int(n), float(t)) for i, n, t in PROGRESS_LINE.findall(stdout)]

@@ -5,6 +5,7 @@ main.py on the synthetic data (save a student checkpoint, then continue with --d
 The GPU memory check of the issue (a distillation step needs at most the student's training step
 plus the teacher's inference) is ``python benchmarks/distill_memory.py`` on a GPU.
 """
+import argparse
 import json
 import math
 import shlex
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 
 import SLaK
 from conftest import run_main, torchrun
-from distillation import (STUDENT_OVERRIDES, DistillationLoss, FeatureDistillLoss, KDLoss,
-                          NKDLoss, freeze)
+from distillation import (DISTILL_MODES, STUDENT_OVERRIDES, DistillationLoss, FeatureDistillLoss,
+                          KDLoss, NKDLoss, build_distillation_loss, freeze)
 
 # ---------------------------------------------------------------------------------------------
 # float64 references, written from the definitions (explicit sums over classes, per sample)
@@ -155,15 +156,47 @@ def small_teacher_and_student(num_classes=5):
     return teacher, student
 
 
+@pytest.mark.parametrize("distill_type,logit_loss,features", [
+    ("None", None, False), ("KD", KDLoss, False), ("NKD", NKDLoss, False), ("FD", None, True),
+    ("KD_FD", KDLoss, True), ("NKD_FD", NKDLoss, True)])
+def test_each_distill_type_builds_its_logit_loss_and_feature_term(distill_type, logit_loss,
+                                                                  features):
+    """The original's six --distill_type values, from main.py's flags: which logit loss (None:
+    the supervised loss alone), whether last-stage features are distilled too."""
+    import main
+    args = main.get_args_parser().parse_args(["--distill_type", distill_type, "--T", "2"])
+    teacher, student = small_teacher_and_student()
+    feature_loss = FeatureDistillLoss(768, 998) if features else None
+    loss_fn = build_distillation_loss(args, student, teacher, F.cross_entropy, feature_loss)
+    assert type(loss_fn.logit_loss) is logit_loss if logit_loss else loss_fn.logit_loss is None
+    if logit_loss is KDLoss:
+        assert loss_fn.logit_loss.temperature == 2.0
+    assert (loss_fn.teacher is None) == (distill_type == "None")
+    samples, targets = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    loss, _ = loss_fn(student, samples, targets)
+    with torch.no_grad():
+        expected = F.cross_entropy(student(samples), targets) if logit_loss is None else \
+            loss_fn.logit_loss(student(samples), teacher(samples), targets)
+        if features:
+            expected = expected + args.lr_fd * feature_loss(student.forward_stages(samples)[-1],
+                                                            teacher.forward_stages(samples)[-1])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match=f"distill_type {distill_type} takes "
+                                         f"{'a' if features else 'no'} feature_loss"):
+        DistillationLoss(distill_type, student, teacher, F.cross_entropy, loss_fn.logit_loss,
+                         None if features else FeatureDistillLoss(768, 998))
+
+
 @pytest.mark.parametrize("distill_type", ["KD", "NKD", "FD", "KD_FD", "NKD_FD"])
 def test_distillation_step_trains_only_the_student(distill_type):
     teacher, student = small_teacher_and_student()
     assert teacher.num_features == 998 and student.num_features == 768
     grad_modes = []
     teacher.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
-    feature_loss = FeatureDistillLoss(768, 998) if distill_type.endswith("FD") else None
-    logit_loss = KDLoss(3.0) if distill_type.startswith("KD") else \
-        NKDLoss(3.0) if distill_type.startswith("NKD") else None
+    mode = DISTILL_MODES[distill_type]
+    feature_loss = FeatureDistillLoss(768, 998) if mode.features else None
+    flags = argparse.Namespace(T=3.0, alpha=1.0, hard=False)
+    logit_loss = mode.logit_loss(flags, F.cross_entropy) if mode.logit_loss else None
     loss_fn = DistillationLoss(distill_type, student, freeze(teacher), F.cross_entropy, logit_loss,
                                feature_loss, feature_weight=3e-5)
     student.train()

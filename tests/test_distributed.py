@@ -64,7 +64,8 @@ def _buffers_worker(rank, world, port, out_dir):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     # DDP refuses SyncBatchNorm on the CPU (its training forward needs a GPU); these modules
-    # only run eval forwards, so lift that check to see their buffers on gloo.
+    # only run eval forwards, so lift that check to see their buffers on gloo (PyTorch has no
+    # public switch for it: this replaces the private check).
     torch.nn.parallel.DistributedDataParallel._passing_sync_batchnorm_handle = \
         lambda self, module: None
     try:

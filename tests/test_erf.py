@@ -138,7 +138,7 @@ def test_weights_in_this_project_and_original_formats_load(tmp_path):
 
 
 def test_resnet_without_weights_offline_says_how_to_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty weights cache
     args = visualize_erf.get_args_parser().parse_args(["--model", "resnet101", "--data_path", "."])
     with pytest.raises(visualize_erf.ERFError, match="--weights FILE"):
         visualize_erf.build_model(args)

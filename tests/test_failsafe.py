@@ -62,7 +62,8 @@ def test_other_entry_points_share_the_one_line_errors(tmp_path):
     one_error_line(run_tool("erf/erf_slak51_convnext7_convnext31.py", "--sources", broken, broken,
                             broken), "not a readable .npy")
     one_error_line(run_tool("erf/visualize_erf.py", "--model", "SLaK", "--data_path",
-                            tmp_path / "none", "--weights", tmp_path / "none.pth"), "")
+                            tmp_path / "none", "--weights", tmp_path / "none.pth"),
+                   f"--data_path {tmp_path / 'none'} is not a folder")
     one_error_line(run_tool("FLOPs_counter.py", "--kernel_size", "51", "49", "48", "13", "5"),
                    "positive odd")
     one_error_line(run_tool("FLOPs_counter.py", "--input_size", "16"), "below 32")

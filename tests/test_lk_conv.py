@@ -336,6 +336,7 @@ def test_cpu_without_interpreter_uses_conv2d(monkeypatch):
 
 
 def test_external_build_missing_is_one_clear_error(tmp_path, monkeypatch):
+    # No public way to forget an extension already imported: reset the private cache.
     monkeypatch.setattr(external, "_external", None)
     monkeypatch.setattr("sys.path", list(__import__("sys").path))
     with pytest.raises(ImportError, match="LARGE_KERNEL_CONV_IMPL=.*unset the variable"):

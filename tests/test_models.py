@@ -8,6 +8,8 @@ import torch
 import SLaK
 from conftest import REPO
 
+# Every model SLaK.py registers with timm (the import above registers them).
+SLAK_MODELS = timm.list_models("SLaK*")
 # Names, shapes and parameter counts of the original release's models (six configurations).
 REFERENCE = json.loads((REPO / "tests" / "data" / "official_state_dict_keys.json").read_text())
 
@@ -88,7 +90,11 @@ def test_reparameterize_folds_batchnorms_without_affine_and_refuses_those_withou
         unit.reparameterize()
 
 
-@pytest.mark.parametrize("name", ["SLaK_tiny", "SLaK_small", "SLaK_base", "SLaK_large"])
+def test_the_paper_families_are_registered():
+    assert {"SLaK_tiny", "SLaK_small", "SLaK_base", "SLaK_large"} <= set(SLAK_MODELS)
+
+
+@pytest.mark.parametrize("name", SLAK_MODELS)
 def test_registered_variants_forward_backward(name):
     model = timm.create_model(name, num_classes=3, width_factor=0.125, kernel_size=[7, 5, 5, 3, 3],
                               Decom=True, drop_path_rate=0.1)

@@ -59,15 +59,15 @@ def test_original_dynamics_replay():
     args = argparse.Namespace(
         opt=hyper["opt"], lr=float(hyper["lr"]), weight_decay=float(ref["weight_decay"]),
         momentum=0.9, layer_decay=float(hyper["layer_decay"]), opt_eps=1e-8, opt_betas=None,
-        device="cpu", sparsity=1.0 - float(hyper["density"]), sparse_init="uniform",
-        growth=hyper["growth"], prune="magnitude", prune_rate=float(hyper["prune_rate"]),
-        update_frequency=u, fix=False, only_L=False, redistribution="none", verbose=False,
-        seed=int(hyper["seed"]))
+        device="cpu")
     optimizer = create_optimizer(args, model)
     scales = {id(p): g.get("lr_scale", 1.0) for g in optimizer.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert scales[id(p)] == pytest.approx(ref["lr_scale"][name], rel=1e-6), name
-    masking = sparse_core.Masking(model, optimizer, args, steps)
+    masking = sparse_core.Masking(model, optimizer, steps, sparsity=1.0 - float(hyper["density"]),
+                                  sparse_init="uniform", growth=hyper["growth"],
+                                  prune_rate=float(hyper["prune_rate"]), update_frequency=u,
+                                  seed=int(hyper["seed"]))
     masking.load_masks(ref["masks"])
 
     recorder = Recorder()

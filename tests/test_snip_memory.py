@@ -1,7 +1,5 @@
 """SNIP's one full-precision batch runs under per-block activation checkpointing (so its peak
 memory stays below a training step's) and still gives the masks of the plain pass."""
-import argparse
-
 import torch
 import torch.nn as nn
 import timm
@@ -11,12 +9,9 @@ import sparse_core
 
 
 def snip_masks(model):
-    args = argparse.Namespace(sparsity=0.5, sparse_init="snip", growth="random", prune="magnitude",
-                              prune_rate=0.3, update_frequency=100, fix=False, only_L=False,
-                              redistribution="none", verbose=False, seed=0)
     torch.manual_seed(1)
     images, targets = torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,))
-    masking = sparse_core.Masking(model, None, args, total_steps=10)
+    masking = sparse_core.Masking(model, None, 10, sparsity=0.5, sparse_init="snip")
     masking.init(images, targets, nn.CrossEntropyLoss())
     return masking.masks
 
