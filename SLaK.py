@@ -224,8 +224,8 @@ class Block(nn.Module):
         Decom, bn, deploy: see :class:`LargeKernelUnit`.
         align_pointwise: compiled forwards run the two Linear layers through
             :func:`aligned_linear` (eager ones never: there the padding would be extra copies),
-            to multiples of ``GEMM_ALIGN`` in training and ``EVAL_POINTWISE_ALIGN`` in eval; on
-            the H200 it cut the compiled SLaK-T step by 9% (BENCHMARKS.md).
+            to multiples of ``GEMM_ALIGN`` in training and ``EVAL_POINTWISE_ALIGN`` in eval
+            (BENCHMARKS.md, "Pointwise GEMMs", has its effect).
     """
 
     def __init__(self, dim, drop_path=0.0, layer_scale_init_value=1e-6, kernel_size=(7, 5),

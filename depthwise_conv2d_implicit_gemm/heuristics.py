@@ -36,19 +36,18 @@ class Tuning:
       Off, the paths built on them are off too: the ``transposed`` strategy, one-tile lines
       (``LA_ONE_BLOCK``) and with them the Toeplitz tiles in memory.
     * ``num_stages``: software pipelining depth; deeper kept more tiles in registers and
-      measured 6% slower in the forward passes.
+      measured slower in the forward passes.
     * ``toeplitz_in_memory``: where one 64-wide tile spans a line (lines of 33-64 pixels,
       SLaK's 56-pixel stage), the forward and input-gradient kernels read each tap's Toeplitz
       tile from memory, written once per call by a small kernel, instead of every program
-      gathering it from the weights: 23-33% less time in those kernels at batch 256. Narrower
+      gathering it from the weights, which measured faster (BENCHMARKS.md). Narrower
       tiles gather a quarter of the elements or less, and measured no faster.
     * ``cross_unit``: a deployed unit's two convolutions (``depthwise_conv2d_sum``) in one
       kernel on maps of at most 64x64 pixels (``choose_sum_strategy``); off, they run as two
       convolutions and a sum.
     * ``cross_tile_elements``: that kernel's tile, whole images of one channel, at least two.
-      At batch 256 (bf16, per unit) 64x64 tiles of two images took 0.70 ms against 0.76 with
-      one; 32x32 tiles of four 0.30 ms against 0.32 with eight; 16x16 tiles of sixteen
-      0.17 ms against 0.29 with thirty-two.
+      Two 64x64, four 32x32 and sixteen 16x16 images per program measured fastest
+      (BENCHMARKS.md, "Deployed units").
     """
     max_block_a: int = 64
     tile_elements: int = 8192

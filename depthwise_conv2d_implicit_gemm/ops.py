@@ -235,9 +235,8 @@ dwconv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerConv(torch.autograd.Function):
-    """The same op for eager mode: a custom op's dispatch costs about 0.3 ms of CPU per
-    forward+backward on the benchmark machine, more than the GPU time of a small SLaK
-    stage, so eager calls skip it (the kernels and formulas are the ones above)."""
+    """The same op for eager mode: a custom op's dispatch costs more CPU time per
+    forward+backward than the GPU time of a small SLaK stage, so eager calls skip it (the kernels and formulas are the ones above)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
