@@ -176,8 +176,8 @@ def get_args_parser():
     group = parser.add_argument_group("dynamic sparsity")
     group.add_argument("--sparse", action="store_true", help="train a sparse model")
     group.add_argument("--sparsity", type=float, default=0.4, help="fraction of weights removed")
-    group.add_argument("--sparse_init", type=str, default="snip",
-                       choices=["snip", "ERK", "uniform", "resume"])
+    group.add_argument("--sparse_init", type=str, default="snip", choices=list(sparse_core.INIT),
+                       help="the initial masks; resume: the zeros of the loaded weights")
     group.add_argument("--growth", type=str, default="random",
                        choices=list(sparse_core.GROWTH),
                        help="how regrown weights are chosen; momentum: |Adam exp_avg / (sqrt(exp_avg_sq) "
@@ -455,12 +455,13 @@ def main(args):
         raise ConfigError(f"{resume_flag} {resume_path} continues a sparse run: add --sparse "
                           f"with the run's sparsity flags, or start a dense run from its weights "
                           f"with --finetune")
-    if args.sparse and args.sparse_init == "resume" and checkpoint is None and not args.finetune \
-            and not args.eval:
+    if args.sparse and sparse_core.INIT[args.sparse_init].needs_weights and checkpoint is None \
+            and not args.finetune and not args.eval:
         what = "--distill_resume (the student's checkpoint in --output_dir)" if distilling else \
             "--resume, --auto_resume or --finetune"
-        raise ConfigError(f"--sparse_init resume takes the masks from the zeros of a checkpoint, and "
-                          f"there is none to load ({what}); use --sparse_init snip, ERK or uniform")
+        others = " or ".join(k for k, rule in sparse_core.INIT.items() if not rule.needs_weights)
+        raise ConfigError(f"--sparse_init {args.sparse_init} takes the masks from the zeros of a "
+                          f"checkpoint, and there is none to load ({what}); use --sparse_init {others}")
 
     if args.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -549,7 +550,7 @@ def main(args):
     if masking is not None:
         if not masks_restored:
             images, targets = None, None
-            if args.sparse_init == "snip":  # SNIP scores one training batch (before mixup)
+            if sparse_core.INIT[args.sparse_init].needs_batch:  # one training batch, before mixup
                 images, targets = next(iter(data_loader_train))
                 images, targets = images.to(device), targets.to(device)
                 if args.channels_last:

@@ -47,9 +47,11 @@ The prune and grow rules are small pure functions (tensors in, mask out), one en
 ``PRUNE`` and ``GROWTH`` (main.py's ``--prune`` and ``--growth`` choices), selected by ``prune``
 and ``growth``: a new rule is one function and one line.
 """
+import dataclasses
 import inspect
 import itertools
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -57,7 +59,7 @@ import torch.distributed as dist
 from bitmask import count_set_bits, pack_bits, unpack_bits, zero_unset_
 from distributed import get_world_size, is_main_process
 
-__all__ = ["Masking", "PRUNE", "GROWTH", "GROWTH_INPUTS", "growth_inputs", "magnitude_prune",
+__all__ = ["Masking", "INIT", "SparseInit", "PRUNE", "GROWTH", "GROWTH_INPUTS", "growth_inputs", "magnitude_prune",
            "random_growth", "gradient_growth", "momentum_growth", "momentum_neuron_growth",
            "momentum_score", "erk_densities", "fit_densities", "sparsifiable", "DENSE_THRESHOLD",
            "PRUNE_RATE_FLOOR"]
@@ -300,6 +302,104 @@ def momentum_score(optimizer, param):
     return state.get("momentum_buffer")
 
 
+# --------------------------------------------------------------------------------------------
+# Initial masks
+# --------------------------------------------------------------------------------------------
+
+def _snip_raw_densities(masking, images, targets, criterion):
+    """Per-layer share of the globally top-``density`` SNIP saliencies |w * dL/dw|."""
+    model = masking.model
+    buffers = {k: b.clone() for k, b in model.named_buffers()}  # keep BN statistics as they were
+    # This full-precision, full-batch pass would otherwise need about twice the memory of a
+    # mixed-precision training step: per-block activation checkpointing (timm's
+    # set_grad_checkpointing, where the model has it) keeps it below, with the same gradients.
+    checkpoint_here = getattr(model, "grad_checkpointing", True) is False and \
+        hasattr(model, "set_grad_checkpointing")
+    if checkpoint_here:
+        model.set_grad_checkpointing(True)
+    try:
+        with torch.enable_grad():
+            loss = criterion(model(images), targets)
+            names = list(masking.params)
+            grads = torch.autograd.grad(loss, [masking.params[k] for k in names],
+                                        allow_unused=True)
+    finally:
+        if checkpoint_here:
+            model.set_grad_checkpointing(False)
+    for k, b in model.named_buffers():
+        b.copy_(buffers[k])
+    scores = {k: (masking.params[k].detach() * g).abs().flatten().float() if g is not None
+              else torch.zeros(masking.params[k].numel(), device=masking.params[k].device)
+              for k, g in zip(names, grads)}
+    flat = torch.cat(list(scores.values()))
+    n_keep = int(round(masking.density * flat.numel()))
+    if n_keep >= flat.numel():
+        return {k: 1.0 for k in scores}
+    threshold = torch.topk(flat, n_keep, sorted=True).values[-1]
+    raw = {k: (s >= threshold).float().mean().item() for k, s in scores.items()}
+    if get_world_size() > 1:  # each rank's batch would give other densities: rank 0's
+        vec = torch.tensor([raw[k] for k in names], dtype=torch.float64, device=flat.device)
+        dist.broadcast(vec, src=0)
+        raw = dict(zip(names, vec.tolist()))
+    return raw
+
+
+def _random_masks(masking, densities):
+    """Random masks at ``densities``; layers at ``DENSE_THRESHOLD`` or above stay dense."""
+    masks = {}
+    for k, p in masking.params.items():
+        # Draw for every layer (dense ones too) so the generator advances identically.
+        mask = _random_mask(p.shape, densities[k], masking.generator, p.device)
+        if densities[k] < DENSE_THRESHOLD:
+            masks[k] = mask
+    return masks
+
+
+def _sizes(masking):
+    return {k: p.numel() for k, p in masking.params.items()}
+
+
+def snip_init(masking, images, targets, criterion):
+    """Per-layer densities from SNIP (|w * dL/dw| on one batch), random masks at them."""
+    if images is None or criterion is None:
+        raise ValueError("--sparse_init snip needs a batch and a criterion")
+    raw = _snip_raw_densities(masking, images, targets, criterion)
+    return _random_masks(masking, fit_densities(raw, _sizes(masking), masking.density))
+
+
+def erk_init(masking, images=None, targets=None, criterion=None):
+    """Erdős–Rényi-Kernel densities, random masks at them."""
+    shapes = {k: tuple(p.shape) for k, p in masking.params.items()}
+    return _random_masks(masking, erk_densities(shapes, masking.density))
+
+
+def uniform_init(masking, images=None, targets=None, criterion=None):
+    """The same density in every layer (but those kept dense), random masks at it."""
+    densities = fit_densities({k: 1.0 for k in masking.params}, _sizes(masking), masking.density)
+    return _random_masks(masking, densities)
+
+
+def resume_init(masking, images=None, targets=None, criterion=None):
+    """The non-zero pattern of the current weights (a checkpoint's zeros are its masks)."""
+    masks = {k: p.detach() != 0 for k, p in masking.params.items()}
+    return {k: m for k, m in masks.items() if m.sum().item() < DENSE_THRESHOLD * m.numel()}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseInit:
+    """One ``--sparse_init`` rule: ``masks(masking, images, targets, criterion)`` gives the
+    initial masks (dense layers left out); ``needs_batch``: it scores one training batch;
+    ``needs_weights``: it reads the masks from loaded weights, so a checkpoint must be loaded."""
+    masks: Callable
+    needs_batch: bool = False
+    needs_weights: bool = False
+
+
+# --sparse_init: a new rule is a function as above and a line here.
+INIT = {"snip": SparseInit(snip_init, needs_batch=True), "ERK": SparseInit(erk_init),
+        "uniform": SparseInit(uniform_init), "resume": SparseInit(resume_init, needs_weights=True)}
+
+
 class Masking:
     """Masks and dynamic sparse training for ``model``; see the module docstring.
     ``Masking.from_args`` builds it from main.py's flags.
@@ -310,7 +410,7 @@ class Masking:
             build masks.
         total_steps: optimizer steps of the whole run (the prune-rate cosine decay's length).
         sparsity: the fraction of the sparsifiable weights removed, in [0, 1).
-        sparse_init: the initial masks: ``snip``, ``ERK``, ``uniform`` or ``resume``.
+        sparse_init: the initial masks, a rule's name in ``INIT``.
         growth, prune: the rules' names in ``GROWTH`` and ``PRUNE``.
         prune_rate: the fraction of each layer's active weights replaced at the first adaptation.
         update_frequency: optimizer steps between adaptations.
@@ -335,6 +435,8 @@ class Masking:
             raise ValueError(f"--growth {self.growth}: choose one of {sorted(GROWTH)}")
         if self.prune not in PRUNE:
             raise ValueError(f"--prune {self.prune}: choose one of {sorted(PRUNE)}")
+        if self.sparse_init not in INIT:
+            raise ValueError(f"--sparse_init {self.sparse_init}: choose one of {sorted(INIT)}")
         # What the growth rule ranks by, gathered for it at each adaptation.
         self._growth_reads = growth_inputs(GROWTH[self.growth])
         unknown = sorted(set(self._growth_reads) - set(GROWTH_INPUTS))
@@ -395,80 +497,19 @@ class Masking:
     # ---------------------------------------------------------------------------- init
     @torch.no_grad()
     def init(self, images=None, targets=None, criterion=None):
-        """Build masks (``sparse_init``), zero masked weights, print the density report.
+        """Build masks (``INIT[sparse_init]``), zero masked weights, print the density report.
 
-        ``snip`` needs one batch and ``criterion(model(images), targets)``; ``resume`` takes the
-        non-zero pattern of the current weights. Returns the report as a dict of scalars.
+        A rule that ``needs_batch`` (``snip``) scores ``criterion(model(images), targets)``.
+        Returns the report as a dict of scalars.
         """
-        shapes = {k: tuple(p.shape) for k, p in self.params.items()}
-        sizes = {k: p.numel() for k, p in self.params.items()}
-        mode = self.sparse_init
-        if mode == "resume":
-            masks = {k: p.detach() != 0 for k, p in self.params.items()}
-            masks = {k: m for k, m in masks.items()
-                     if m.sum().item() < DENSE_THRESHOLD * m.numel()}
-        else:
-            if mode == "uniform":
-                densities = fit_densities({k: 1.0 for k in shapes}, sizes, self.density)
-            elif mode == "ERK":
-                densities = erk_densities(shapes, self.density)
-            elif mode == "snip":
-                if images is None or criterion is None:
-                    raise ValueError("--sparse_init snip needs a batch and a criterion")
-                densities = fit_densities(self._snip_densities(images, targets, criterion),
-                                          sizes, self.density)
-            else:
-                raise ValueError(f"--sparse_init {mode}: choose snip, ERK, uniform or resume")
-            masks = {}
-            for k, p in self.params.items():
-                # Draw for every layer (dense ones too) so the generator advances identically.
-                mask = _random_mask(p.shape, densities[k], self.generator, p.device)
-                if densities[k] < DENSE_THRESHOLD:
-                    masks[k] = mask
+        masks = INIT[self.sparse_init].masks(self, images, targets, criterion)
         self._store(masks)
         self._count_active()
         self._ema_dirty = True
         self.apply_masks(with_state=self.zero_state)
         stats = self.stats()
-        self._report("init " + mode, stats)
+        self._report("init " + self.sparse_init, stats)
         return stats
-
-    def _snip_densities(self, images, targets, criterion):
-        """Per-layer share of the globally top-``density`` SNIP saliencies |w * dL/dw|."""
-        model = self.model
-        buffers = {k: b.clone() for k, b in model.named_buffers()}  # keep BN statistics as they were
-        # This full-precision, full-batch pass would otherwise need about twice the memory of a
-        # mixed-precision training step: per-block activation checkpointing (timm's
-        # set_grad_checkpointing, where the model has it) keeps it below, with the same gradients.
-        checkpoint_here = getattr(model, "grad_checkpointing", True) is False and \
-            hasattr(model, "set_grad_checkpointing")
-        if checkpoint_here:
-            model.set_grad_checkpointing(True)
-        try:
-            with torch.enable_grad():
-                loss = criterion(model(images), targets)
-                names = list(self.params)
-                grads = torch.autograd.grad(loss, [self.params[k] for k in names],
-                                            allow_unused=True)
-        finally:
-            if checkpoint_here:
-                model.set_grad_checkpointing(False)
-        for k, b in model.named_buffers():
-            b.copy_(buffers[k])
-        scores = {k: (self.params[k].detach() * g).abs().flatten().float() if g is not None
-                  else torch.zeros(self.params[k].numel(), device=self.params[k].device)
-                  for k, g in zip(names, grads)}
-        flat = torch.cat(list(scores.values()))
-        n_keep = int(round(self.density * flat.numel()))
-        if n_keep >= flat.numel():
-            return {k: 1.0 for k in scores}
-        threshold = torch.topk(flat, n_keep, sorted=True).values[-1]
-        raw = {k: (s >= threshold).float().mean().item() for k, s in scores.items()}
-        if get_world_size() > 1:  # each rank's batch would give other densities: rank 0's
-            vec = torch.tensor([raw[k] for k in names], dtype=torch.float64, device=flat.device)
-            dist.broadcast(vec, src=0)
-            raw = dict(zip(names, vec.tolist()))
-        return raw
 
     # ---------------------------------------------------------------------------- masks
     def _store(self, masks):
