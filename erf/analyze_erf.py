@@ -18,9 +18,9 @@ import numpy as np
 try:  # the repository's modules come from its installation (pip install -e .)
     from utils import ConfigError, run_cli
 except ModuleNotFoundError as exc:
-    if exc.name not in ('utils',):
+    if exc.name != "utils":
         raise
-    sys.exit(f"error: {exc.name} not found: {__file__} imports this repository's modules; "
+    sys.exit(f"error: {__file__} imports this repository's modules ({exc.name} not found): "
              f"install the repository first (pip install -e . in its root)")
 
 __all__ = ["THRESHOLDS", "normalise", "high_contribution_area", "area_table", "save_heatmap",

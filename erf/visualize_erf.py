@@ -28,9 +28,9 @@ import torch.nn.functional as F
 try:  # the repository's modules come from its installation (pip install -e .)
     from utils import ConfigError, run_cli
 except ModuleNotFoundError as exc:
-    if exc.name not in ('utils',):
+    if exc.name != "utils":
         raise
-    sys.exit(f"error: {exc.name} not found: {__file__} imports this repository's modules; "
+    sys.exit(f"error: {__file__} imports this repository's modules ({exc.name} not found): "
              f"install the repository first (pip install -e . in its root)")
 
 __all__ = ["centre_indices", "erf_scores", "compute_erf", "find_images", "build_model",
