@@ -20,18 +20,14 @@ The summary is human-readable; the last line is JSON: ``{"params_M": ..., "gmacs
 """
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timm
+import torch
+import torch.nn as nn
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import SLaK  # noqa: E402,F401  (registers the SLaK models with timm)
-import sparse_core  # noqa: E402
-from utils import ConfigError, run_cli, str2bool  # noqa: E402
+import SLaK  # noqa: F401  (registers the SLaK models with timm)
+import sparse_core
+from utils import ConfigError, run_cli, str2bool
 
 
 def get_args_parser():

@@ -16,18 +16,13 @@ import argparse
 import json
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import timm  # noqa: E402
-
-import SLaK  # noqa: E402,F401 - registers the SLaK models
-from distillation import (DISTILL_MODES, STUDENT_OVERRIDES, FeatureDistillLoss,  # noqa: E402
+import SLaK  # noqa: F401 - registers the SLaK models
+from distillation import (DISTILL_MODES, STUDENT_OVERRIDES, FeatureDistillLoss,
                           DistillationLoss, add_param_groups, freeze)
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

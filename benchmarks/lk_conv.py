@@ -30,15 +30,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from depthwise_conv2d_implicit_gemm import depthwise_conv2d, heuristics  # noqa: E402
+from depthwise_conv2d_implicit_gemm import depthwise_conv2d, heuristics
 
 # (depths, base dims) per model; widths are int(dim * 1.3), kernels 51/49/47/13 with small 5,
 # feature maps 56/28/14/7 for a 224x224 input (SPEC.md, "Models").

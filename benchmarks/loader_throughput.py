@@ -25,16 +25,12 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import main as slak_main  # noqa: E402
-from datasets import build_dataset  # noqa: E402
-from utils import ConfigError, run_cli  # noqa: E402
+import main as slak_main
+from datasets import build_dataset
+from utils import ConfigError, run_cli
 
 
 def measure(opts, args):

@@ -14,14 +14,12 @@ kernels around the GEMMs.
 import argparse
 import functools
 import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lk_conv import DTYPES, MODELS, SIZES, WIDTH  # noqa: E402
+from lk_conv import DTYPES, MODELS, SIZES, WIDTH
 
 
 def round_up(value, multiple):

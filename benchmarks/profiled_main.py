@@ -30,7 +30,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
-REPO = Path(__file__).resolve().parent.parent
 TOP = 12
 
 
@@ -99,7 +98,6 @@ def main():
         prof.step()
 
     register_optimizer_step_post_hook(after_step)
-    sys.path.insert(0, str(REPO))
     import main as slak_main
     prof.start()
     try:

@@ -18,18 +18,13 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import timm  # noqa: E402
-
-import SLaK  # noqa: E402,F401 - registers the SLaK models
-import sparse_core  # noqa: E402
+import SLaK  # noqa: F401 - registers the SLaK models
+import sparse_core
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -88,18 +88,16 @@ import time
 import types
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
 
+import SLaK  # noqa: F401 - registers the SLaK models
+from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, heuristics
+from distributed import data_parallel
+from fast_layers import PatchConv2d
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import timm  # noqa: E402
-
-import SLaK  # noqa: E402,F401 - registers the SLaK models
-from depthwise_conv2d_implicit_gemm import DepthWiseConv2dImplicitGEMM, heuristics  # noqa: E402
-from distributed import data_parallel  # noqa: E402
-from fast_layers import PatchConv2d  # noqa: E402
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SLAK_T = dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.3, Decom=True, drop_path_rate=0.1)

@@ -3,11 +3,15 @@
 See segmentation/launch.py for the options and docs/dense_prediction.md for examples.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segmentation.launch import main  # noqa: E402
-from utils import run_cli  # noqa: E402
+try:  # the repository's modules come from its installation (pip install -e .)
+    from segmentation.launch import main
+    from utils import run_cli
+except ModuleNotFoundError as exc:
+    if exc.name not in ("segmentation", "utils"):
+        raise
+    sys.exit(f"error: {__file__} imports this repository's modules ({exc.name} not found): "
+             f"install the repository first (pip install -e . in its root)")
 
 if __name__ == "__main__":
     run_cli(main, "train")

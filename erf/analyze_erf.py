@@ -15,9 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-# Run as ``python erf/analyze_erf.py`` from anywhere: the repo root holds utils.py.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import ConfigError, run_cli  # noqa: E402
+try:  # the repository's modules come from its installation (pip install -e .)
+    from utils import ConfigError, run_cli
+except ModuleNotFoundError as exc:
+    if exc.name != "utils":
+        raise
+    sys.exit(f"error: {__file__} imports this repository's modules ({exc.name} not found): "
+             f"install the repository first (pip install -e . in its root)")
 
 __all__ = ["THRESHOLDS", "normalise", "high_contribution_area", "area_table", "save_heatmap",
            "main"]

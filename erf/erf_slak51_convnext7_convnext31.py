@@ -11,16 +11,13 @@ high-contribution area ratio. Without ``--sources`` (the original release's comm
 ``erf/convnext31_erf.npy`` and ``erf/slak_tiny_erf.npy``, where docs/erf.md's commands save them.
 """
 import argparse
-import sys
 from pathlib import Path
 
-# Run as ``python erf/<this>.py`` from anywhere: make the sibling analyze_erf importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # utils.py
-
-import numpy as np  # noqa: E402
-from analyze_erf import draw_heatmap, high_contribution_area, load_matrix, normalise  # noqa: E402
-from utils import ConfigError, run_cli  # noqa: E402
+import numpy as np
+# The sibling script (python erf/<this>.py puts erf/ first on sys.path); it stops with one
+# line when the repository is not installed.
+from analyze_erf import draw_heatmap, high_contribution_area, load_matrix, normalise
+from utils import ConfigError, run_cli
 
 DEFAULT_TITLES = ["ConvNeXt (7x7)", "ConvNeXt (31x31)", "SLaK (51x51)"]
 # Where docs/erf.md's visualize_erf.py commands save the three matrices (this folder).

@@ -20,17 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-# Run as ``python erf/visualize_erf.py`` from anywhere: make the repo root (SLaK.py) importable.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils import ConfigError, run_cli  # noqa: E402
+try:  # the repository's modules come from its installation (pip install -e .)
+    from utils import ConfigError, run_cli
+except ModuleNotFoundError as exc:
+    if exc.name != "utils":
+        raise
+    sys.exit(f"error: {__file__} imports this repository's modules ({exc.name} not found): "
+             f"install the repository first (pip install -e . in its root)")
 
 __all__ = ["centre_indices", "erf_scores", "compute_erf", "find_images", "build_model",
            "LastStage", "get_args_parser", "main"]

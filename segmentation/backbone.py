@@ -18,18 +18,13 @@ with ``load_from`` as well.
 import logging
 import os
 import re
-import sys
 
 from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.runner import CheckpointLoader
 from timm.layers import LayerNorm2d
 
-# SLaK.py lives at the repository root, one level up.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-from SLaK import SLaK, checkpoint_filter_fn  # noqa: E402
+from SLaK import SLaK, checkpoint_filter_fn
 
 __all__ = ["SLaKBackbone", "LayerDecayOptimizerConstructor", "load_classification_checkpoint"]
 

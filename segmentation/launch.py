@@ -8,10 +8,7 @@ config and run it, single process or under ``torchrun`` (``--launcher pytorch``)
 """
 import argparse
 import os
-import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser(mode):
@@ -34,8 +31,6 @@ def get_args_parser(mode):
 
 def load_config(path, cfg_options=(), work_dir=None):
     """The mmengine ``Config`` of ``path`` with ``KEY=VALUE`` overrides and a work dir set."""
-    if str(REPO) not in sys.path:  # custom_imports names modules of this repository
-        sys.path.insert(0, str(REPO))
     from mmengine.config import Config, DictAction
 
     cfg = Config.fromfile(path)

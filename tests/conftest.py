@@ -9,7 +9,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # A SLaK small enough for CPU tests: SLaK-T depths, width 0.25, 13/11/9/7 kernels, small 3.
 TINY_MODEL = ["--model", "SLaK_tiny", "--width_factor", "0.25", "--Decom", "true",

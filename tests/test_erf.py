@@ -9,11 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+import analyze_erf  # erf/ is on pytest's pythonpath (pyproject.toml)
+import visualize_erf
 from conftest import REPO, cli_env
-
-sys.path.insert(0, str(REPO / "erf"))
-import analyze_erf  # noqa: E402
-import visualize_erf  # noqa: E402
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTOS = ("astronaut", "coffee", "chelsea")

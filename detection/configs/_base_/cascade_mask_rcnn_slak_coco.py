@@ -4,8 +4,8 @@
 # images per iteration (8 GPUs x 2). Self-contained: MMDetection 3.x only has to be installed (no
 # `mmdet::` base configs, whose lookup in mmengine 0.10 needs pkg_resources).
 default_scope = 'mmdet'
-# Registers type='SLaK' and the layer-decay constructor; needs this repository on PYTHONPATH
-# (detection/train.py and detection/test.py put it there).
+# Registers type='SLaK' and the layer-decay constructor; needs this repository installed
+# (pip install -e ., as requirements.txt does) or on PYTHONPATH.
 custom_imports = dict(imports=['detection.slak'], allow_failed_imports=False)
 
 # An ImageNet checkpoint of SLaK.py's model (main.py writes {'model': state_dict, ...}); the

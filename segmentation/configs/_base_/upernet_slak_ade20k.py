@@ -2,8 +2,8 @@
 # 160k iterations of 16 images (4 GPUs x 4). Self-contained: MMSegmentation 1.x only has to be
 # installed (no `mmseg::` base configs, whose lookup in mmengine 0.10 needs pkg_resources).
 default_scope = 'mmseg'
-# Registers type='SLaK' and the layer-decay constructor; needs this repository on PYTHONPATH
-# (segmentation/train.py and segmentation/test.py put it there).
+# Registers type='SLaK' and the layer-decay constructor; needs this repository installed
+# (pip install -e ., as requirements.txt does) or on PYTHONPATH.
 custom_imports = dict(imports=['segmentation.slak'], allow_failed_imports=False)
 
 crop_size = (512, 512)
