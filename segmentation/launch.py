@@ -26,7 +26,7 @@ def get_args_parser(mode):
                             help="resume from the latest checkpoint in the work dir")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config entries, e.g. "
-                             "model.backbone.pretrained=/path/to/checkpoint-best.pth")
+                             "model.backbone.init_cfg.checkpoint=/path/to/checkpoint-best.pth")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     return parser

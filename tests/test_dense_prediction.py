@@ -33,21 +33,22 @@ def import_or_skip(module):
                     f"`bash ci/install_openmmlab.sh` installs MMSegmentation and MMDetection")
 
 
-def build(config, framework, backbone=None, **heads):
-    """``(cfg, model)`` of ``config`` built by ``framework``'s MODELS registry, weights initialised."""
+def build(config, framework, backbone=None, size=SIZE, cfg_options=(), **heads):
+    """``(cfg, model)`` of ``config`` (with ``KEY=VALUE`` ``cfg_options``, as on the launchers'
+    command line) built by ``framework``'s MODELS registry, weights initialised."""
     import_or_skip(f"{framework}.models")
     from mmengine.registry import init_default_scope
 
     from segmentation.launch import load_config
 
-    cfg = load_config(str(config))
+    cfg = load_config(str(config), cfg_options)
     assert cfg.default_scope == framework
     init_default_scope(framework)
     cfg.model.backbone.update(backbone or {})
     for name, value in heads.items():
         cfg.model[name].in_channels = value
     if framework == "mmseg":
-        cfg.model.data_preprocessor.size = (SIZE, SIZE)
+        cfg.model.data_preprocessor.size = (size, size)
     registry = importlib.import_module(f"{framework}.registry")
     torch.manual_seed(0)
     model = registry.MODELS.build(cfg.model)
@@ -65,39 +66,39 @@ def cpu_optim_wrapper(cfg, model):
     return build_optim_wrapper(model, optim_cfg)
 
 
-def seg_batch(num_classes, generator):
+def seg_batch(num_classes, generator, size=SIZE):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
 
     inputs, samples = [], []
     for _ in range(2):
-        inputs.append(torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=generator))
-        sample = SegDataSample(metainfo=dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE)))
+        inputs.append(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator))
+        sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size)))
         sample.gt_sem_seg = PixelData(
-            data=torch.randint(0, num_classes, (1, SIZE, SIZE), generator=generator))
+            data=torch.randint(0, num_classes, (1, size, size), generator=generator))
         samples.append(sample)
     return dict(inputs=inputs, data_samples=samples)
 
 
-def det_batch(num_classes, generator):
+def det_batch(num_classes, generator, size=SIZE):
     from mmdet.structures import DetDataSample
     from mmdet.structures.mask import BitmapMasks
     from mmengine.structures import InstanceData
 
     inputs, samples = [], []
     for _ in range(2):
-        inputs.append(torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=generator))
-        corner = torch.randint(0, SIZE // 2, (3, 2), generator=generator).float()
-        extent = torch.randint(16, SIZE // 2, (3, 2), generator=generator).float()
+        inputs.append(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator))
+        corner = torch.randint(0, size // 2, (3, 2), generator=generator).float()
+        extent = torch.randint(16, size // 2, (3, 2), generator=generator).float()
         boxes = torch.cat([corner, corner + extent], dim=1)
-        masks = np.zeros((3, SIZE, SIZE), dtype=np.uint8)
+        masks = np.zeros((3, size, size), dtype=np.uint8)
         for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
             mask[y1:y2, x1:x2] = 1
-        sample = DetDataSample(metainfo=dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE),
+        sample = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
                                              scale_factor=(1.0, 1.0)))
         sample.gt_instances = InstanceData(
             bboxes=boxes, labels=torch.randint(0, num_classes, (3,), generator=generator),
-            masks=BitmapMasks(masks, SIZE, SIZE))
+            masks=BitmapMasks(masks, size, size))
         samples.append(sample)
     return dict(inputs=inputs, data_samples=samples)
 
