@@ -1,10 +1,12 @@
 """SLaK inside the real MMSegmentation 1.x and MMDetection 3.x (``bash ci/install_openmmlab.sh``).
 
 Every shipped config is built through its framework's own registry (backbone depths cut to keep
-the CPU run short; widths, kernels and heads as shipped), trained for one step on a random
-2x3x128x128 batch (random label maps / boxes and masks) with the optimizer its config builds, and
-run in inference. The pretrained path loads a checkpoint that this project's ``main.py`` writes.
-Tests skip, naming the install command, where a framework is not importable.
+the CPU run short; widths, kernels and heads as shipped, the detectors sampling fewer RoIs),
+trained for one step on a random 2x3x128x128 batch (random label maps / boxes and masks) with the
+optimizer its config builds, and run in inference. ``init_cfg`` loads a checkpoint that this
+project's ``main.py`` writes. The backbone's OpenMMLab switches (``frozen_stages``,
+``norm_eval``, ``with_cp``, ``init_cfg`` formats) are tests/test_mm_backbone.py's. Tests skip,
+naming the install command, where a framework is not importable.
 """
 import importlib
 
@@ -17,7 +19,15 @@ from conftest import REPO, SYNTHETIC, TINY_MODEL, run_main
 SEG_CONFIGS = sorted((REPO / "segmentation" / "configs").glob("*.py"))
 DET_CONFIGS = sorted((REPO / "detection" / "configs").glob("*.py"))
 SIZE = 128
+pytestmark = pytest.mark.usefixtures("one_thread")
 SHORT_DEPTHS = [1, 1, 2, 1]  # stage 2 keeps two blocks so layer-wise decay sees two groups
+
+# Detection: the heads as shipped, but 64 RoIs sampled per cascade stage and 128 proposals per
+# image instead of 512 and 2000 (the RoI heads' cost grows with them, not their coverage).
+FEWER_ROIS = ["model.train_cfg.rpn.sampler.num=64", "model.train_cfg.rpn_proposal.nms_pre=256",
+              "model.train_cfg.rpn_proposal.max_per_img=128", "model.test_cfg.rpn.nms_pre=256",
+              "model.test_cfg.rpn.max_per_img=128"] + [
+    f"model.train_cfg.rcnn.{stage}.sampler.num=64" for stage in range(3)]
 
 # The model main.py trains with TINY_MODEL, as backbone arguments.
 TINY_BACKBONE = dict(depths=[3, 3, 9, 3], dims=[96, 192, 384, 768], width_factor=0.25,
@@ -155,7 +165,7 @@ def test_segmentation_config(config):
 
 @pytest.mark.parametrize("config", DET_CONFIGS, ids=lambda p: p.stem)
 def test_detection_config(config):
-    cfg, model = build(config, "mmdet", dict(depths=SHORT_DEPTHS))
+    cfg, model = build(config, "mmdet", dict(depths=SHORT_DEPTHS), cfg_options=FEWER_ROIS)
     assert cfg.model.neck.in_channels == [int(d * cfg.model.backbone.width_factor)
                                           for d in cfg.model.backbone.dims]
     num_classes = cfg.model.roi_head.bbox_head[0].num_classes
@@ -275,9 +285,10 @@ def assert_loaded(backbone, state_dict):
 def test_segmentor_loads_a_main_py_checkpoint(main_checkpoint):
     path, state_dict = main_checkpoint
     config = REPO / "segmentation/configs/upernet_slak_tiny_512_80k_ade20k_ss.py"
-    backbone = dict(TINY_BACKBONE, pretrained=str(path))
-    cfg, model = build(config, "mmseg", backbone, decode_head=TINY_WIDTHS,
-                       auxiliary_head=TINY_WIDTHS[2])
+    # As the docs' commands give it: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+    cfg, model = build(config, "mmseg", TINY_BACKBONE, decode_head=TINY_WIDTHS,
+                       auxiliary_head=TINY_WIDTHS[2],
+                       cfg_options=[f"model.backbone.init_cfg.checkpoint={path}"])
     assert_loaded(model.backbone, state_dict)
     model.eval()
     with torch.no_grad():
@@ -289,7 +300,6 @@ def test_detector_loads_a_main_py_checkpoint(main_checkpoint):
     path, state_dict = main_checkpoint
     config = REPO / "detection/configs/cascade_mask_rcnn_slak_tiny_mstrain_480-800_adamw_1x_coco.py"
     backbone = dict(TINY_BACKBONE, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
-    backbone["pretrained"] = None
     _, model = build(config, "mmdet", backbone, neck=TINY_WIDTHS)
     assert_loaded(model.backbone, state_dict)
 

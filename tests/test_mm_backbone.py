@@ -42,19 +42,11 @@ for _stage in range(3):
                      f"model.roi_head.bbox_head.{_stage}.conv_out_channels=16",
                      f"model.roi_head.bbox_head.{_stage}.fc_out_channels=16",
                      f"model.train_cfg.rcnn.{_stage}.sampler.num=16"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 # The original release's parameter names (tests/data: the original's SLaK-T, Decom, BatchNorm).
 ORIGINAL_KEYS = list(json.loads((REPO / "tests/data/official_state_dict_keys.json").read_text())
                      ["SLaK_tiny_w1.3_decom"]["state_dict"])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions on a shared machine run faster on one thread than fighting for two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # In the training tests: with stochastic depth a block may drop out of every sample of a short
@@ -294,3 +286,51 @@ def test_switches_that_do_not_exist_are_one_clear_error():
         segmentor("model.backbone.frozen_stages=5")
     with pytest.raises(ValueError, match="init_cfg must be a dict with a type"):
         segmentor("model.backbone.init_cfg.type=None")
+
+
+def write_ade20k(root, generator):
+    """A two-image training split and a one-image validation split in ADE20K's layout."""
+    from PIL import Image
+
+    for split, count in (("training", 2), ("validation", 1)):
+        for kind in ("images", "annotations"):
+            (root / kind / split).mkdir(parents=True)
+        for i in range(count):
+            image = torch.randint(0, 256, (SIZE, SIZE, 3), dtype=torch.uint8, generator=generator)
+            labels = torch.randint(0, 151, (SIZE, SIZE), dtype=torch.uint8, generator=generator)
+            Image.fromarray(image.numpy()).save(root / "images" / split / f"{i}.jpg")
+            Image.fromarray(labels.numpy()).save(root / "annotations" / split / f"{i}.png")
+
+
+def test_train_command_fine_tunes_an_original_checkpoint_with_the_switches(tmp_path):
+    """docs/dense_prediction.md's training command, with its backbone keys, one iteration."""
+    import_or_skip("mmseg.models")
+    from conftest import run_main
+
+    data = tmp_path / "ADEChallengeData2016"
+    write_ade20k(data, torch.Generator().manual_seed(0))
+    checkpoint = tmp_path / "SLaK_tiny.pth"
+    state_dict = write_checkpoint(tiny_classifier(), checkpoint, "original")
+    result = run_main(
+        SEG_CONFIG, "--work-dir", tmp_path / "work", "--cfg-options",
+        f"model.backbone.init_cfg.checkpoint={checkpoint}", "model.backbone.frozen_stages=1",
+        "model.backbone.norm_eval=True", "model.backbone.with_cp=True",
+        *TINY_CLASSIFIER, *TINY_UPERNET, f"model.data_preprocessor.size=({SIZE},{SIZE})",
+        f"train_dataloader.dataset.data_root={data}", f"val_dataloader.dataset.data_root={data}",
+        f"train_dataloader.dataset.pipeline.2.scale=({SIZE},{SIZE})",
+        f"train_dataloader.dataset.pipeline.3.crop_size=({SIZE},{SIZE})",
+        "train_dataloader.batch_size=2", "train_dataloader.num_workers=0",
+        "train_dataloader.persistent_workers=False", "val_dataloader.num_workers=0",
+        f"val_dataloader.dataset.pipeline.1.scale=({SIZE},{SIZE})",
+        "val_dataloader.persistent_workers=False", "train_cfg.max_iters=1",
+        # Full learning rate from the first step (no warm-up), no stochastic depth: every
+        # trainable weight moves.
+        "param_scheduler.0.start_factor=1.0", *NO_DROP_PATH,
+        script=REPO / "segmentation/train.py")
+    assert f"SLaK backbone: loaded 466 tensors from {checkpoint}" in result.stdout + result.stderr
+    trained = torch.load(tmp_path / "work" / "iter_1.pth", map_location="cpu",
+                         weights_only=False)["state_dict"]
+    backbone = {k[len("backbone."):]: v for k, v in trained.items() if k.startswith("backbone.")}
+    for key in backbone.keys() & state_dict.keys():
+        frozen = key.startswith(("downsample_layers.0.", "stages.0.")) or key.endswith(STATISTICS)
+        assert torch.equal(backbone[key], state_dict[key]) == frozen, key
