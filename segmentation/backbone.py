@@ -122,14 +122,18 @@ class SLaKBackbone(SLaK, BaseModule):
                              f"1..4 (the stem and that many stages), got {frozen_stages}")
         self.frozen_stages = frozen_stages
         self.norm_eval = bool(norm_eval)
-        self.set_grad_checkpointing(bool(with_cp))
+        self.with_cp = with_cp
         self.init_cfg = _pretrained_into_init_cfg(pretrained, init_cfg)
         self._freeze_stages()
 
     @property
     def with_cp(self):
-        """Whether each block runs under activation checkpointing (SLaK's ``grad_checkpointing``)."""
+        """Whether each block runs under activation checkpointing (``grad_checkpointing``)."""
         return self.grad_checkpointing
+
+    @with_cp.setter
+    def with_cp(self, enable):
+        self.set_grad_checkpointing(bool(enable))
 
     def frozen_modules(self):
         """The modules that ``frozen_stages`` freezes, stem first."""

@@ -162,7 +162,8 @@ def test_with_cp_gives_the_same_outputs_and_gradients_and_keeps_fewer_tensors():
             backbone.load_state_dict(weights)
         start = snapshot(backbone)
         calls, saved = [0], [0]
-        backbone.stages[2][0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        block = backbone.stages[2][0]
+        block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
 
         def count(tensor):
             saved[0] += 1
@@ -272,6 +273,11 @@ def test_pretrained_is_deprecated_and_read_as_init_cfg(tmp_path):
         _, model = segmentor(*TINY_CLASSIFIER, f"model.backbone.pretrained={path}")
     # It fills the shipped configs' init_cfg placeholder (checkpoint=None).
     assert model.backbone.init_cfg == dict(type="Pretrained", checkpoint=path)
+    assert_backbone_holds(model.backbone, state_dict)
+    # MMSegmentation's EncoderDecoder hands its own pretrained= (MMSeg 0.x commands'
+    # model.pretrained=PATH) to the backbone.
+    with pytest.warns(FutureWarning, match="pretrained= is deprecated"):
+        _, model = segmentor(*TINY_CLASSIFIER, f"model.pretrained={path}")
     assert_backbone_holds(model.backbone, state_dict)
 
     with pytest.raises(ValueError, match="not both"):
