@@ -35,6 +35,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 from SLaK import SLaK, checkpoint_filter_fn  # noqa: E402
+from checkpoint import CheckpointError, open_checkpoint  # noqa: E402
+from slak_config import infer_model_config  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 __all__ = ["SLaKBackbone", "LayerDecayOptimizerConstructor", "load_classification_checkpoint"]
 
@@ -95,8 +98,8 @@ class SLaKBackbone(SLaK, BaseModule):
                  bn=True, sparse=False, deploy=False, frozen_stages=-1, norm_eval=False,
                  with_cp=False, init_cfg=None, pretrained=None):
         if Decom is not None and LoRA is not None and bool(Decom) != bool(LoRA):
-            raise ValueError(f"SLaK backbone: Decom={Decom} and LoRA={LoRA} disagree; LoRA is the "
-                             f"original detection configs' name for Decom, give only one")
+            raise ConfigError(f"SLaK backbone: Decom={Decom} and LoRA={LoRA} disagree; LoRA is "
+                              f"the original detection configs' name for Decom, give only one")
         decom = bool(Decom if Decom is not None else LoRA)
         # SLaK.__init__ reaches BaseModule.__init__ (init_cfg=None) through super(); init_cfg is
         # set below, once checked.
@@ -110,16 +113,16 @@ class SLaKBackbone(SLaK, BaseModule):
 
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in range(4) for i in out_indices):
-            raise ValueError(f"SLaK backbone: out_indices must be stage numbers 0..3, "
-                             f"got {out_indices}")
+            raise ConfigError(f"SLaK backbone: out_indices must be stage numbers 0..3, "
+                              f"got {out_indices}")
         self.out_indices = out_indices
         for i in out_indices:
             self.add_module(f"norm{i}", LayerNorm2d(self.dims[i], eps=1e-6))
         self.sparse = sparse
 
         if frozen_stages not in range(-1, 5):
-            raise ValueError(f"SLaK backbone: frozen_stages must be -1 (none), 0 (the stem) or "
-                             f"1..4 (the stem and that many stages), got {frozen_stages}")
+            raise ConfigError(f"SLaK backbone: frozen_stages must be -1 (none), 0 (the stem) or "
+                              f"1..4 (the stem and that many stages), got {frozen_stages}")
         self.frozen_stages = frozen_stages
         self.norm_eval = bool(norm_eval)
         self.with_cp = with_cp
@@ -192,22 +195,22 @@ def _pretrained_into_init_cfg(pretrained, init_cfg):
     ``Pretrained`` entry (it may fill the shipped configs' ``checkpoint=None`` placeholder)."""
     configs = init_cfg if isinstance(init_cfg, list) else [init_cfg] if init_cfg else []
     if not all(isinstance(c, dict) and c.get("type") for c in configs):
-        raise ValueError(f"SLaK backbone: init_cfg must be a dict with a type (e.g. "
-                         f"dict(type='Pretrained', checkpoint=PATH)) or a list of them, got "
-                         f"{init_cfg}")
+        raise ConfigError(f"SLaK backbone: init_cfg must be a dict with a type (e.g. "
+                          f"dict(type='Pretrained', checkpoint=PATH)) or a list of them, got "
+                          f"{init_cfg}")
     entries = [c for c in configs if c["type"] == "Pretrained"]
     if len(entries) > 1:
-        raise ValueError(f"SLaK backbone: init_cfg has {len(entries)} Pretrained entries; keep "
-                         f"one checkpoint")
+        raise ConfigError(f"SLaK backbone: init_cfg has {len(entries)} Pretrained entries; keep "
+                          f"one checkpoint")
     if pretrained is None:
         return init_cfg
     if not isinstance(pretrained, str):
-        raise ValueError(f"SLaK backbone: pretrained must be a path or URL, got "
-                         f"{type(pretrained).__name__}; better, write "
-                         f"init_cfg=dict(type='Pretrained', checkpoint=PATH)")
+        raise ConfigError(f"SLaK backbone: pretrained must be a path or URL, got "
+                          f"{type(pretrained).__name__}; better, write "
+                          f"init_cfg=dict(type='Pretrained', checkpoint=PATH)")
     if entries and entries[0].get("checkpoint") is not None:
-        raise ValueError("SLaK backbone: give the checkpoint either as pretrained=... or as "
-                         "init_cfg=dict(type='Pretrained', checkpoint=...), not both")
+        raise ConfigError("SLaK backbone: give the checkpoint either as pretrained=... or as "
+                          "init_cfg=dict(type='Pretrained', checkpoint=...), not both")
     warnings.warn("SLaK backbone: pretrained= is deprecated and is read as "
                   "init_cfg=dict(type='Pretrained', checkpoint=...); set that instead (on the "
                   "command line: model.backbone.init_cfg.checkpoint=PATH)", FutureWarning,
@@ -215,6 +218,13 @@ def _pretrained_into_init_cfg(pretrained, init_cfg):
     entry = dict(entries[0] if entries else {}, type="Pretrained", checkpoint=pretrained)
     others = [c for c in configs if c["type"] != "Pretrained"]
     return [*others, entry] if others else entry
+
+
+def check_checkpoint_file(checkpoint, key="model.backbone.init_cfg.checkpoint"):
+    """Raise ``CheckpointError`` when ``checkpoint`` names a local file that is not there (URLs
+    are left to mmengine's loader)."""
+    if "://" not in str(checkpoint) and not os.path.isfile(str(checkpoint)):
+        raise CheckpointError(f"{key} {checkpoint}: file not found; check the path")
 
 
 def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="current"):
@@ -232,11 +242,10 @@ def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="cu
     feature LayerNorm (``norm.*``) are dropped first; the per-stage ``norm{i}`` are new and so
     always missing from a classification checkpoint.
     """
+    check_checkpoint_file(checkpoint)
     if prefix is None and os.path.isfile(str(checkpoint)):
         # A local classification checkpoint: checked like every other loader's (one line naming
         # what differs); the classifier is dropped below, so its class count does not matter.
-        from checkpoint import open_checkpoint
-        from slak_config import infer_model_config
         expected = infer_model_config(backbone.state_dict())
         raw, _ = open_checkpoint(str(checkpoint), "init_cfg checkpoint", expected,
                                  ignore=("nb_classes",))
@@ -246,8 +255,8 @@ def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="cu
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not state_dict:
-            raise ValueError(f"{checkpoint} has no keys under prefix '{prefix}'; drop the "
-                             f"init_cfg prefix for a classification checkpoint")
+            raise CheckpointError(f"{checkpoint} has no keys under prefix '{prefix}'; drop the "
+                                  f"init_cfg prefix for a classification checkpoint")
     dropped = sorted(k for k in state_dict if CLASSIFIER_KEYS.match(k))
     state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
 
@@ -255,9 +264,10 @@ def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="cu
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     if mismatched:
-        raise ValueError(f"{checkpoint} does not fit this SLaK backbone ({len(mismatched)} shape "
-                         f"mismatches, first {mismatched[0]}); set depths, dims, width_factor, "
-                         f"kernel_size and Decom to those of the classification model")
+        raise CheckpointError(f"{checkpoint} does not fit this SLaK backbone ({len(mismatched)} "
+                              f"shape mismatches, first {mismatched[0]}); set depths, dims, "
+                              f"width_factor, kernel_size and Decom to those of the "
+                              f"classification model")
     missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
     loaded = len(state_dict) - len(unexpected)
     print_log(f"SLaK backbone: loaded {loaded} tensors from {checkpoint}; dropped classifier "
@@ -297,8 +307,8 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         decay_rate = cfg.get("decay_rate", 1.0)
         decay_type = cfg.get("decay_type", "stage_wise")
         if decay_type not in ("layer_wise", "stage_wise"):
-            raise ValueError(f"paramwise_cfg decay_type must be 'layer_wise' or 'stage_wise', "
-                             f"got '{decay_type}'")
+            raise ConfigError(f"paramwise_cfg decay_type must be 'layer_wise' or 'stage_wise', "
+                              f"got '{decay_type}'")
         num_layers = cfg.get("num_layers")
         if num_layers is None:
             num_layers = 4 if decay_type == "stage_wise" else self._layer_wise_depth(module)
@@ -343,6 +353,6 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         backbone = getattr(module, "backbone", module)
         depths = getattr(backbone, "depths", None)
         if depths is None:
-            raise ValueError("paramwise_cfg decay_type='layer_wise' needs num_layers when the "
-                             "model has no SLaK backbone with depths; set num_layers")
+            raise ConfigError("paramwise_cfg decay_type='layer_wise' needs num_layers when the "
+                              "model has no SLaK backbone with depths; set num_layers")
         return 3 + (depths[2] - 1) // 3 + 1

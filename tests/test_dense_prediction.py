@@ -253,9 +253,10 @@ def test_backbone_arguments():
     assert not hasattr(backbone, "norm0") and hasattr(backbone, "norm3")
     outs = backbone(torch.randn(1, 3, 64, 64))
     assert [tuple(o.shape) for o in outs] == [(1, 998, 2, 2), (1, 249, 8, 8)]
-    with pytest.raises(ValueError, match="give only one"):
+    from utils import ConfigError
+    with pytest.raises(ConfigError, match="give only one"):
         SLaKBackbone(depths=[1, 1, 1, 1], Decom=True, LoRA=False)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ConfigError, match="not both"):
         SLaKBackbone(depths=[1, 1, 1, 1], pretrained="a.pth",
                      init_cfg=dict(type="Pretrained", checkpoint="a.pth"))
 

@@ -18,6 +18,7 @@ import SLaK  # noqa: F401 - registers the family in timm
 from conftest import REPO
 from test_dense_prediction import (build, cpu_optim_wrapper, det_batch, import_or_skip,
                                    seg_batch)
+from utils import ConfigError
 
 SEG_CONFIG = REPO / "segmentation/configs/upernet_slak_tiny_512_80k_ade20k_ss.py"
 DET_CONFIG = REPO / "detection/configs/cascade_mask_rcnn_slak_tiny_mstrain_480-800_adamw_3x_coco.py"
@@ -201,9 +202,11 @@ TINY_CLASSIFIER = ["model.backbone.depths=[3,3,9,3]", "model.backbone.width_fact
 
 
 def tiny_classifier():
+    # Layer scales of 1, as a trained model's are of that order: at the 1e-6 of a fresh one the
+    # first fine-tuning step moves the weights inside the blocks below float32's resolution.
     torch.manual_seed(3)
     return timm.create_model("SLaK_tiny", num_classes=4, width_factor=0.25, Decom=True,
-                             kernel_size=TINY_KERNELS)
+                             kernel_size=TINY_KERNELS, layer_scale_init_value=1.0)
 
 
 def write_checkpoint(model, path, layout):
@@ -256,7 +259,6 @@ def test_init_cfg_loads_a_classification_checkpoint_into_a_detector(layout, tmp_
 
 def test_init_cfg_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     write_checkpoint(tiny_classifier(), tmp_path / "imagenet.pth", "main.py")
-    from utils import ConfigError
     with pytest.raises(ConfigError, match="was trained with --width_factor 0.25; this run has "
                                           "--width_factor 0.5"):
         segmentor(*TINY_CLASSIFIER, "model.backbone.width_factor=0.5",
@@ -280,17 +282,17 @@ def test_pretrained_is_deprecated_and_read_as_init_cfg(tmp_path):
         _, model = segmentor(*TINY_CLASSIFIER, f"model.pretrained={path}")
     assert_backbone_holds(model.backbone, state_dict)
 
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ConfigError, match="not both"):
         segmentor(f"model.backbone.pretrained={path}",
                   f"model.backbone.init_cfg.checkpoint={path}")
-    with pytest.raises(ValueError, match="pretrained must be a path or URL"):
+    with pytest.raises(ConfigError, match="pretrained must be a path or URL"):
         segmentor("model.backbone.pretrained=[1]")
 
 
 def test_switches_that_do_not_exist_are_one_clear_error():
-    with pytest.raises(ValueError, match="frozen_stages must be -1"):
+    with pytest.raises(ConfigError, match="frozen_stages must be -1"):
         segmentor("model.backbone.frozen_stages=5")
-    with pytest.raises(ValueError, match="init_cfg must be a dict with a type"):
+    with pytest.raises(ConfigError, match="init_cfg must be a dict with a type"):
         segmentor("model.backbone.init_cfg.type=None")
 
 
@@ -331,7 +333,7 @@ def test_train_command_fine_tunes_an_original_checkpoint_with_the_switches(tmp_p
         "val_dataloader.persistent_workers=False", "train_cfg.max_iters=1",
         # Full learning rate from the first step (no warm-up), no stochastic depth: every
         # trainable weight moves.
-        "param_scheduler.0.start_factor=1.0", *NO_DROP_PATH,
+        "param_scheduler.0.start_factor=1.0", *NO_DROP_PATH, "randomness.seed=0",
         script=REPO / "segmentation/train.py")
     assert f"SLaK backbone: loaded 466 tensors from {checkpoint}" in result.stdout + result.stderr
     trained = torch.load(tmp_path / "work" / "iter_1.pth", map_location="cpu",
@@ -340,3 +342,18 @@ def test_train_command_fine_tunes_an_original_checkpoint_with_the_switches(tmp_p
     for key in backbone.keys() & state_dict.keys():
         frozen = key.startswith(("downsample_layers.0.", "stages.0.")) or key.endswith(STATISTICS)
         assert torch.equal(backbone[key], state_dict[key]) == frozen, key
+
+
+def test_train_command_with_a_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+    import_or_skip("mmseg.models")
+    from conftest import run_main
+
+    missing = tmp_path / "SLaK_tiny.pth"
+    result = run_main(SEG_CONFIG, "--work-dir", tmp_path / "work", "--cfg-options",
+                      f"model.backbone.init_cfg.checkpoint={missing}",
+                      script=REPO / "segmentation/train.py", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model.backbone.init_cfg.checkpoint {missing}: file not found; check the path")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "work").exists()
