@@ -20,6 +20,7 @@ from test_dense_prediction import (build, cpu_optim_wrapper, det_batch, import_o
                                    seg_batch)
 from utils import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SEG_CONFIG = REPO / "segmentation/configs/upernet_slak_tiny_512_80k_ade20k_ss.py"
 DET_CONFIG = REPO / "detection/configs/cascade_mask_rcnn_slak_tiny_mstrain_480-800_adamw_3x_coco.py"
 SIZE = 64
@@ -43,7 +44,6 @@ for _stage in range(3):
                      f"model.roi_head.bbox_head.{_stage}.conv_out_channels=16",
                      f"model.roi_head.bbox_head.{_stage}.fc_out_channels=16",
                      f"model.train_cfg.rcnn.{_stage}.sampler.num=16"]
-pytestmark = pytest.mark.usefixtures("one_thread")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 # The original release's parameter names (tests/data: the original's SLaK-T, Decom, BatchNorm).
 ORIGINAL_KEYS = list(json.loads((REPO / "tests/data/official_state_dict_keys.json").read_text())
@@ -105,8 +105,7 @@ def test_frozen_stages_and_norm_eval_in_a_segmentor(frozen_stages, norm_eval, fr
     before = snapshot(backbone)
     steps(model, optim_wrapper, seg_batch(150, torch.Generator().manual_seed(0), SIZE), 2)
     assert model.training and model.decode_head.training
-    modules = dict(backbone.named_modules())
-    for name, module in modules.items():
+    for name, module in backbone.named_modules():
         inside_frozen = f"{name}.".startswith(frozen)
         batchnorm = isinstance(module, torch.nn.BatchNorm2d)
         assert module.training == (not inside_frozen and not (norm_eval and batchnorm)), name
