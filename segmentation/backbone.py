@@ -5,9 +5,10 @@ register anything. ``segmentation/slak.py`` registers its classes in MMSegmentat
 and ``detection/slak.py`` in MMDetection's, so either framework can be installed alone.
 
 - :class:`SLaKBackbone` is the project's :class:`SLaK.SLaK` (imported, not copied) without its
-  classifier: it returns the stage outputs selected by ``out_indices``, each through its own
-  channel LayerNorm ``norm{i}``, and loads classification checkpoints of this project's ``main.py``
-  or of the original release.
+  classifier, as an mmengine ``BaseModule``: it returns the stage outputs selected by
+  ``out_indices``, each through its own channel LayerNorm ``norm{i}``; its ``init_cfg`` loads
+  classification checkpoints of this project's ``main.py`` or of the original release; it takes
+  OpenMMLab's ``frozen_stages``, ``norm_eval`` and ``with_cp``.
 - :class:`LayerDecayOptimizerConstructor` gives every backbone layer (``layer_wise``) or stage
   (``stage_wise``) its own learning rate, decaying geometrically from the head to the stem.
 
@@ -18,13 +19,20 @@ with ``load_from`` as well.
 import logging
 import os
 import re
+import warnings
 
 from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import initialize
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.runner import CheckpointLoader
 from timm.layers import LayerNorm2d
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from SLaK import SLaK, checkpoint_filter_fn
+from checkpoint import CheckpointError, open_checkpoint
+from slak_config import infer_model_config
+from utils import ConfigError
 
 __all__ = ["SLaKBackbone", "LayerDecayOptimizerConstructor", "load_classification_checkpoint"]
 
@@ -33,8 +41,11 @@ __all__ = ["SLaKBackbone", "LayerDecayOptimizerConstructor", "load_classificatio
 CLASSIFIER_KEYS = re.compile(r"^(head|norm)\.")
 
 
-class SLaKBackbone(SLaK):
+class SLaKBackbone(SLaK, BaseModule):
     """SLaK feature extractor for MMSegmentation / MMDetection (registered as ``type='SLaK'``).
+
+    An mmengine ``BaseModule`` (``init_cfg``, ``init_weights()``) with the usual OpenMMLab backbone
+    switches ``frozen_stages``, ``norm_eval`` and ``with_cp``.
 
     Args:
         in_chans: input image channels.
@@ -53,10 +64,24 @@ class SLaKBackbone(SLaK):
             masks belong to the sparsity code, so a sparse checkpoint simply loads with its zeros.
         deploy: build the re-parameterised inference form (checkpoints of the training form do
             not fit it; call ``reparameterize()`` after loading instead).
-        init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL, prefix=None)`` loads a
-            classification checkpoint (see :func:`load_classification_checkpoint`); other init
-            configs are not used by this backbone.
-        pretrained: old spelling of ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
+        frozen_stages: -1 freezes nothing; 0 the stem (``downsample_layers.0``); ``k`` in 1..4
+            the stem and stages ``0..k-1`` with the downsampling layers in front of them. Frozen
+            parameters get ``requires_grad=False`` and their modules stay in eval mode through
+            ``train()`` (no DropPath, no BatchNorm statistics updates). The output norms
+            ``norm{i}`` are new to every checkpoint and always train.
+        norm_eval: keep every BatchNorm of the backbone (those of the large-kernel branches) in
+            eval mode while the model trains: their running statistics stay those of the
+            checkpoint; their affine weights still train unless frozen.
+        with_cp: run each block under activation checkpointing (``set_grad_checkpointing``):
+            its activations are recomputed in the backward pass instead of stored, for the same
+            outputs, gradients and BatchNorm statistics.
+        init_cfg: mmengine's initialisation config. ``dict(type='Pretrained',
+            checkpoint=PATH_OR_URL, prefix=None)`` loads a classification checkpoint through
+            :func:`load_classification_checkpoint` (``checkpoint=None``, the shipped configs'
+            placeholder, keeps the random initialisation); other entries (``Kaiming``,
+            ``Constant``...) go to mmengine's ``initialize`` before it.
+        pretrained: deprecated spelling of ``init_cfg=dict(type='Pretrained',
+            checkpoint=pretrained)``, converted into it with a ``FutureWarning``.
 
     ``forward(x)``: ``(N, in_chans, H, W)`` -> tuple, per ``i`` in ``out_indices``, of
     ``(N, dims[i], H / 2**(i+2), W / 2**(i+2))``.
@@ -65,11 +90,14 @@ class SLaKBackbone(SLaK):
     def __init__(self, in_chans=3, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  drop_path_rate=0.0, layer_scale_init_value=1e-6, out_indices=(0, 1, 2, 3),
                  kernel_size=(51, 49, 47, 13, 5), width_factor=1.0, Decom=None, LoRA=None,
-                 bn=True, sparse=False, deploy=False, init_cfg=None, pretrained=None):
+                 bn=True, sparse=False, deploy=False, frozen_stages=-1, norm_eval=False,
+                 with_cp=False, init_cfg=None, pretrained=None):
         if Decom is not None and LoRA is not None and bool(Decom) != bool(LoRA):
-            raise ValueError(f"SLaK backbone: Decom={Decom} and LoRA={LoRA} disagree; LoRA is the "
-                             f"original detection configs' name for Decom, give only one")
+            raise ConfigError(f"SLaK backbone: Decom={Decom} and LoRA={LoRA} disagree; LoRA is "
+                              f"the original detection configs' name for Decom, give only one")
         decom = bool(Decom if Decom is not None else LoRA)
+        # SLaK.__init__ reaches BaseModule.__init__ (init_cfg=None) through super(); init_cfg is
+        # set below, once checked.
         super().__init__(in_chans=in_chans, num_classes=0, depths=depths, dims=dims,
                          drop_path_rate=drop_path_rate,
                          layer_scale_init_value=layer_scale_init_value, kernel_size=kernel_size,
@@ -80,34 +108,118 @@ class SLaKBackbone(SLaK):
 
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in range(4) for i in out_indices):
-            raise ValueError(f"SLaK backbone: out_indices must be stage numbers 0..3, "
-                             f"got {out_indices}")
+            raise ConfigError(f"SLaK backbone: out_indices must be stage numbers 0..3, "
+                              f"got {out_indices}")
         self.out_indices = out_indices
         for i in out_indices:
             self.add_module(f"norm{i}", LayerNorm2d(self.dims[i], eps=1e-6))
         self.sparse = sparse
 
-        if pretrained is not None:
-            if init_cfg is not None:
-                raise ValueError("SLaK backbone: give the checkpoint either as pretrained=... or "
-                                 "as init_cfg=dict(type='Pretrained', checkpoint=...), not both")
-            init_cfg = dict(type="Pretrained", checkpoint=pretrained)
-        if init_cfg is not None and init_cfg.get("type") != "Pretrained":
-            raise ValueError(f"SLaK backbone: init_cfg must be dict(type='Pretrained', "
-                             f"checkpoint=...) or None, got {init_cfg}")
-        self.init_cfg = init_cfg
-        self.is_init = False
+        if frozen_stages not in range(-1, 5):
+            raise ConfigError(f"SLaK backbone: frozen_stages must be -1 (none), 0 (the stem) or "
+                              f"1..4 (the stem and that many stages), got {frozen_stages}")
+        self.frozen_stages = frozen_stages
+        self.norm_eval = bool(norm_eval)
+        self.with_cp = with_cp
+        self.init_cfg = _pretrained_into_init_cfg(pretrained, init_cfg)
+        self._freeze_stages()
+
+    @property
+    def with_cp(self):
+        """Whether each block runs under activation checkpointing (``grad_checkpointing``)."""
+        return self.grad_checkpointing
+
+    @with_cp.setter
+    def with_cp(self, enable):
+        self.set_grad_checkpointing(bool(enable))
+
+    def frozen_modules(self):
+        """The modules that ``frozen_stages`` freezes, stem first."""
+        if self.frozen_stages < 0:
+            return []
+        count = max(self.frozen_stages, 1)  # 0 and 1 both freeze the stem
+        return [*self.downsample_layers[:count], *self.stages[:self.frozen_stages]]
+
+    def _freeze_stages(self):
+        for module in self.frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode=True):
+        """``nn.Module.train``, with frozen stages (and, under ``norm_eval``, every BatchNorm)
+        kept in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
 
     def init_weights(self):
-        """Load ``init_cfg``'s checkpoint, if any (the random initialisation is SLaK's own)."""
-        if self.init_cfg is not None and not self.is_init:
-            load_classification_checkpoint(self, self.init_cfg["checkpoint"],
-                                           prefix=self.init_cfg.get("prefix"))
+        """Apply ``init_cfg``: mmengine's initialisers first, then the ``Pretrained`` checkpoint
+        (the random initialisation is SLaK's own)."""
+        if self.is_init:
+            print_log("SLaK backbone: init_weights() was called again; the weights stay as they "
+                      "are", logger="current", level=logging.WARNING)
+            return
+        configs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
+        pretrained = [c for c in configs if c and c.get("type") == "Pretrained"]
+        others = [c for c in configs if c and c.get("type") != "Pretrained"]
+        if others:
+            initialize(self, others)
+        for config in pretrained:
+            if config.get("checkpoint") is None:
+                print_log("SLaK backbone: init_cfg names no checkpoint, so the backbone starts "
+                          "from its random initialisation; to fine-tune an ImageNet model set "
+                          "model.backbone.init_cfg.checkpoint=PATH", logger="current",
+                          level=logging.WARNING)
+            else:
+                load_classification_checkpoint(self, config["checkpoint"],
+                                               prefix=config.get("prefix"))
         self.is_init = True
 
     def forward(self, x):
         outs = self.forward_stages(x)
         return tuple(getattr(self, f"norm{i}")(outs[i]) for i in self.out_indices)
+
+
+def _pretrained_into_init_cfg(pretrained, init_cfg):
+    """The backbone's ``init_cfg``, with the deprecated ``pretrained=PATH`` turned into its
+    ``Pretrained`` entry (it may fill the shipped configs' ``checkpoint=None`` placeholder)."""
+    configs = init_cfg if isinstance(init_cfg, list) else [init_cfg] if init_cfg else []
+    if not all(isinstance(c, dict) and c.get("type") for c in configs):
+        raise ConfigError(f"SLaK backbone: init_cfg must be a dict with a type (e.g. "
+                          f"dict(type='Pretrained', checkpoint=PATH)) or a list of them, got "
+                          f"{init_cfg}")
+    entries = [c for c in configs if c["type"] == "Pretrained"]
+    if len(entries) > 1:
+        raise ConfigError(f"SLaK backbone: init_cfg has {len(entries)} Pretrained entries; keep "
+                          f"one checkpoint")
+    if pretrained is None:
+        return init_cfg
+    if not isinstance(pretrained, str):
+        raise ConfigError(f"SLaK backbone: pretrained must be a path or URL, got "
+                          f"{type(pretrained).__name__}; better, write "
+                          f"init_cfg=dict(type='Pretrained', checkpoint=PATH)")
+    if entries and entries[0].get("checkpoint") is not None:
+        raise ConfigError("SLaK backbone: give the checkpoint either as pretrained=... or as "
+                          "init_cfg=dict(type='Pretrained', checkpoint=...), not both")
+    warnings.warn("SLaK backbone: pretrained= is deprecated and is read as "
+                  "init_cfg=dict(type='Pretrained', checkpoint=...); set that instead (on the "
+                  "command line: model.backbone.init_cfg.checkpoint=PATH)", FutureWarning,
+                  stacklevel=3)
+    entry = dict(entries[0] if entries else {}, type="Pretrained", checkpoint=pretrained)
+    others = [c for c in configs if c["type"] != "Pretrained"]
+    return [*others, entry] if others else entry
+
+
+def check_checkpoint_file(checkpoint, key="model.backbone.init_cfg.checkpoint"):
+    """Raise ``CheckpointError`` when ``checkpoint`` names a local file that is not there (URLs
+    are left to mmengine's loader)."""
+    if "://" not in str(checkpoint) and not os.path.isfile(str(checkpoint)):
+        raise CheckpointError(f"{key} {checkpoint}: file not found; check the path")
 
 
 def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="current"):
@@ -125,11 +237,10 @@ def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="cu
     feature LayerNorm (``norm.*``) are dropped first; the per-stage ``norm{i}`` are new and so
     always missing from a classification checkpoint.
     """
+    check_checkpoint_file(checkpoint)
     if prefix is None and os.path.isfile(str(checkpoint)):
         # A local classification checkpoint: checked like every other loader's (one line naming
         # what differs); the classifier is dropped below, so its class count does not matter.
-        from checkpoint import open_checkpoint
-        from slak_config import infer_model_config
         expected = infer_model_config(backbone.state_dict())
         raw, _ = open_checkpoint(str(checkpoint), "init_cfg checkpoint", expected,
                                  ignore=("nb_classes",))
@@ -139,8 +250,8 @@ def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="cu
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not state_dict:
-            raise ValueError(f"{checkpoint} has no keys under prefix '{prefix}'; drop the "
-                             f"init_cfg prefix for a classification checkpoint")
+            raise CheckpointError(f"{checkpoint} has no keys under prefix '{prefix}'; drop the "
+                                  f"init_cfg prefix for a classification checkpoint")
     dropped = sorted(k for k in state_dict if CLASSIFIER_KEYS.match(k))
     state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
 
@@ -148,9 +259,10 @@ def load_classification_checkpoint(backbone, checkpoint, prefix=None, logger="cu
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     if mismatched:
-        raise ValueError(f"{checkpoint} does not fit this SLaK backbone ({len(mismatched)} shape "
-                         f"mismatches, first {mismatched[0]}); set depths, dims, width_factor, "
-                         f"kernel_size and Decom to those of the classification model")
+        raise CheckpointError(f"{checkpoint} does not fit this SLaK backbone ({len(mismatched)} "
+                              f"shape mismatches, first {mismatched[0]}); set depths, dims, "
+                              f"width_factor, kernel_size and Decom to those of the "
+                              f"classification model")
     missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
     loaded = len(state_dict) - len(unexpected)
     print_log(f"SLaK backbone: loaded {loaded} tensors from {checkpoint}; dropped classifier "
@@ -190,8 +302,8 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         decay_rate = cfg.get("decay_rate", 1.0)
         decay_type = cfg.get("decay_type", "stage_wise")
         if decay_type not in ("layer_wise", "stage_wise"):
-            raise ValueError(f"paramwise_cfg decay_type must be 'layer_wise' or 'stage_wise', "
-                             f"got '{decay_type}'")
+            raise ConfigError(f"paramwise_cfg decay_type must be 'layer_wise' or 'stage_wise', "
+                              f"got '{decay_type}'")
         num_layers = cfg.get("num_layers")
         if num_layers is None:
             num_layers = 4 if decay_type == "stage_wise" else self._layer_wise_depth(module)
@@ -236,6 +348,6 @@ class LayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         backbone = getattr(module, "backbone", module)
         depths = getattr(backbone, "depths", None)
         if depths is None:
-            raise ValueError("paramwise_cfg decay_type='layer_wise' needs num_layers when the "
-                             "model has no SLaK backbone with depths; set num_layers")
+            raise ConfigError("paramwise_cfg decay_type='layer_wise' needs num_layers when the "
+                              "model has no SLaK backbone with depths; set num_layers")
         return 3 + (depths[2] - 1) // 3 + 1

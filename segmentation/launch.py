@@ -23,7 +23,7 @@ def get_args_parser(mode):
                             help="resume from the latest checkpoint in the work dir")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config entries, e.g. "
-                             "model.backbone.pretrained=/path/to/checkpoint-best.pth")
+                             "model.backbone.init_cfg.checkpoint=/path/to/checkpoint-best.pth")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     return parser
@@ -43,6 +43,21 @@ def load_config(path, cfg_options=(), work_dir=None):
     return cfg
 
 
+def named_checkpoints(cfg, mode):
+    """``{config key: path}`` of the checkpoints a run of ``mode`` loads (None where unset)."""
+    if mode == "test":
+        return {"checkpoint": cfg.load_from}
+    backbone = cfg.model.get("backbone") or {}
+    init_cfg = backbone.get("init_cfg")
+    entries = init_cfg if isinstance(init_cfg, list) else [init_cfg]
+    named = {"model.backbone.init_cfg.checkpoint": entry.get("checkpoint") for entry in entries
+             if isinstance(entry, dict) and entry.get("type") == "Pretrained"}
+    named["model.backbone.pretrained"] = backbone.get("pretrained")
+    named["model.pretrained"] = cfg.model.get("pretrained")
+    named["load_from"] = cfg.get("load_from")
+    return named
+
+
 def main(mode, argv=None):
     args = get_args_parser(mode).parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -50,6 +65,14 @@ def main(mode, argv=None):
     from mmengine.runner import Runner
 
     cfg = load_config(args.config, args.cfg_options, args.work_dir)
+    from segmentation.backbone import check_checkpoint_file
+
+    if mode == "test":
+        cfg.load_from = args.checkpoint
+    # A mistyped path stops here, before the Runner creates the work dir and its logs.
+    for key, path in named_checkpoints(cfg, mode).items():
+        if path is not None:
+            check_checkpoint_file(path, key)
     cfg.launcher = args.launcher
     if not torch.cuda.is_available() and cfg.optim_wrapper.get("type") == "AmpOptimWrapper":
         # Mixed precision here is CUDA's; a CPU run trains in float32.
@@ -60,5 +83,4 @@ def main(mode, argv=None):
         cfg.resume = args.resume
         Runner.from_cfg(cfg).train()
     else:
-        cfg.load_from = args.checkpoint
         Runner.from_cfg(cfg).test()

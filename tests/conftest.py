@@ -54,6 +54,16 @@ def run_main(*args, check=True, timeout=600, launcher=None, script=REPO / "main.
 
 
 @pytest.fixture
+def one_thread():
+    """Run the test's in-process operators on one thread: tiny convolutions on a machine whose
+    cores other jobs share run many times faster than with threads that wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def repo():
     return REPO
 

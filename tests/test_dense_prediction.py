@@ -1,10 +1,12 @@
 """SLaK inside the real MMSegmentation 1.x and MMDetection 3.x (``bash ci/install_openmmlab.sh``).
 
 Every shipped config is built through its framework's own registry (backbone depths cut to keep
-the CPU run short; widths, kernels and heads as shipped), trained for one step on a random
-2x3x128x128 batch (random label maps / boxes and masks) with the optimizer its config builds, and
-run in inference. The pretrained path loads a checkpoint that this project's ``main.py`` writes.
-Tests skip, naming the install command, where a framework is not importable.
+the CPU run short; widths, kernels and heads as shipped, the detectors sampling fewer RoIs),
+trained for one step on a random 2x3x128x128 batch (random label maps / boxes and masks) with the
+optimizer its config builds, and run in inference. ``init_cfg`` loads a checkpoint that this
+project's ``main.py`` writes. The backbone's OpenMMLab switches (``frozen_stages``,
+``norm_eval``, ``with_cp``, ``init_cfg`` formats) are tests/test_mm_backbone.py's. Tests skip,
+naming the install command, where a framework is not importable.
 """
 import importlib
 
@@ -17,7 +19,15 @@ from conftest import REPO, SYNTHETIC, TINY_MODEL, run_main
 SEG_CONFIGS = sorted((REPO / "segmentation" / "configs").glob("*.py"))
 DET_CONFIGS = sorted((REPO / "detection" / "configs").glob("*.py"))
 SIZE = 128
+pytestmark = pytest.mark.usefixtures("one_thread")
 SHORT_DEPTHS = [1, 1, 2, 1]  # stage 2 keeps two blocks so layer-wise decay sees two groups
+
+# Detection: the heads as shipped, but 64 RoIs sampled per cascade stage and 128 proposals per
+# image instead of 512 and 2000 (the RoI heads' cost grows with them, not their coverage).
+FEWER_ROIS = ["model.train_cfg.rpn.sampler.num=64", "model.train_cfg.rpn_proposal.nms_pre=256",
+              "model.train_cfg.rpn_proposal.max_per_img=128", "model.test_cfg.rpn.nms_pre=256",
+              "model.test_cfg.rpn.max_per_img=128"] + [
+    f"model.train_cfg.rcnn.{stage}.sampler.num=64" for stage in range(3)]
 
 # The model main.py trains with TINY_MODEL, as backbone arguments.
 TINY_BACKBONE = dict(depths=[3, 3, 9, 3], dims=[96, 192, 384, 768], width_factor=0.25,
@@ -33,21 +43,22 @@ def import_or_skip(module):
                     f"`bash ci/install_openmmlab.sh` installs MMSegmentation and MMDetection")
 
 
-def build(config, framework, backbone=None, **heads):
-    """``(cfg, model)`` of ``config`` built by ``framework``'s MODELS registry, weights initialised."""
+def build(config, framework, backbone=None, size=SIZE, cfg_options=(), **heads):
+    """``(cfg, model)`` of ``config`` (with ``KEY=VALUE`` ``cfg_options``, as on the launchers'
+    command line) built by ``framework``'s MODELS registry, weights initialised."""
     import_or_skip(f"{framework}.models")
     from mmengine.registry import init_default_scope
 
     from segmentation.launch import load_config
 
-    cfg = load_config(str(config))
+    cfg = load_config(str(config), cfg_options)
     assert cfg.default_scope == framework
     init_default_scope(framework)
     cfg.model.backbone.update(backbone or {})
     for name, value in heads.items():
         cfg.model[name].in_channels = value
     if framework == "mmseg":
-        cfg.model.data_preprocessor.size = (SIZE, SIZE)
+        cfg.model.data_preprocessor.size = (size, size)
     registry = importlib.import_module(f"{framework}.registry")
     torch.manual_seed(0)
     model = registry.MODELS.build(cfg.model)
@@ -65,39 +76,39 @@ def cpu_optim_wrapper(cfg, model):
     return build_optim_wrapper(model, optim_cfg)
 
 
-def seg_batch(num_classes, generator):
+def seg_batch(num_classes, generator, size=SIZE):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
 
     inputs, samples = [], []
     for _ in range(2):
-        inputs.append(torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=generator))
-        sample = SegDataSample(metainfo=dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE)))
+        inputs.append(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator))
+        sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size)))
         sample.gt_sem_seg = PixelData(
-            data=torch.randint(0, num_classes, (1, SIZE, SIZE), generator=generator))
+            data=torch.randint(0, num_classes, (1, size, size), generator=generator))
         samples.append(sample)
     return dict(inputs=inputs, data_samples=samples)
 
 
-def det_batch(num_classes, generator):
+def det_batch(num_classes, generator, size=SIZE):
     from mmdet.structures import DetDataSample
     from mmdet.structures.mask import BitmapMasks
     from mmengine.structures import InstanceData
 
     inputs, samples = [], []
     for _ in range(2):
-        inputs.append(torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=generator))
-        corner = torch.randint(0, SIZE // 2, (3, 2), generator=generator).float()
-        extent = torch.randint(16, SIZE // 2, (3, 2), generator=generator).float()
+        inputs.append(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator))
+        corner = torch.randint(0, size // 2, (3, 2), generator=generator).float()
+        extent = torch.randint(16, size // 2, (3, 2), generator=generator).float()
         boxes = torch.cat([corner, corner + extent], dim=1)
-        masks = np.zeros((3, SIZE, SIZE), dtype=np.uint8)
+        masks = np.zeros((3, size, size), dtype=np.uint8)
         for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
             mask[y1:y2, x1:x2] = 1
-        sample = DetDataSample(metainfo=dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE),
+        sample = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
                                              scale_factor=(1.0, 1.0)))
         sample.gt_instances = InstanceData(
             bboxes=boxes, labels=torch.randint(0, num_classes, (3,), generator=generator),
-            masks=BitmapMasks(masks, SIZE, SIZE))
+            masks=BitmapMasks(masks, size, size))
         samples.append(sample)
     return dict(inputs=inputs, data_samples=samples)
 
@@ -154,7 +165,7 @@ def test_segmentation_config(config):
 
 @pytest.mark.parametrize("config", DET_CONFIGS, ids=lambda p: p.stem)
 def test_detection_config(config):
-    cfg, model = build(config, "mmdet", dict(depths=SHORT_DEPTHS))
+    cfg, model = build(config, "mmdet", dict(depths=SHORT_DEPTHS), cfg_options=FEWER_ROIS)
     assert cfg.model.neck.in_channels == [int(d * cfg.model.backbone.width_factor)
                                           for d in cfg.model.backbone.dims]
     num_classes = cfg.model.roi_head.bbox_head[0].num_classes
@@ -242,9 +253,10 @@ def test_backbone_arguments():
     assert not hasattr(backbone, "norm0") and hasattr(backbone, "norm3")
     outs = backbone(torch.randn(1, 3, 64, 64))
     assert [tuple(o.shape) for o in outs] == [(1, 998, 2, 2), (1, 249, 8, 8)]
-    with pytest.raises(ValueError, match="give only one"):
+    from utils import ConfigError
+    with pytest.raises(ConfigError, match="give only one"):
         SLaKBackbone(depths=[1, 1, 1, 1], Decom=True, LoRA=False)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ConfigError, match="not both"):
         SLaKBackbone(depths=[1, 1, 1, 1], pretrained="a.pth",
                      init_cfg=dict(type="Pretrained", checkpoint="a.pth"))
 
@@ -274,9 +286,10 @@ def assert_loaded(backbone, state_dict):
 def test_segmentor_loads_a_main_py_checkpoint(main_checkpoint):
     path, state_dict = main_checkpoint
     config = REPO / "segmentation/configs/upernet_slak_tiny_512_80k_ade20k_ss.py"
-    backbone = dict(TINY_BACKBONE, pretrained=str(path))
-    cfg, model = build(config, "mmseg", backbone, decode_head=TINY_WIDTHS,
-                       auxiliary_head=TINY_WIDTHS[2])
+    # As the docs' commands give it: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+    cfg, model = build(config, "mmseg", TINY_BACKBONE, decode_head=TINY_WIDTHS,
+                       auxiliary_head=TINY_WIDTHS[2],
+                       cfg_options=[f"model.backbone.init_cfg.checkpoint={path}"])
     assert_loaded(model.backbone, state_dict)
     model.eval()
     with torch.no_grad():
@@ -288,7 +301,6 @@ def test_detector_loads_a_main_py_checkpoint(main_checkpoint):
     path, state_dict = main_checkpoint
     config = REPO / "detection/configs/cascade_mask_rcnn_slak_tiny_mstrain_480-800_adamw_1x_coco.py"
     backbone = dict(TINY_BACKBONE, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
-    backbone["pretrained"] = None
     _, model = build(config, "mmdet", backbone, neck=TINY_WIDTHS)
     assert_loaded(model.backbone, state_dict)
 

@@ -3,7 +3,7 @@
 _base_ = ['./_base_/cascade_mask_rcnn_slak_coco.py']
 
 checkpoint_file = None  # path or URL of the 300-epoch SLaK-T ImageNet checkpoint
-model = dict(backbone=dict(pretrained=checkpoint_file))
+model = dict(backbone=dict(init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))
 
 max_epochs = 36
 train_cfg = dict(max_epochs=max_epochs)

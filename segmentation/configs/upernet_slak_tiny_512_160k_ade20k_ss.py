@@ -3,4 +3,4 @@
 _base_ = ['./_base_/upernet_slak_ade20k.py']
 
 checkpoint_file = None  # path or URL of the SLaK-T ImageNet checkpoint
-model = dict(backbone=dict(pretrained=checkpoint_file))
+model = dict(backbone=dict(init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))

@@ -8,8 +8,9 @@ default_scope = 'mmdet'
 # (pip install -e ., as requirements.txt does) or on PYTHONPATH.
 custom_imports = dict(imports=['detection.slak'], allow_failed_imports=False)
 
-# An ImageNet checkpoint of SLaK.py's model (main.py writes {'model': state_dict, ...}); the
-# classifier is dropped on load. Leave None to train from scratch.
+# An ImageNet checkpoint of SLaK.py's model, main.py's ({'model': state_dict, ...}) or the
+# original release's; the classifier is dropped on load. None trains from scratch. On the
+# command line: --cfg-options model.backbone.init_cfg.checkpoint=PATH.
 checkpoint_file = None
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 num_classes = 80
@@ -67,7 +68,10 @@ model = dict(
         drop_path_rate=0.4,
         layer_scale_init_value=1.0,
         out_indices=[0, 1, 2, 3],
-        pretrained=checkpoint_file),
+        frozen_stages=-1,  # 0: freeze the stem; k: the stem and stages 0..k-1
+        norm_eval=False,  # True: the large-kernel BatchNorms keep the checkpoint's statistics
+        with_cp=False,  # True: recompute each block in the backward pass (less memory)
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
     neck=dict(
         type='FPN',
         in_channels=[124, 249, 499, 998],  # int(d * 1.3) for the backbone dims
