@@ -106,7 +106,7 @@ def to_rgb(image):
     if mode == "F":
         raise ValueError("Pillow mode F (floating-point pixels) has no 8-bit picture; save it "
                          "with 8 or 16 bits")
-    if "A" in mode or "a" in mode or "transparency" in image.info:
+    if mode in ("LA", "PA", "RGBA", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
