@@ -9,6 +9,7 @@ from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                                  IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import has_file_allowed_extension
 
 from utils import ConfigError
 
@@ -79,23 +80,97 @@ class SyntheticImageDataset(Dataset):
         return image, label
 
 
-# What PIL raises for a file that is not a readable image (truncated, foreign, empty).
+# What PIL raises for a file that is not a readable image (truncated, foreign, empty), and what
+# load_image raises for an image without an 8-bit picture.
 UNREADABLE = (OSError, ValueError, SyntaxError)
+
+
+def to_rgb(image):
+    """The 8-bit RGB picture a PIL image shows.
+
+    Transparent parts (palette or colour-key transparency, LA, PA, RGBA) are shown on white, as
+    on a page; 16-bit grey (Pillow's ``I;16*`` modes, and ``I`` holding 0..65535, as 16-bit PNG,
+    TIFF and PGM files open) keeps its high byte (``value >> 8``, as Pillow reads 16-bit colour
+    PNGs); other modes (L, 1, CMYK, YCbCr, LAB, HSV) go through ``convert("RGB")``. An image with
+    no 8-bit picture (``F``, floating point; ``I`` outside 0..65535) is a ``ValueError``.
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"Pillow mode {mode} with values {values.min()}..{values.max()} has "
+                             f"no 8-bit picture; save it with 8 or 16 bits")
+        return Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        raise ValueError("Pillow mode F (floating-point pixels) has no 8-bit picture; save it "
+                         "with 8 or 16 bits")
+    if mode in ("LA", "PA", "RGBA", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path):
+    """The image file at ``path`` as the RGB picture it shows (:func:`to_rgb`); the image folders'
+    loader. Raises one of :data:`UNREADABLE` for a file that is not such an image."""
+    with open(path, "rb") as file:
+        image = Image.open(file)
+        image.load()
+        return to_rgb(image)
+
+
+def folder_id(path):
+    """``(st_dev, st_ino)`` of the folder ``path`` leads to (links followed)."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def walk_once(top, seen):
+    """``[(folder, file names)]`` of ``top`` and the folders below it, links followed, each real
+    folder once: a folder whose ``folder_id`` is in ``seen`` (an ancestor reached through a link
+    loop, another class folder, or one already reached by another link) is not entered again.
+    Unreadable folders are skipped, as ``os.walk`` does."""
+    try:
+        entries = sorted(os.scandir(top), key=lambda entry: entry.name)
+    except OSError:
+        return []
+    files, folders = [], []
+    for entry in entries:
+        try:
+            if not entry.is_dir():  # (a broken link is a file, reported when it is read)
+                files.append(entry.name)
+                continue
+            key = folder_id(entry.path)
+        except OSError:
+            continue
+        if key not in seen:
+            seen.add(key)
+            folders.append(entry.path)
+    listing = [(top, files)]
+    for folder in folders:
+        listing += walk_once(folder, seen)
+    return listing
 
 
 class SafeImageFolder(datasets.ImageFolder):
     """An ``ImageFolder`` that skips unreadable images instead of ending the run.
 
-    An image that cannot be decoded is reported in one warning line naming the file and replaced
-    by the next readable one (deterministically, so a resumed epoch still replays exactly);
-    ``skipped`` counts them across data-loader workers (forked processes share it). With
-    ``check=True`` every image is decoded once at start-up and the unreadable ones are dropped.
-    Empty class folders and folders without class folders are a ``ConfigError``.
+    Images are decoded by :func:`load_image` (the picture each file shows). An image that cannot
+    be decoded is reported in one warning line naming the file and replaced by the next readable
+    one (deterministically, so a resumed epoch still replays exactly); ``skipped`` counts them
+    across data-loader workers (forked processes share it). With ``check=True`` every image is
+    decoded once at start-up and the unreadable ones are dropped. Linked folders are followed,
+    each real folder once (:func:`walk_once`), so a link loop neither repeats images nor gives
+    them another class. Empty class folders, folders without class folders and a class folder
+    that is another one's link are a ``ConfigError``.
     """
 
     def __init__(self, root, transform=None, check=False):
         try:
-            super().__init__(root, transform=transform)
+            super().__init__(root, transform=transform, loader=load_image)
         except FileNotFoundError as exc:  # torchvision: no class folder, or a class without images
             raise ConfigError(f"{root}: {str(exc).split('. Supported')[0]}; every class folder "
                               f"needs at least one image") from None
@@ -103,12 +178,43 @@ class SafeImageFolder(datasets.ImageFolder):
         if check:
             self._drop_unreadable()
 
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        """torchvision's ``(path, class index)`` list in its order (folders sorted by path, files
+        by name), each real folder walked once (:func:`walk_once`)."""
+        if is_valid_file is None:
+            def is_valid_file(path):
+                return has_file_allowed_extension(path, extensions)
+        root_id, class_folders = folder_id(directory), {}
+        for name in sorted(class_to_idx):
+            path = os.path.join(directory, name)
+            key = folder_id(path)
+            if key == root_id:
+                raise ConfigError(f"{path} is a link to the data folder {directory} itself; "
+                                  f"remove the link")
+            if key in class_folders:
+                raise ConfigError(f"{path} is a link to the class folder {class_folders[key]}, "
+                                  f"so its images would have two labels; remove the link")
+            class_folders[key] = path
+        seen = {root_id, *class_folders}
+        instances, empty = [], []
+        for name in sorted(class_to_idx):
+            found = [(os.path.join(folder, file), class_to_idx[name])
+                     for folder, files in sorted(walk_once(os.path.join(directory, name), seen))
+                     for file in files if is_valid_file(os.path.join(folder, file))]
+            if not found:
+                empty.append(name)
+            instances += found
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return instances
+
     def _drop_unreadable(self):
         readable = []
         for path, target in self.samples:
             try:
-                with Image.open(path) as image:
-                    image.load()
+                self.loader(path)
                 readable.append((path, target))
             except UNREADABLE as exc:
                 print(f"Warning: dropping unreadable image {path} ({type(exc).__name__})", flush=True)
@@ -164,7 +270,8 @@ def normalization(args):
 
 
 def build_transform(is_train, args):
-    """timm's training transform (RandAugment, random erasing...) or resize + centre crop.
+    """timm's training transform (RandAugment, random erasing...) or resize + centre crop (none
+    at ``--input_size`` 32 and below).
 
     With ``args.prefetcher`` the transform ends with the image as uint8, channels first:
     conversion to float, normalisation and random erasing are left to timm's ``PrefetchLoader``
@@ -185,10 +292,13 @@ def build_transform(is_train, args):
             transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
         return transform
     # As the original: from 384 px the image is warped to a square (crop_pct ignored); below,
-    # resized to size / crop_pct on the shorter side, then centre-cropped.
+    # resized to size / crop_pct on the shorter side, then centre-cropped; at 32 px and below
+    # (CIFAR-sized images) taken as it is.
     bicubic = transforms.InterpolationMode.BICUBIC
     size = args.input_size
-    if size >= 384:
+    if size <= 32:
+        resize = []
+    elif size >= 384:
         resize = [transforms.Resize((size, size), interpolation=bicubic)]
     else:
         crop_pct = args.crop_pct if args.crop_pct else 224 / 256

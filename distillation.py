@@ -9,7 +9,8 @@ autograd, the student with it, and combines
 
 - ``KD``: :class:`KDLoss`, Hinton's distillation at temperature ``--T`` weighted by ``--alpha``
   (or ``--hard``: half cross-entropy with the labels, half with the teacher's predicted class);
-- ``NKD``: :class:`NKDLoss`, normalized KD; it replaces the supervised loss, as in the original;
+- ``NKD``: :class:`NKDLoss`, normalized KD at temperature 1 as the original's (at ``--T`` with
+  ``--nkd_honour_T true``); it replaces the supervised loss, as in the original;
 - ``FD``: :class:`FeatureDistillLoss` between the last-stage feature maps, weighted by ``--lr_fd``
   and added to the supervised loss (``FD``), to KD (``KD_FD``) or to NKD (``NKD_FD``). The maps
   are the outputs of the module that timm's ``feature_info`` names last (``stages.3`` of SLaK and
@@ -30,6 +31,7 @@ losses that need one class per image take the most probable one.
 """
 from typing import Callable, NamedTuple, Optional
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,11 +43,12 @@ from distributed import data_parallel
 from model_factory import build_model
 from optim_factory import param_groups
 from slak_config import args_model_config
+from utils import ConfigError
 
 __all__ = ["DISTILL_MODES", "DistillMode", "DISTILL_TYPES", "FD_LOSS_TYPES", "STUDENT_OVERRIDES",
            "KDLoss", "NKDLoss", "FeatureDistillLoss", "last_stage", "as_feature_map", "LastStageTap",
            "DistillationLoss", "freeze", "add_param_groups", "kd_loss", "nkd_loss",
-           "build_distillation_loss", "load_teacher", "Distillation", "build_distillation"]
+           "build_distillation_loss", "check_pretrained_classes", "load_teacher", "Distillation", "build_distillation"]
 
 # --FDLoss_type spellings: the original's (smoothL1, MSE) and ours.
 FD_LOSS_TYPES = {"smoothL1": "SmoothL1", "SmoothL1": "SmoothL1", "MSE": "MSE"}
@@ -60,8 +63,15 @@ def kd_loss(args, criterion):
 
 
 def nkd_loss(args, criterion):
-    """``NKD``'s logit loss from the flags: :class:`NKDLoss` at ``--T``."""
-    return NKDLoss(args.T)
+    """``NKD``'s logit loss from the flags: :class:`NKDLoss` at temperature 1, as the original's
+    ran whatever ``--T`` said (its published numbers come from that), or at ``--T`` with
+    ``--nkd_honour_T true``."""
+    if args.nkd_honour_T:
+        return NKDLoss(args.T)
+    if args.T != 1.0:
+        print(f"Note: NKD runs at temperature 1, as the original's did, whatever --T says "
+              f"(--T {args.T} is not used); pass --nkd_honour_T true to run it at --T")
+    return NKDLoss(1.0)
 
 
 class DistillMode(NamedTuple):
@@ -369,10 +379,28 @@ def build_distillation_loss(args, student, teacher, criterion, feature_loss=None
                             feature_loss, args.lr_fd, compile_teacher=args.compile)
 
 
+def check_pretrained_classes(name, num_classes):
+    """Refuse timm's pretrained weights of ``name`` for a run of another number of classes: timm
+    would replace their classifier by a random one, the teacher distilled. The classes come from
+    timm's pretrained configuration; nothing is downloaded."""
+    try:
+        cfg = timm.get_pretrained_cfg(name)
+    except RuntimeError as exc:  # a pretrained tag timm does not know
+        raise ConfigError(f"--model {name}: {exc}; see timm.list_pretrained() for the names with "
+                          f"weights") from None
+    classes = getattr(cfg, "num_classes", None)
+    if classes and classes != num_classes:
+        raise ConfigError(f"--teacher_pretrained true: timm's {name} weights classify {classes} "
+                          f"classes and this run has {num_classes}, so the teacher's classifier "
+                          f"would be random; give its weights for these classes with --resume, "
+                          f"or a data set of {classes} classes")
+
+
 def load_teacher(args, num_classes, device):
     """The frozen teacher: ``--model`` with the model flags, weights from ``--resume`` (ours, the
     original's or a plain state dict) or, with ``--teacher_pretrained true``, timm's."""
     if args.teacher_pretrained:
+        check_pretrained_classes(args.model, num_classes)
         teacher = build_model(args, args.model, num_classes, pretrained=True)
         print(f"Teacher {args.model} with timm's pretrained weights")
     else:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import accuracy
 
-from distributed import all_reduce_sum
+from distributed import all_reduce_sum, get_rank, get_world_size
 from metric_logger import MetricLogger, SmoothedValue
 from optim_factory import set_schedule
 from utils import TrainingDiverged
@@ -27,6 +27,26 @@ def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+def stop_if_diverged(loss_value, epoch, step, device):
+    """Raise ``TrainingDiverged`` in every process when the loss of any one is not finite.
+
+    Each process puts its loss at its rank in one summed vector (a single all-reduce, at the
+    logging cadence), so all stop at the same step, and rank 0, the one that prints, names the
+    ranks whose loss diverged."""
+    world = get_world_size()
+    losses = [0.0] * world
+    losses[get_rank()] = loss_value
+    losses = all_reduce_sum(losses, device)
+    diverged = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
+    if not diverged:
+        return
+    where = "" if world == 1 else \
+        f" on rank{'s' if len(diverged) > 1 else ''} {', '.join(map(str, diverged))} of {world}"
+    raise TrainingDiverged(f"the loss is {losses[diverged[0]]}{where} at epoch {epoch}, step "
+                           f"{step}; lower --lr, add --clip_grad 1.0, or use --amp_dtype bfloat16, "
+                           f"check the data, then resume from the last checkpoint")
+
+
 def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, scaler, *,
                     steps_per_epoch, start_steps, lr_schedule, wd_schedule, update_freq=1,
                     amp_dtype=None, max_norm=None, model_ema=None, mixup_fn=None, masking=None,
@@ -37,7 +57,8 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, scale
     on the last one), then steps the optimizer (through the fp16 GradScaler when enabled),
     re-applies the sparsity masks (adapting them every ``-u`` steps), zeroes the gradients and
     updates the EMA with the masks, in the original's order. The loss is read back from the device only
-    every ``print_freq`` iterations, so the loop does not stall on host synchronisation.
+    every ``print_freq`` iterations, so the loop does not stall on host synchronisation; there
+    every process stops if the loss of any is not finite (:func:`stop_if_diverged`).
     """
     model.train()
     metric_logger = MetricLogger()
@@ -97,10 +118,7 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, scale
             loss_value = (loss_sum / loss_count).item()
             loss_sum.zero_()
             loss_count = 0
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"the loss is {loss_value} at epoch {epoch}, step {step}; "
-                                       f"lower --lr, add --clip_grad 1.0, or use --amp_dtype "
-                                       f"bfloat16, then resume from the last checkpoint")
+            stop_if_diverged(loss_value, epoch, step, device)
             lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
             weight_decay = max(g["weight_decay"] for g in optimizer.param_groups)
             extra = {"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}

@@ -212,6 +212,8 @@ def get_args_parser():
                        help="take the teacher --model's weights from timm's pretrained weights "
                             "(downloaded by timm where online) instead of --resume")
     group.add_argument("--T", type=float, default=1.0, help="distillation temperature")
+    group.add_argument("--nkd_honour_T", type=str2bool, nargs="?", const=True, default=False,
+                       help="run NKD at --T; default false: at temperature 1, as the original")
     group.add_argument("--alpha", type=float, default=0.1,
                        help="KD: weight of the distillation term (the labels' cross-entropy gets "
                             "1 - alpha)")

@@ -1,7 +1,8 @@
 """The original release's distillation entry point, kept so that commands written for it run.
 
-Everything is ``main.py``'s (distillation is ``--distill_type``); the flags the original accepted
-without using them are accepted here and reported as having no effect.
+Everything is ``main.py``'s (distillation is ``--distill_type``), except that ``--distill_type``
+defaults to ``KD``, as in the original's script; the flags the original accepted without using
+them are accepted here and reported as having no effect.
 
     python main_KD.py --model SLaK_tiny --model_s SLaK_tiny --distill_type NKD ...
 """
@@ -15,6 +16,7 @@ NO_EFFECT_FLAGS = ["--alpha_mgd", "--lambda_mgd", "--feature_n", "--target_Lnorm
 
 def get_args_parser():
     parser = main.get_args_parser()
+    parser.set_defaults(distill_type="KD")  # the original's script distilled with KD by default
     group = parser.add_argument_group("accepted for the original's commands, no effect")
     for flag in NO_EFFECT_FLAGS:
         group.add_argument(flag, nargs="?", const=True, default=None, help="no effect")

@@ -195,7 +195,7 @@ def test_distillation_step_trains_only_the_student(distill_type):
     teacher.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     mode = DISTILL_MODES[distill_type]
     feature_loss = FeatureDistillLoss(768, 998) if mode.features else None
-    flags = argparse.Namespace(T=3.0, alpha=1.0, hard=False)
+    flags = argparse.Namespace(T=3.0, alpha=1.0, hard=False, nkd_honour_T=True)
     logit_loss = mode.logit_loss(flags, F.cross_entropy) if mode.logit_loss else None
     loss_fn = DistillationLoss(distill_type, student, freeze(teacher), F.cross_entropy, logit_loss,
                                feature_loss, feature_weight=3e-5)

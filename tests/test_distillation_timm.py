@@ -13,7 +13,7 @@ import torch
 import SLaK  # noqa: F401 - registers the SLaK models
 from conftest import REPO, run_main
 from distillation import FeatureDistillLoss, LastStageTap, as_feature_map, build_distillation_loss
-from test_distillation import fd_reference, kd_reference, logits_and_targets
+from test_distillation import fd_reference, kd_reference, logits_and_targets, nkd_reference
 
 SYNTHETIC_CPU = ["--data_set", "synthetic", "--device", "cpu", "--input_size", "32",
                  "--nb_classes", "4", "--synthetic_train_size", "32", "--synthetic_val_size", "16",
@@ -68,10 +68,53 @@ def test_kd_supervises_with_plain_cross_entropy_without_mixup():
 
 
 def test_the_original_distillation_defaults():
+    import main
     import main_KD
     args = main_KD.get_args_parser().parse_args([])
-    assert (args.alpha, args.lr_fd, args.model_s, args.FDLoss_type, args.distill_type) == \
-        (0.1, 1.0, "SLaK_small", "smoothL1", None)
+    assert (args.alpha, args.lr_fd, args.model_s, args.FDLoss_type, args.distill_type,
+            args.nkd_honour_T) == (0.1, 1.0, "SLaK_small", "smoothL1", "KD", False)
+    assert main.get_args_parser().parse_args([]).distill_type is None  # main.py trains alone
+    # main_KD.py without --distill_type distils with KD, so it needs the teacher.
+    result = run_main(*SYNTHETIC_CPU, script=REPO / "main_KD.py", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --distill_type KD needs the teacher's weights: pass --resume")
+
+
+def test_nkd_runs_at_temperature_1_unless_nkd_honour_T():
+    """The original's NKD ran at temperature 1 whatever --T said; --nkd_honour_T true uses --T."""
+    import main
+    student, teacher, target = logits_and_targets(soft=False)
+
+    def nkd(*flags):
+        args = main.get_args_parser().parse_args(["--distill_type", "NKD", *flags])
+        loss_fn = build_distillation_loss(args, None, torch.nn.Identity(),
+                                          torch.nn.functional.cross_entropy)
+        return loss_fn.logit_loss(student, teacher, target).item()
+
+    at_1, at_3 = (nkd_reference(student, teacher, target, T) for T in (1.0, 3.0))
+    assert at_3 != pytest.approx(at_1, rel=1e-3)
+    assert nkd() == pytest.approx(at_1, rel=1e-6)
+    assert nkd("--T", "3.0") == pytest.approx(at_1, rel=1e-6)
+    assert nkd("--T", "3.0", "--nkd_honour_T", "true") == pytest.approx(at_3, rel=1e-6)
+    assert nkd("--T", "3.0", "--nkd_honour_T") == pytest.approx(at_3, rel=1e-6)
+
+
+@pytest.mark.parametrize("teacher,nb_classes,classes", [
+    ("resnet18", "4", 1000), ("vit_tiny_patch16_224.augreg_in21k", "1000", 21843)])
+def test_pretrained_teacher_of_other_classes_is_one_line(tmp_path, teacher, nb_classes, classes):
+    """timm's weights for other classes would come with a random classifier to distil; the
+    classes are read from timm's pretrained configuration, nothing is downloaded."""
+    result = run_main(*SYNTHETIC_CPU, "--model", teacher, "--teacher_pretrained", "true",
+                      "--distill_type", "KD", "--model_s", "resnet18", "--nb_classes", nb_classes,
+                      "--output_dir", tmp_path / "out", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == (f"error: --teacher_pretrained true: timm's {teacher} weights classify "
+                        f"{classes} classes and this run has {nb_classes}, so the teacher's "
+                        f"classifier would be random; give its weights for these classes with "
+                        f"--resume, or a data set of {classes} classes")
+    assert not (tmp_path / "out").exists()
 
 
 def log_lines(path):
@@ -88,6 +131,7 @@ def test_vit_teacher_into_resnet_student_through_main_kd(tmp_path):
                "--output_dir", out, "--alpha_mgd", "0.5", "--flag"]
     first = run_main(*command, "--epochs", "1", script=REPO / "main_KD.py")
     assert "--alpha_mgd has no effect" in first.stdout and "--flag has no effect" in first.stdout
+    assert "Note: NKD runs at temperature 1" in first.stdout  # --T 2 is not NKD's, as the original
     assert "Teacher vit_tiny_patch16_224 loaded" in first.stdout
     saved = torch.load(out / "checkpoint-0.pth", map_location="cpu", weights_only=False)
     assert "fc.weight" in saved["model"] and "distill" in saved  # the student and its projection

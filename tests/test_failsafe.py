@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SYNTHETIC, TINY_MODEL, cli_env, run_main
+from conftest import REPO, SYNTHETIC, TINY_MODEL, cli_env, free_port, run_main
 
 FAST = ["--warmup_epochs", "0", "--drop_path", "0", "--synthetic_val_size", "32"]
 
@@ -48,6 +48,44 @@ def test_nan_loss_stops_with_one_line(tmp_path):
                       "--output_dir", tmp_path / "out", check=False)
     line = one_error_line(result, "the loss is nan at epoch 0, step", code=3)
     assert "--clip_grad" in line
+
+
+def test_a_loss_not_finite_on_one_process_stops_every_process_with_one_line(tmp_path):
+    """Two processes (gloo) fine-tune from weights whose classifier rules one class out (bias
+    -inf): the cross-entropy is infinite only for a batch of that class, which rank 1 alone
+    draws (one image each, at 64 px: the BatchNorms of the last stage see 2x2 maps). Every
+    process stops at the same step; rank 0 prints the one line."""
+    import timm
+    import torch
+    from torch.utils.data import DistributedSampler
+
+    import SLaK  # noqa: F401 - registers the SLaK family in timm
+    sampler = DistributedSampler(range(2), num_replicas=2, rank=1, shuffle=True, seed=0)
+    sampler.set_epoch(0)  # main.py's: rank 1 trains on synthetic item i alone, of class i % 2
+    ruled_out = list(sampler)[0] % 2
+    weights = timm.create_model("SLaK_tiny", num_classes=2, width_factor=0.25, Decom=True,
+                                kernel_size=[13, 11, 9, 7, 3]).state_dict()
+    weights["head.bias"][ruled_out] = float("-inf")
+    torch.save(weights, tmp_path / "weights.pth")
+    command = [sys.executable, REPO / "main.py", *TINY_MODEL, *SYNTHETIC, *FAST, "--nb_classes",
+               "2", "--synthetic_train_size", "2", "--batch_size", "1", "--input_size", "64",
+               "--mixup", "0",
+               "--cutmix", "0", "--smoothing", "0", "--epochs", "1", "--disable_eval", "true",
+               "--finetune", tmp_path / "weights.pth", "--output_dir", tmp_path / "out"]
+    port = str(free_port())
+    ranks = [subprocess.Popen(list(map(str, command)), cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env=dict(cli_env(), RANK=str(rank), LOCAL_RANK=str(rank),
+                                       WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in range(2)]
+    outputs = [process.communicate(timeout=300) for process in ranks]
+    assert [process.returncode for process in ranks] == [3, 3], outputs
+    assert outputs[1][1].strip() == "", outputs[1][1]
+    lines = outputs[0][1].strip().splitlines()
+    assert len(lines) == 1, outputs[0][1]
+    assert lines[0].startswith("error: the loss is inf on rank 1 of 2 at epoch 0, step 0; ")
+    assert "--clip_grad" in lines[0] and "check the data" in lines[0]
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
 def run_tool(script, *args):
