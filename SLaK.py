@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (DropPath, LayerNorm2d, SelectAdaptivePool2d, get_device_dtype,
-                         register_notrace_function, register_notrace_module, trunc_normal_)
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, trunc_normal_
+from timm.models import (build_model_with_cfg, generate_default_cfgs, register_model,
+                         register_notrace_function, register_notrace_module)
 from timm.models._features import feature_take_indices
 
 from depthwise_conv2d_implicit_gemm import (DepthWiseConv2dImplicitGEMM, depthwise_conv2d,
@@ -435,14 +435,15 @@ class SLaK(nn.Module):
         """A new classifier of ``num_classes`` outputs (none for 0), on the model's device and
         dtype; ``global_pool`` (``''`` for none) replaces the pooling when given;
         ``reset_other`` also removes the final LayerNorm."""
-        dd = get_device_dtype(self)
+        weight = self.downsample_layers[0][0].weight   # the stem's: the model's device and dtype
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = _global_pool(global_pool).train(self.training)
         if reset_other:
             self.norm = nn.Identity().train(self.training)
         if num_classes > 0:
-            self.head = nn.Linear(self.num_features, num_classes, **dd).train(self.training)
+            self.head = nn.Linear(self.num_features, num_classes, device=weight.device,
+                                  dtype=weight.dtype).train(self.training)
             self._init_weights(self.head)
         else:
             self.head = nn.Identity().train(self.training)
