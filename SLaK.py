@@ -361,44 +361,42 @@ class SLaK(nn.Module):
         self.in_chans, self.num_classes, self.drop_rate = in_chans, num_classes, drop_rate
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
+        # Every tensor is created on ``device`` (so 'meta' allocates nothing), then cast to dtype.
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self._build(in_chans, depths, dims, drop_path_rate, layer_scale_init_value,
-                        kernel_size, Decom, bn, deploy, align_pointwise, global_pool)
+            # downsample_layers[0] is the stem (4x4/4 conv, LayerNorm); the others LayerNorm,
+            # 2x2/2 conv.
+            stem = nn.Sequential(PatchConv2d(in_chans, dims[0], 4, align_pointwise),
+                                 LayerNorm2d(dims[0], eps=1e-6))
+            self.downsample_layers = nn.ModuleList([stem])
+            for i in range(3):
+                self.downsample_layers.append(nn.Sequential(
+                    LayerNorm2d(dims[i], eps=1e-6),
+                    PatchConv2d(dims[i], dims[i + 1], 2, align_pointwise)))
+
+            # On the CPU whatever the device: Python numbers (no .tolist() on 'meta').
+            rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+            self.stages = nn.ModuleList()
+            for i, depth in enumerate(depths):
+                first = sum(depths[:i])
+                self.stages.append(nn.Sequential(*[
+                    Block(dims[i], rates[first + j], layer_scale_init_value,
+                          (kernel_size[i], kernel_size[4]), Decom, bn, deploy, align_pointwise)
+                    for j in range(depth)]))
+            self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
+                                 for i, d in enumerate(dims)]
+
+            # The head: pool, LayerNorm, dropout, Linear (the order of timm's
+            # NormMlpClassifierHead; norm and head are the original's checkpoint names).
+            self.global_pool = _global_pool(global_pool)
+            self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
             self.apply(self._init_weights)
             if num_classes > 0:
                 self.head.weight.data.mul_(head_init_scale)
                 self.head.bias.data.mul_(head_init_scale)
         if dtype is not None:
             self.to(dtype=dtype)
-
-    def _build(self, in_chans, depths, dims, drop_path_rate, layer_scale_init_value, kernel_size,
-               Decom, bn, deploy, align_pointwise, global_pool):
-        # downsample_layers[0] is the stem (4x4/4 conv, LayerNorm); the others LayerNorm, 2x2/2 conv.
-        stem = nn.Sequential(PatchConv2d(in_chans, dims[0], 4, align_pointwise),
-                             LayerNorm2d(dims[0], eps=1e-6))
-        self.downsample_layers = nn.ModuleList([stem])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                LayerNorm2d(dims[i], eps=1e-6), PatchConv2d(dims[i], dims[i + 1], 2, align_pointwise)))
-
-        # On the CPU whatever the device: the rates are Python numbers (no .tolist() on 'meta').
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        self.stages = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            first = sum(depths[:i])
-            self.stages.append(nn.Sequential(*[
-                Block(dims[i], rates[first + j], layer_scale_init_value,
-                      (kernel_size[i], kernel_size[4]), Decom, bn, deploy, align_pointwise)
-                for j in range(depth)]))
-        self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
-                             for i, d in enumerate(dims)]
-
-        # The head: pool, LayerNorm, dropout, Linear (timm's NormMlpClassifierHead order; the
-        # names norm and head are the original's checkpoint keys).
-        self.global_pool = _global_pool(global_pool)
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        self.head = nn.Linear(dims[-1], self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     @staticmethod
     def _init_weights(m):
@@ -409,8 +407,9 @@ class SLaK(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse=False):
-        """Layer ids for timm's layer-wise LR decay: stem, then each block (or stage, with the
-        downsampling layer before it), then the final norm; the classifier comes last."""
+        """Layer ids for timm's layer-wise LR decay: stem, then each block (or stage), a
+        downsampling layer with the block after it, the final norm with the last; then the
+        classifier."""
         return dict(stem=r"^downsample_layers\.0",
                     blocks=[(r"^downsample_layers\.(\d+)", None), (r"^stages\.(\d+)", None),
                             (r"^norm", (99999,))] if coarse else [
