@@ -21,11 +21,13 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, trunc_normal_
+from timm.models import (build_model_with_cfg, generate_default_cfgs, register_model,
+                         register_notrace_function, register_notrace_module)
+from timm.models._features import feature_take_indices
 
-from depthwise_conv2d_implicit_gemm import (DepthWiseConv2dImplicitGEMM, depthwise_conv2d_sum,
-                                             pad_kernel_to)
+from depthwise_conv2d_implicit_gemm import (DepthWiseConv2dImplicitGEMM, depthwise_conv2d,
+                                             depthwise_conv2d_sum, pad_kernel_to)
 from fast_layers import EVAL_POINTWISE_ALIGN, GEMM_ALIGN, PatchConv2d, aligned_linear
 
 __all__ = ["SLaK", "LargeKernelUnit", "Block", "validate_kernel_size", "checkpoint_filter_fn",
@@ -40,6 +42,13 @@ except ImportError:  # NumPy 1.x
     from numpy.core.multiarray import scalar as _np_scalar
 torch.serialization.add_safe_globals([argparse.Namespace, _np_scalar, np.dtype,
                                       type(np.dtype(np.float64))])
+
+# torch.fx cannot trace the large-kernel convolution (it dispatches on device, dtype and shape in
+# Python); timm's FX paths (FeatureGraphNet, create_feature_extractor with timm's leaf list) keep
+# it, and the unit around it (below), as leaves.
+register_notrace_module(DepthWiseConv2dImplicitGEMM)
+register_notrace_function(depthwise_conv2d)
+register_notrace_function(depthwise_conv2d_sum)
 
 # Stem (4) x three downsampling layers (2 each): the smallest input that reaches the last stage.
 TOTAL_STRIDE = 32
@@ -111,6 +120,7 @@ def _hooked(module):
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+@register_notrace_module  # it picks its convolutions at run time (device, hooks, compilation)
 class LargeKernelUnit(nn.Module):
     """The large-kernel depthwise unit of a SLaK block; output = sum of its branches.
 
@@ -298,8 +308,18 @@ def checkpoint_blocks(blocks, x):
     return x
 
 
+def _global_pool(pool_type):
+    """timm's global pooling for the head; only poolings that keep the width fit the LayerNorm
+    after them (AssertionError otherwise, as timm's heads raise)."""
+    pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+    if pool.feat_mult() != 1:
+        raise AssertionError(f"global_pool={pool_type!r} changes the pooled width, which the "
+                             f"head's LayerNorm cannot take; use 'avg', 'max', 'avgmax' or ''")
+    return pool
+
+
 class SLaK(nn.Module):
-    """Sparse Large-Kernel network.
+    """Sparse Large-Kernel network, with timm's model API (as timm's ConvNeXt has it).
 
     Args:
         in_chans: input image channels.
@@ -316,48 +336,67 @@ class SLaK(nn.Module):
         deploy: build the re-parameterised inference form (see :meth:`reparameterize`).
         align_pointwise: see :class:`Block`; it also sets the downsampling layers'
             :class:`PatchConv2d` ``align`` (the weights and their names are the same).
+        global_pool: timm's pooling type of the head (``'avg'``, ``'max'``, ``'avgmax'``, or
+            ``''`` for none: the LayerNorm and classifier then act at every position).
+        drop_rate: dropout before the classifier.
+        device, dtype: where and in which dtype the parameters are created (timm's factory
+            arguments; ``device='meta'`` builds the model without allocating it).
 
     ``forward(x)``: ``(N, in_chans, H, W)`` -> logits ``(N, num_classes)``.
-    ``forward_features(x)``: pooled, normalised features ``(N, num_features)``.
+    ``forward_features(x)``: the last stage's map ``(N, num_features, H / 32, W / 32)``; as in
+    timm's ConvNeXt, the final LayerNorm ``norm`` follows the pooling, in the head.
+    ``forward_head(x, pre_logits=True)``: pooled, normalised features ``(N, head_hidden_size)``.
     ``forward_stages(x)``: the four stage outputs ``[(N, C_i, H / 2**(i+2), W / 2**(i+2))]``.
     """
 
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  drop_path_rate=0.0, layer_scale_init_value=1e-6, head_init_scale=1.0,
                  kernel_size=(51, 49, 47, 13, 5), width_factor=1.0, Decom=False, bn=True,
-                 deploy=False, align_pointwise=True):
+                 deploy=False, align_pointwise=True, global_pool="avg", drop_rate=0.0,
+                 device=None, dtype=None):
         super().__init__()
         kernel_size = validate_kernel_size(kernel_size)
         dims = [int(d * width_factor) for d in dims]
         self.dims, self.depths, self.kernel_size = dims, list(depths), kernel_size
-        self.num_classes, self.num_features = num_classes, dims[-1]
-
-        # downsample_layers[0] is the stem (4x4/4 conv, LayerNorm); the others LayerNorm, 2x2/2 conv.
-        stem = nn.Sequential(PatchConv2d(in_chans, dims[0], 4, align_pointwise),
-                             LayerNorm2d(dims[0], eps=1e-6))
-        self.downsample_layers = nn.ModuleList([stem])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                LayerNorm2d(dims[i], eps=1e-6), PatchConv2d(dims[i], dims[i + 1], 2, align_pointwise)))
-
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stages = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            first = sum(depths[:i])
-            self.stages.append(nn.Sequential(*[
-                Block(dims[i], rates[first + j], layer_scale_init_value,
-                      (kernel_size[i], kernel_size[4]), Decom, bn, deploy, align_pointwise)
-                for j in range(depth)]))
-        self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
-                             for i, d in enumerate(dims)]
-
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.in_chans, self.num_classes, self.drop_rate = in_chans, num_classes, drop_rate
+        self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-        if num_classes > 0:
-            self.head.weight.data.mul_(head_init_scale)
-            self.head.bias.data.mul_(head_init_scale)
+        # Every tensor is created on ``device`` (so 'meta' allocates nothing), then cast to dtype.
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            # downsample_layers[0] is the stem (4x4/4 conv, LayerNorm); the others LayerNorm,
+            # 2x2/2 conv.
+            stem = nn.Sequential(PatchConv2d(in_chans, dims[0], 4, align_pointwise),
+                                 LayerNorm2d(dims[0], eps=1e-6))
+            self.downsample_layers = nn.ModuleList([stem])
+            for i in range(3):
+                self.downsample_layers.append(nn.Sequential(
+                    LayerNorm2d(dims[i], eps=1e-6),
+                    PatchConv2d(dims[i], dims[i + 1], 2, align_pointwise)))
+
+            # On the CPU whatever the device: Python numbers (no .tolist() on 'meta').
+            rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+            self.stages = nn.ModuleList()
+            for i, depth in enumerate(depths):
+                first = sum(depths[:i])
+                self.stages.append(nn.Sequential(*[
+                    Block(dims[i], rates[first + j], layer_scale_init_value,
+                          (kernel_size[i], kernel_size[4]), Decom, bn, deploy, align_pointwise)
+                    for j in range(depth)]))
+            self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
+                                 for i, d in enumerate(dims)]
+
+            # The head: pool, LayerNorm, dropout, Linear (the order of timm's
+            # NormMlpClassifierHead; norm and head are the original's checkpoint names).
+            self.global_pool = _global_pool(global_pool)
+            self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+            self.apply(self._init_weights)
+            if num_classes > 0:
+                self.head.weight.data.mul_(head_init_scale)
+                self.head.bias.data.mul_(head_init_scale)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     @staticmethod
     def _init_weights(m):
@@ -368,9 +407,12 @@ class SLaK(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse=False):
-        """Layer ids for timm's layer-wise LR decay: stem, then each block (or stage)."""
+        """Layer ids for timm's layer-wise LR decay: stem, then each block (or stage), a
+        downsampling layer with the block after it, the final norm with the last; then the
+        classifier."""
         return dict(stem=r"^downsample_layers\.0",
-                    blocks=r"^stages\.(\d+)" if coarse else [
+                    blocks=[(r"^downsample_layers\.(\d+)", None), (r"^stages\.(\d+)", None),
+                            (r"^norm", (99999,))] if coarse else [
                         (r"^downsample_layers\.(\d+)", (0,)),
                         (r"^stages\.(\d+)\.(\d+)", None),
                         (r"^norm", (99999,))])
@@ -384,25 +426,86 @@ class SLaK(nn.Module):
     def no_weight_decay(self):
         return set()
 
+    @torch.jit.ignore
     def get_classifier(self):
         return self.head
 
+    def reset_classifier(self, num_classes, global_pool=None, reset_other=False):
+        """A new classifier of ``num_classes`` outputs (none for 0), on the model's device and
+        dtype; ``global_pool`` (``''`` for none) replaces the pooling when given;
+        ``reset_other`` also removes the final LayerNorm."""
+        weight = self.downsample_layers[0][0].weight   # the stem's: the model's device and dtype
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = _global_pool(global_pool).train(self.training)
+        if reset_other:
+            self.norm = nn.Identity().train(self.training)
+        if num_classes > 0:
+            self.head = nn.Linear(self.num_features, num_classes, device=weight.device,
+                                  dtype=weight.dtype).train(self.training)
+            self._init_weights(self.head)
+        else:
+            self.head = nn.Identity().train(self.training)
+
+    def _stage(self, i, x):
+        """Downsampling layer ``i`` (the stem for 0), then stage ``i``."""
+        x = self.downsample_layers[i](x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_blocks(self.stages[i], x)
+        return self.stages[i](x)
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False,
+                              output_fmt="NCHW", intermediates_only=False):
+        """The stage outputs ``indices`` selects (timm's ``feature_take_indices``: None for all,
+        an int n for the last n, or a list of stage numbers), and ``forward_features``' map.
+
+        ``norm`` has nothing to apply: SLaK's final LayerNorm follows the pooling (as in timm's
+        ConvNeXt). ``stop_early`` stops after the last stage selected (no final map then).
+        Returns ``intermediates`` or ``(final_map, intermediates)``, all NCHW.
+        """
+        if output_fmt != "NCHW":
+            raise AssertionError(f"output_fmt={output_fmt!r}: SLaK's stage maps are NCHW only")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = max_index if stop_early else len(self.stages) - 1
+        intermediates = []
+        for i in range(last + 1):
+            x = self._stage(i, x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Remove the stages after the last of ``indices`` and, with ``prune_head`` (or when
+        stages were removed), the head (pooling, LayerNorm, classifier), so that the model ends
+        at the selected map; returns the absolute indices. ``prune_norm`` has no map norm to
+        remove (the LayerNorm is the head's)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.downsample_layers = self.downsample_layers[:max_index + 1]
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
+
     def forward_stages(self, x):
-        """The output of each of the four stages, before any normalisation."""
-        outs = []
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = downsample(x)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_blocks(stage, x)
-            else:
-                x = stage(x)
-            outs.append(x)
-        return outs
+        """The output of each stage, before any normalisation."""
+        return self.forward_intermediates(x, intermediates_only=True)
 
     def forward_features(self, x):
-        return self.norm(self.forward_stages(x)[-1].mean([-2, -1]))
+        for i in range(len(self.stages)):
+            x = self._stage(i, x)
+        return x
 
     def forward_head(self, x, pre_logits=False):
+        if self.global_pool.is_identity():
+            # No pooling: the LayerNorm and the classifier act at every position.
+            x = self.head_drop(self.norm(x.permute(0, 2, 3, 1)))
+            return (x if pre_logits else self.head(x)).permute(0, 3, 1, 2)
+        x = self.head_drop(self.norm(self.global_pool(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
@@ -440,11 +543,12 @@ def checkpoint_filter_fn(checkpoint, model=None):
 
 
 def _cfg(**kwargs):
-    """The original release's evaluation settings (those of ConvNeXt) for timm's data pipeline."""
+    """The original release's evaluation settings (those of ConvNeXt) for timm's data pipeline;
+    ``min_input_size``: the smallest input that leaves the last stage a pixel."""
     return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
                 crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
                 std=IMAGENET_DEFAULT_STD, first_conv="downsample_layers.0.0", classifier="head",
-                **kwargs)
+                min_input_size=(3, TOTAL_STRIDE, TOTAL_STRIDE), **kwargs)
 
 
 # Read by timm's register_model below; no weights are hosted, so a checkpoint file is passed
@@ -486,7 +590,9 @@ def _create(name, pretrained=False, **kwargs):
             {"num_classes": kwargs.get("num_classes", 1000)}, **kwargs.get("pretrained_cfg_overlay") or {})
     # timm loads the file (its EMA weights when it holds them, as timm does everywhere), and
     # the filter maps the original release's and this project's checkpoint layouts.
+    # features_only=True: timm's FeatureGetterNet over forward_intermediates (the four stages).
     return build_model_with_cfg(SLaK, name, pretrained, pretrained_filter_fn=_pretrained_filter_fn,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
                                 **kwargs)
 
 

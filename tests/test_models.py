@@ -106,7 +106,9 @@ def test_registered_variants_forward_backward(name):
     stages = model.forward_stages(x)
     assert [tuple(s.shape[1:]) for s in stages] == [(d, 64 // r, 64 // r) for d, r in
                                                       zip(model.dims, (4, 8, 16, 32))]
-    assert model.forward_features(x).shape == (2, model.num_features)
+    features = model.forward_features(x)   # the last stage's map, as timm's ConvNeXt returns it
+    torch.testing.assert_close(features, stages[-1])
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
 
 
 def test_width_factor_matches_paper():
