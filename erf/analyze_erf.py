@@ -8,7 +8,6 @@ the side length of the smallest square centred on the image that holds at least 
 total of that normalised matrix, and the square's area as a fraction of the image. The table is
 printed and written as JSON beside the heatmap (``slak_tiny_erf.json`` above).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 
 # Run as ``python erf/analyze_erf.py`` from anywhere: the repo root holds utils.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import ConfigError, run_cli  # noqa: E402
+from utils import ArgumentParser, ConfigError, run_cli  # noqa: E402
 
 __all__ = ["THRESHOLDS", "normalise", "high_contribution_area", "area_table", "save_heatmap",
            "main"]
@@ -123,7 +122,7 @@ def load_matrix(path, flag):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("ERF analysis", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("ERF analysis", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, help=".npy matrix saved by visualize_erf.py")
     parser.add_argument("--heatmap_save", default="heatmap.png",
                         help="heatmap PNG; the table goes to the same name with .json")

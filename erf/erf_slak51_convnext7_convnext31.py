@@ -10,7 +10,6 @@ high-contribution area ratio. Without ``--sources`` (the original release's comm
 ``python erf/erf_slak51_convnext7_convnext31.py``) the matrices are ``erf/convnext7_erf.npy``,
 ``erf/convnext31_erf.npy`` and ``erf/slak_tiny_erf.npy``, where docs/erf.md's commands save them.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # utils.py
 
 import numpy as np  # noqa: E402
 from analyze_erf import draw_heatmap, high_contribution_area, load_matrix, normalise  # noqa: E402
-from utils import ConfigError, run_cli  # noqa: E402
+from utils import ArgumentParser, ConfigError, run_cli  # noqa: E402
 
 DEFAULT_TITLES = ["ConvNeXt (7x7)", "ConvNeXt (31x31)", "SLaK (51x51)"]
 # Where docs/erf.md's visualize_erf.py commands save the three matrices (this folder).
@@ -50,7 +49,7 @@ def save_figure(matrices, titles, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser("ERF figure", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("ERF figure", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", nargs=3, default=None, metavar="NPY",
                         help="three matrices saved by visualize_erf.py, left to right (default: "
                              "erf/convnext7_erf.npy erf/convnext31_erf.npy erf/slak_tiny_erf.npy)")

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils import ConfigError, run_cli  # noqa: E402
+from utils import (ArgumentParser, ConfigError, check_device, check_flag_ranges,  # noqa: E402
+                   run_cli, str2bool)
 
 __all__ = ["centre_indices", "erf_scores", "compute_erf", "find_images", "build_model",
            "LastStage", "get_args_parser", "main"]
@@ -263,16 +264,8 @@ def image_transform(input_size):
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-def _bool(value):
-    if value.lower() in ("true", "t", "yes", "y", "1"):
-        return True
-    if value.lower() in ("false", "f", "no", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         "ERF contribution score matrix", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="resnet101", choices=RESNETS + tuple(FAMILY_DEFAULTS))
@@ -293,7 +286,7 @@ def get_args_parser():
                        help="K1 K2 K3 K4 small; default 51 49 47 13 5 (SLaK), 7 7 7 7 100 (ConvNeXt)")
     group.add_argument("--width_factor", type=float, default=None,
                        help="stage width multiplier; default 1.3 (SLaK), 1.0 (ConvNeXt)")
-    group.add_argument("--Decom", type=_bool, nargs="?", const=True, default=None, metavar="BOOL",
+    group.add_argument("--Decom", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
                        help="decompose K x K kernels into K x s + s x K; default true (SLaK), "
                             "false (ConvNeXt)")
     group.add_argument("--depths", type=int, nargs=4, default=None, metavar="D",
@@ -304,12 +297,10 @@ def get_args_parser():
 
 
 def main(args):
+    check_flag_ranges(args)
+    check_device(args.device)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    if args.num_images < 1:
-        raise ERFError(f"--num_images {args.num_images}: pass at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ERFError(f"--device {args.device}: no CUDA device is available; pass --device cpu")
     files = find_images(args.data_path)
     model = build_model(args).to(args.device).eval()
     for p in model.parameters():
