@@ -690,6 +690,8 @@ def resume_hint(args, argv):
     if args.distill_type is not None:
         if "--distill_resume" not in argv:
             command.append("--distill_resume")
+    elif args.finetune and not args.auto_resume:  # (--resume with --finetune is refused)
+        command += ["--auto_resume", "true"]
     elif any(a == "--resume" or a.startswith("--resume=") for a in argv) or not args.auto_resume:
         # Appended: a later --resume overrides an earlier one.
         command += ["--resume", newest]

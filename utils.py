@@ -194,7 +194,14 @@ FLAG_RANGES = {
     "T": (_POSITIVE[0], "must be a positive temperature"),
     "alpha": _PROBABILITY,
     "lr_fd": _NON_NEGATIVE,
-    # FLOPs_counter.py, export_onnx.py, erf/visualize_erf.py
+    # run_with_submitit.py (through main.check_args), FLOPs_counter.py, export_onnx.py,
+    # erf/visualize_erf.py
+    "ngpus": _at_least(1),
+    "nodes": _at_least(1),
+    "timeout": _at_least(1),
+    "cpus_per_task": _at_least(1),
+    "mem_gb_per_gpu": _at_least(1),
+    "master_port": _in(1, 65535, high_open=False),
     "snip_batch": _at_least(1),
     "opset": (lambda v: 18 <= v <= _newest_opset(),
               "must be an ONNX opset from 18 (the exporter's oldest) to the installed onnx "
@@ -230,8 +237,9 @@ def check_device(value, flag="--device"):
             raise ConfigError(f"{flag} {value} but no GPU is visible; pass {flag} cpu")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
+            which = "cuda:0" if count == 1 else f"one of cuda:0 to cuda:{count - 1}"
             raise ConfigError(f"{flag} {value} but {count} GPU{'s are' if count > 1 else ' is'} "
-                              f"visible (cuda:0 to cuda:{count - 1}); pass one of those")
+                              f"visible; pass {flag} {which}")
     elif device.type != "cpu":
         backends = (getattr(torch.backends, device.type, None), getattr(torch, device.type, None))
         if not any(getattr(b, "is_available", lambda: False)() for b in backends):
