@@ -18,7 +18,6 @@ seeded random batch). What is counted:
 
 The summary is human-readable; the last line is JSON: ``{"params_M": ..., "gmacs": ...}``.
 """
-import argparse
 import json
 
 import timm
@@ -27,11 +26,11 @@ import torch.nn as nn
 
 import SLaK  # noqa: F401  (registers the SLaK models with timm)
 import sparse_core
-from utils import ConfigError, run_cli, str2bool
+from utils import ArgumentParser, ConfigError, check_flag_ranges, run_cli, str2bool
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("SLaK parameter and MAC counter", add_help=True)
+    p = ArgumentParser("SLaK parameter and MAC counter", add_help=True)
     p.add_argument("--model", default="SLaK_tiny", type=str)
     p.add_argument("--width_factor", default=1.0, type=float)
     p.add_argument("--kernel_size", nargs=5, type=int, default=[51, 49, 47, 13, 5])
@@ -111,13 +110,14 @@ def count(model, masks, input_size):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    check_flag_ranges(args)
+    if args.model not in SLaK.MODEL_DEPTHS_DIMS:
+        raise ConfigError(f"--model {args.model}: FLOPs_counter.py counts SLaK-family models; "
+                          f"pass one of {', '.join(SLaK.MODEL_DEPTHS_DIMS)}")
     try:
         SLaK.validate_kernel_size(args.kernel_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if args.input_size < SLaK.TOTAL_STRIDE:
-        raise ConfigError(f"--input_size {args.input_size} is below {SLaK.TOTAL_STRIDE}, the "
-                          f"network's total stride; pass --input_size {SLaK.TOTAL_STRIDE} or more")
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, kernel_size=args.kernel_size, width_factor=args.width_factor,
                               Decom=args.Decom, bn=args.bn, num_classes=args.nb_classes)

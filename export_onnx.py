@@ -25,7 +25,7 @@ from depthwise_conv2d_implicit_gemm.export import onnx_translation_table
 from main import ArgumentParser, add_model_args
 from model_factory import build_model
 from slak_config import args_model_config
-from utils import ConfigError, RunStopped, run_cli, str2bool
+from utils import ConfigError, RunStopped, check_flag_ranges, run_cli, str2bool
 
 # Keys only a deployed checkpoint has: the large-kernel branches carry their folded bias.
 _DEPLOYED_KEY = re.compile(r"\.large_kernel\.(LoRA1|lkb_origin)\.conv\.bias$")
@@ -60,6 +60,7 @@ def get_args_parser():
 
 
 def check_args(args):
+    check_flag_ranges(args)
     try:
         SLaK.validate_kernel_size(args.kernel_size)
     except ValueError as exc:
@@ -67,9 +68,6 @@ def check_args(args):
     if args.model not in SLaK.MODEL_DEPTHS_DIMS:
         raise ConfigError(f"--model {args.model}: export_onnx.py exports SLaK models; use one of "
                           f"{', '.join(SLaK.MODEL_DEPTHS_DIMS)}")
-    if args.input_size < SLaK.TOTAL_STRIDE or args.batch_size < 1 or args.nb_classes < 1:
-        raise ConfigError(f"--input_size must be at least {SLaK.TOTAL_STRIDE} (the network "
-                          f"downsamples {SLaK.TOTAL_STRIDE}x), --batch_size and --nb_classes at least 1")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise ConfigError(f"--checkpoint {args.checkpoint}: file not found")
     check_output_file(args.output)

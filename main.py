@@ -6,7 +6,6 @@
 Single process, ``torchrun --nproc_per_node N main.py ...``, the deprecated
 ``python -m torch.distributed.launch --nproc_per_node N main.py ...`` and SLURM all work.
 """
-import argparse
 import datetime
 import importlib.util
 import os
@@ -26,10 +25,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import SLaK  # registers the SLaK family in timm
 import sparse_core
-from checkpoint import (append_log, epoch_checkpoints, latest_checkpoint,
-                        load_state_dict_checked, open_checkpoint, prepare_output_dir,
-                        remove_old_checkpoints,
-                        restore_training_state, save_training_state)
+from checkpoint import (OutputDirLock, append_log, check_checkpoint, check_checkpoint_path,
+                        check_sparse_resume, epoch_checkpoints, latest_checkpoint,
+                        load_checkpoint, load_state_dict_checked, open_checkpoint,
+                        prepare_output_dir, remove_old_checkpoints, restore_training_state,
+                        resumed_epoch, save_training_state)
 from datasets import build_dataset, check_same_classes, normalization
 from distillation import DISTILL_MODES, DISTILL_TYPES, FD_LOSS_TYPES, build_distillation
 from distributed import (all_reduce_sum, data_parallel, get_rank, get_world_size,
@@ -38,17 +38,9 @@ from engine import SupervisedLoss, evaluate, train_one_epoch
 from model_factory import build_model
 from optim_factory import create_optimizer
 from slak_config import args_model_config
-from utils import (ConfigError, TensorboardLogger, WandbLogger, cosine_scheduler,
-                   run_cli, seed_everything, str2bool)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Reports a bad command line as one line instead of the whole usage text."""
-
-    help_command = "python main.py --help"
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.help_command})\n")
+from utils import (ArgumentParser, ConfigError, RunStopped, TensorboardLogger, WandbLogger,
+                   check_device, check_flag_ranges, cosine_scheduler, run_cli, seed_everything,
+                   str2bool)
 
 
 def get_args_parser():
@@ -249,19 +241,12 @@ def add_model_args(group):
 
 def check_args(args):
     """Reject contradictory or malformed flags before anything is built or written."""
+    check_flag_ranges(args)
     try:
         SLaK.validate_kernel_size(args.kernel_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if not 0.0 <= args.drop_path < 1.0:
-        raise ConfigError(f"--drop_path {args.drop_path} must be in [0, 1)")
-    if args.lr < 0:
-        raise ConfigError(f"--lr {args.lr} is negative; pass a positive learning rate")
-    if args.nb_classes < 1:
-        raise ConfigError(f"--nb_classes {args.nb_classes}: pass at least 1")
-    if args.input_size < SLaK.TOTAL_STRIDE:
-        raise ConfigError(f"--input_size {args.input_size} is below {SLaK.TOTAL_STRIDE}, the "
-                          f"network's total stride; pass --input_size {SLaK.TOTAL_STRIDE} or more")
+    check_optimizer_name(args.opt)
     if args.eval and args.disable_eval:
         raise ConfigError("--eval true with --disable_eval true leaves nothing to do; drop one")
     if args.eval and not (args.resume or args.finetune or args.distill_type or (
@@ -273,14 +258,10 @@ def check_args(args):
         check_output_dir(args.output_dir)
     if args.model_ema_eval and not args.model_ema:
         raise ConfigError("--model_ema_eval true needs --model_ema true")
-    if args.update_freq < 1 or args.batch_size < 1:
-        raise ConfigError("--batch_size and --update_freq must be at least 1")
     if args.batch_size % 2 and mixes_images(args) and not args.eval:
         raise ConfigError(f"--batch_size {args.batch_size} is odd, and mixup and cutmix pair each "
                           f"image with another of its batch: pass an even --batch_size, or "
                           f"--mixup 0 --cutmix 0")
-    if not 0.0 <= args.sparsity < 1.0:
-        raise ConfigError(f"--sparsity {args.sparsity} must be in [0, 1)")
     sparsified = args.model if args.distill_type is None else args.model_s
     if args.only_L and sparsified not in SLaK.MODEL_DEPTHS_DIMS:
         which = "--model" if args.distill_type is None else "the student --model_s"
@@ -290,9 +271,6 @@ def check_args(args):
         # (In distillation the student is sparsified: a SLaK-family student is a ConvNeXt, whose
         # large-kernel branch is its 7x7 lkb_origin whatever the teacher's --Decom.)
         raise ConfigError("--only-L sparsifies the LoRA1/LoRA2 branches, which exist only with --Decom True")
-    if args.ddp_bucket_cap_mb is not None and not args.ddp_bucket_cap_mb > 0:
-        raise ConfigError(f"--ddp_bucket_cap_mb {args.ddp_bucket_cap_mb} must be a positive "
-                          f"size in MB (PyTorch's default is 25)")
     if args.compile_mode != "default" and not args.compile:
         raise ConfigError(f"--compile_mode {args.compile_mode} applies to a compiled model: "
                           f"add --compile true")
@@ -301,13 +279,16 @@ def check_args(args):
         raise ConfigError(f"--compile_mode {args.compile_mode} replays CUDA graphs, whose output "
                           f"buffers would overwrite the student features that {args.distill_type} "
                           f"taps; use --compile_mode default or max-autotune-no-cudagraphs")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no GPU is visible; pass --device cpu")
-    if args.resume and not os.path.isfile(args.resume):
-        what = "the teacher's checkpoint" if args.distill_type else "file"
-        raise ConfigError(f"--resume {args.resume}: {what} not found")
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise ConfigError(f"--finetune {args.finetune}: file not found")
+    check_device(args.device)
+    if args.resume and args.distill_type and not os.path.exists(args.resume):
+        raise ConfigError(f"--resume {args.resume}: the teacher's checkpoint not found")
+    if args.resume:
+        check_checkpoint_path(args.resume, "--resume")
+    if args.finetune:
+        check_checkpoint_path(args.finetune, "--finetune")
+    if args.resume and args.finetune and args.distill_type is None:
+        raise ConfigError("--resume continues a run (weights, optimizer, epoch) and --finetune "
+                          "starts a new one from a checkpoint's weights; pass one of them")
     if args.distill_type is not None:
         if DISTILL_MODES[args.distill_type].uses_teacher and not args.resume and \
                 not args.teacher_pretrained:
@@ -320,6 +301,17 @@ def check_args(args):
         if args.distill_resume and not args.output_dir:
             raise ConfigError("--distill_resume continues the student from --output_dir; pass "
                               "--output_dir")
+
+
+def check_optimizer_name(name):
+    """``--opt`` as timm reads it (``lookahead_`` prefix allowed); ``ConfigError`` otherwise."""
+    from timm.optim import get_optimizer_info, list_optimizers
+    try:
+        get_optimizer_info(name.lower().split("_")[-1])
+    except ValueError:
+        raise ConfigError(f"--opt {name} is not an optimizer timm knows; pass one of adamw, sgd, "
+                          f"momentum, lamb, ... (all {len(list_optimizers())}: "
+                          f"timm.optim.list_optimizers())") from None
 
 
 def check_output_dir(output_dir):
@@ -406,10 +398,83 @@ def build_criterion(args, mixup_active):
 def main(args):
     init_distributed_mode(args)
     check_args(args)
+    # Held by the main process from before the folder's checkpoints are read until the run ends.
+    with OutputDirLock("" if args.eval else args.output_dir) as lock:
+        return train_and_evaluate(args, lock)
+
+
+def on_all_processes(action, args):
+    """``action()``; a ``RunStopped`` raised by it on any process (the main process alone locks
+    the folder and writes files) is raised on every process, instead of leaving the others to
+    wait in their next collective. Other processes than the failing one stop with a short line
+    (only rank 0 prints)."""
+    error, result = None, None
+    try:
+        result = action()
+    except RunStopped as exc:
+        error = exc
+    if args.distributed and all_reduce_sum([float(error is not None)], torch.device(args.device))[0]:
+        raise error or RunStopped("stopped: another process failed")
+    if error is not None:
+        raise error
+    return result
+
+
+def resume_source(args):
+    """``(path, flag)`` of the checkpoint this run continues from (path "" for none): the
+    student's newest in --output_dir with --distill_resume, else --resume or, with --auto_resume,
+    the newest in --output_dir."""
+    if args.distill_type is not None:
+        newest = latest_checkpoint(args.output_dir) if args.distill_resume else None
+        return newest or "", "--distill_resume"
+    if args.auto_resume and not args.resume and args.output_dir:
+        args.resume = latest_checkpoint(args.output_dir) or ""
+    return args.resume, "--resume"
+
+
+def nothing_to_train(args, checkpoint, resume_path, resume_flag):
+    """Why this run would train no epoch (a line to print), or None."""
+    if args.eval:
+        return None
+    start_epoch = resumed_epoch(checkpoint) if checkpoint is not None else None
+    if start_epoch is not None and start_epoch >= args.epochs:
+        return (f"Nothing to train: {resume_flag} {resume_path} ends at epoch {start_epoch - 1}, "
+                f"the last of --epochs {args.epochs}; raise --epochs to train on, or evaluate it "
+                f"with --eval true")
+    if start_epoch is None and args.start_epoch >= args.epochs:
+        if args.epochs == 0:
+            return "Nothing to train: --epochs 0; pass --epochs N to train, or --eval true to evaluate"
+        return (f"Nothing to train: --start_epoch {args.start_epoch} is at or past --epochs "
+                f"{args.epochs}; raise --epochs or lower --start_epoch")
+    return None
+
+
+def train_and_evaluate(args, lock):
+    """``main`` once the flags are checked; ``lock``: the ``OutputDirLock`` of --output_dir."""
     device = torch.device(args.device)
     seed_everything(args.seed + get_rank())
     cudnn.benchmark = True
     amp_dtype = getattr(torch, args.amp_dtype) if args.use_amp else None
+
+    # The checkpoint to continue from is read before anything is built: a run with nothing left
+    # to train, or one whose sparsity flags contradict its masks, ends here.
+    distilling = args.distill_type is not None
+    on_all_processes(lambda: lock.acquire(create=False), args)
+    resume_path, resume_flag = resume_source(args)
+    checkpoint = load_checkpoint(resume_path, resume_flag) if resume_path else None
+    if checkpoint is not None:
+        check_sparse_resume(checkpoint, resume_path, resume_flag, args)
+    reason = nothing_to_train(args, checkpoint, resume_path, resume_flag)
+    if reason:
+        print(reason)
+        return None
+    if args.sparse and sparse_core.INIT[args.sparse_init].needs_weights and checkpoint is None \
+            and not args.finetune and not args.eval:
+        what = "--distill_resume (the student's checkpoint in --output_dir)" if distilling else \
+            "--resume, --auto_resume or --finetune"
+        others = " or ".join(k for k, rule in sparse_core.INIT.items() if not rule.needs_weights)
+        raise ConfigError(f"--sparse_init {args.sparse_init} takes the masks from the zeros of a "
+                          f"checkpoint, and there is none to load ({what}); use --sparse_init {others}")
 
     if args.disable_eval:  # (with --eval refused above) no validation set to find or read
         dataset_train, nb_classes = build_dataset(True, args)
@@ -425,7 +490,6 @@ def main(args):
 
     # In distillation mode the model trained, checkpointed, EMA'd and evaluated is the student;
     # --resume holds the teacher's weights and --distill_resume continues the student.
-    distilling = args.distill_type is not None
     distillation, teacher, feature_loss = None, None, None
     if distilling:
         distillation = build_distillation(args, nb_classes, device)
@@ -444,26 +508,8 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"Model {args.model_s if distilling else args.model}: {n_parameters / 1e6:.2f}M parameters")
 
-    if distilling:
-        resume_path = (latest_checkpoint(args.output_dir) if args.distill_resume else None) or ""
-    else:
-        if args.auto_resume and not args.resume and args.output_dir:
-            args.resume = latest_checkpoint(args.output_dir) or ""
-        resume_path = args.resume
-    resume_flag = "--distill_resume" if distilling else "--resume"
-    checkpoint = open_checkpoint(resume_path, resume_flag, config)[0] if resume_path else None
-    if checkpoint is not None and checkpoint.get("masks") and not args.sparse and not args.eval:
-        # Continuing without the masks would silently train the pruned weights back to dense.
-        raise ConfigError(f"{resume_flag} {resume_path} continues a sparse run: add --sparse "
-                          f"with the run's sparsity flags, or start a dense run from its weights "
-                          f"with --finetune")
-    if args.sparse and sparse_core.INIT[args.sparse_init].needs_weights and checkpoint is None \
-            and not args.finetune and not args.eval:
-        what = "--distill_resume (the student's checkpoint in --output_dir)" if distilling else \
-            "--resume, --auto_resume or --finetune"
-        others = " or ".join(k for k, rule in sparse_core.INIT.items() if not rule.needs_weights)
-        raise ConfigError(f"--sparse_init {args.sparse_init} takes the masks from the zeros of a "
-                          f"checkpoint, and there is none to load ({what}); use --sparse_init {others}")
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, resume_path, resume_flag, config)
 
     if args.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -530,8 +576,10 @@ def main(args):
 
     # Everything is validated; only now is anything written.
     if args.output_dir:
-        prepare_output_dir(args.output_dir, args.start_epoch,
-                           args.save_ckpt_num if args.save_ckpt else 0)
+        on_all_processes(lambda: lock.acquire(create=True), args)
+        on_all_processes(lambda: prepare_output_dir(args.output_dir, args.start_epoch,
+                                                    args.save_ckpt_num if args.save_ckpt else 0),
+                         args)
     log_writer = TensorboardLogger(args.log_dir) if args.log_dir and is_main_process() else None
     wandb_logger = WandbLogger(args) if args.enable_wandb and is_main_process() else None
 
@@ -563,11 +611,11 @@ def main(args):
             masking.mask_ema(model_ema.module)
 
     def save(name, epoch):
-        return save_training_state(
+        return on_all_processes(lambda: save_training_state(
             os.path.join(args.output_dir, name), args=args, epoch=epoch, model=model_without_ddp,
             optimizer=optimizer, scaler=scaler, model_ema=model_ema, feature_loss=feature_loss,
             masking=masking, max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema,
-            model_config=config)
+            model_config=config), args)
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
@@ -619,7 +667,7 @@ def main(args):
         if log_writer is not None:
             log_writer.flush()
         if args.output_dir:
-            append_log(args.output_dir, log_stats)
+            on_all_processes(lambda: append_log(args.output_dir, log_stats), args)
         if args.output_dir and args.save_ckpt and (
                 (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
             path = save(f"checkpoint-{epoch}.pth", epoch)
@@ -645,6 +693,8 @@ def resume_hint(args, argv):
     if args.distill_type is not None:
         if "--distill_resume" not in argv:
             command.append("--distill_resume")
+    elif args.finetune and not args.auto_resume:  # (--resume with --finetune is refused)
+        command += ["--auto_resume", "true"]
     elif any(a == "--resume" or a.startswith("--resume=") for a in argv) or not args.auto_resume:
         # Appended: a later --resume overrides an earlier one.
         command += ["--resume", newest]

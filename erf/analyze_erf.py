@@ -8,7 +8,6 @@ the side length of the smallest square centred on the image that holds at least 
 total of that normalised matrix, and the square's area as a fraction of the image. The table is
 printed and written as JSON beside the heatmap (``slak_tiny_erf.json`` above).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 try:  # the repository's modules come from its installation (pip install -e .)
-    from utils import ConfigError, run_cli
+    from utils import ArgumentParser, ConfigError, run_cli
 except ModuleNotFoundError as exc:
     if exc.name != "utils":
         raise
@@ -127,7 +126,7 @@ def load_matrix(path, flag):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("ERF analysis", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("ERF analysis", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, help=".npy matrix saved by visualize_erf.py")
     parser.add_argument("--heatmap_save", default="heatmap.png",
                         help="heatmap PNG; the table goes to the same name with .json")

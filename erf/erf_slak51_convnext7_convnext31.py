@@ -10,14 +10,13 @@ high-contribution area ratio. Without ``--sources`` (the original release's comm
 ``python erf/erf_slak51_convnext7_convnext31.py``) the matrices are ``erf/convnext7_erf.npy``,
 ``erf/convnext31_erf.npy`` and ``erf/slak_tiny_erf.npy``, where docs/erf.md's commands save them.
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
 # The sibling script (python erf/<this>.py puts erf/ first on sys.path); it stops with one
 # line when the repository is not installed.
 from analyze_erf import draw_heatmap, high_contribution_area, load_matrix, normalise
-from utils import ConfigError, run_cli
+from utils import ArgumentParser, ConfigError, run_cli
 
 DEFAULT_TITLES = ["ConvNeXt (7x7)", "ConvNeXt (31x31)", "SLaK (51x51)"]
 # Where docs/erf.md's visualize_erf.py commands save the three matrices (this folder).
@@ -47,7 +46,7 @@ def save_figure(matrices, titles, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser("ERF figure", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("ERF figure", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", nargs=3, default=None, metavar="NPY",
                         help="three matrices saved by visualize_erf.py, left to right (default: "
                              "erf/convnext7_erf.npy erf/convnext31_erf.npy erf/slak_tiny_erf.npy)")

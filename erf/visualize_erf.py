@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:  # the repository's modules come from its installation (pip install -e .)
-    from utils import ConfigError, run_cli
+    from utils import (ArgumentParser, ConfigError, check_device, check_flag_ranges, run_cli,
+                       str2bool)
 except ModuleNotFoundError as exc:
     if exc.name != "utils":
         raise
@@ -264,16 +265,8 @@ def image_transform(input_size):
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-def _bool(value):
-    if value.lower() in ("true", "t", "yes", "y", "1"):
-        return True
-    if value.lower() in ("false", "f", "no", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         "ERF contribution score matrix", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="resnet101", choices=RESNETS + tuple(FAMILY_DEFAULTS))
@@ -294,7 +287,7 @@ def get_args_parser():
                        help="K1 K2 K3 K4 small; default 51 49 47 13 5 (SLaK), 7 7 7 7 100 (ConvNeXt)")
     group.add_argument("--width_factor", type=float, default=None,
                        help="stage width multiplier; default 1.3 (SLaK), 1.0 (ConvNeXt)")
-    group.add_argument("--Decom", type=_bool, nargs="?", const=True, default=None, metavar="BOOL",
+    group.add_argument("--Decom", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
                        help="decompose K x K kernels into K x s + s x K; default true (SLaK), "
                             "false (ConvNeXt)")
     group.add_argument("--depths", type=int, nargs=4, default=None, metavar="D",
@@ -305,12 +298,10 @@ def get_args_parser():
 
 
 def main(args):
+    check_flag_ranges(args)
+    check_device(args.device)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    if args.num_images < 1:
-        raise ERFError(f"--num_images {args.num_images}: pass at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ERFError(f"--device {args.device}: no CUDA device is available; pass --device cpu")
     files = find_images(args.data_path)
     model = build_model(args).to(args.device).eval()
     for p in model.parameters():

@@ -23,7 +23,7 @@ def one_error_line(result, message, code=2):
     (["--output_dir", "{file}/run"], "lies under the file"),
     (["--input_size", "16"], "--input_size 16 is below 32"),
     (["--drop_path", "1.0"], "--drop_path 1.0 must be in [0, 1)"),
-    (["--lr", "-0.1"], "--lr -0.1 is negative"),
+    (["--lr", "-0.1"], "--lr -0.1 must be a finite number >= 0"),
     (["--nb_classes", "0"], "--nb_classes 0"),
     (["--eval", "true", "--disable_eval", "true"], "leaves nothing to do"),
     (["--eval", "true"], "--eval true needs weights"),
