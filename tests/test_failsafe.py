@@ -51,9 +51,10 @@ def test_nan_loss_stops_with_one_line(tmp_path):
 
 
 def test_a_loss_not_finite_on_one_process_stops_every_process_with_one_line(tmp_path):
-    """Two processes (gloo) fine-tune from weights whose classifier rules one class out (bias
-    -inf): the cross-entropy is infinite only for a batch of that class, which rank 1 alone
-    draws (one image each, at 64 px: the BatchNorms of the last stage see 2x2 maps). Every
+    """Two processes (gloo) fine-tune from finite weights whose classifier rules one class out:
+    the final norm outputs ones, and that class's row of huge negative weights sums them to a
+    logit of -inf, so the cross-entropy is infinite only for a batch of that class, which rank 1
+    alone draws (one image each, at 64 px: the BatchNorms of the last stage see 2x2 maps). Every
     process stops at the same step; rank 0 prints the one line."""
     import timm
     import torch
@@ -65,7 +66,9 @@ def test_a_loss_not_finite_on_one_process_stops_every_process_with_one_line(tmp_
     ruled_out = list(sampler)[0] % 2
     weights = timm.create_model("SLaK_tiny", num_classes=2, width_factor=0.25, Decom=True,
                                 kernel_size=[13, 11, 9, 7, 3]).state_dict()
-    weights["head.bias"][ruled_out] = float("-inf")
+    weights["norm.weight"].zero_()
+    weights["norm.bias"].fill_(1.0)
+    weights["head.weight"][ruled_out] = -1e38  # finite; their sum over the features is not
     torch.save(weights, tmp_path / "weights.pth")
     command = [sys.executable, REPO / "main.py", *TINY_MODEL, *SYNTHETIC, *FAST, "--nb_classes",
                "2", "--synthetic_train_size", "2", "--batch_size", "1", "--input_size", "64",
