@@ -196,7 +196,8 @@ def get_args_parser():
 
     group = parser.add_argument_group("distillation")
     group.add_argument("--distill_type", default=None, choices=DISTILL_TYPES,
-                       help="distil --model (teacher, from --resume) into --model_s; off by default")
+                       help="distil --model (teacher, from --resume) into --model_s "
+                            "(default: %(default)s)")
     group.add_argument("--model_s", default="SLaK_small", type=str,
                        help="student: a SLaK-family name (built as a ConvNeXt: 7x7 kernels, width 1) "
                             "or any timm model (resnet50, convnext_tiny, ...)")

@@ -308,7 +308,7 @@ def main(args):
         p.requires_grad_(False)  # only the input gradient is needed
     transform = image_transform(args.input_size)
 
-    from PIL import Image
+    from datasets import UNREADABLE, load_image
 
     # A seeded shuffle spreads the images over an ImageFolder's classes; later files stand in for
     # images that cannot be read or whose gradient is not finite.
@@ -322,9 +322,8 @@ def main(args):
         if used == args.num_images:
             break
         try:
-            with Image.open(path) as image:
-                x = transform(image.convert("RGB")).unsqueeze(0).to(args.device)
-        except OSError as err:
+            x = transform(load_image(path)).unsqueeze(0).to(args.device)
+        except UNREADABLE as err:
             print(f"skipping {path}: cannot read it ({err})")
             skipped.append(str(path))
             continue

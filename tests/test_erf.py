@@ -159,13 +159,19 @@ def assert_not_blank(png):
 
 
 def test_cli_end_to_end_on_photographs(tmp_path):
+    from PIL import Image
+
     photos = save_photos(tmp_path / "photos")
+    # A floating-point image has no 8-bit picture: skipped, as the training data loader skips it.
+    Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)).save(
+        photos / "depth.tif")
     matrix_path = tmp_path / "out" / "slak_erf.npy"
     out = run_script("visualize_erf.py", "--model", "SLaK", "--data_path", photos,
-                     "--save_path", matrix_path, "--num_images", 3, "--input_size", 256,
+                     "--save_path", matrix_path, "--num_images", 4, "--input_size", 256,
                      "--device", "cpu", "--width_factor", 0.25, "--depths", 1, 1, 3, 1,
                      "--Decom", "true", "--layer_scale_init_value", 1)
-    assert "randomly initialised" in out and "[3/3]" in out
+    assert "randomly initialised" in out and "[3/4]" in out and "(1 skipped)" in out
+    assert "skipping" in out and "depth.tif" in out
     matrix = np.load(matrix_path)
     assert matrix.shape == (256, 256) and np.isfinite(matrix).all() and matrix.min() >= 0
     assert matrix.max() > 0
