@@ -44,6 +44,10 @@ def check_checkpoint_path(path, flag="--resume"):
     raise CheckpointError(f"{flag} {path}: file not found; check the path")
 
 
+# main.py's --model_key: the entries that hold a checkpoint's weights, the first present wins.
+DEFAULT_MODEL_KEY = "model|module"
+
+
 def load_checkpoint(path, flag="--resume", model_key=""):
     """Load a checkpoint file on the CPU without executing arbitrary pickled code.
 
@@ -62,9 +66,17 @@ def load_checkpoint(path, flag="--resume", model_key=""):
         raise CheckpointError(f"{flag} {path} cannot be read ({type(exc).__name__}: "
                               f"{lines[0][:160]}); point {flag} at a complete .pth file") from None
     weights = select_weights(checkpoint, model_key) if isinstance(checkpoint, dict) else {}
+    nested = [k for k, v in checkpoint.items() if isinstance(v, dict)
+              and SLaK.checkpoint_filter_fn(v)] if isinstance(checkpoint, dict) else []
+    named = [k for k in model_key.split("|") if k]
+    if weights and nested and named and model_key != DEFAULT_MODEL_KEY and \
+            not any(k in nested for k in named):
+        # The weights were found elsewhere: a --model_key asked for by name (model_ema, say)
+        # would silently become the checkpoint's other weights.
+        raise CheckpointError(f"{flag} {path} has no weights under --model_key {model_key}; it "
+                              f"holds them under {', '.join(repr(k) for k in nested)}: pass "
+                              f"--model_key {nested[0]}")
     if not weights:
-        nested = [k for k, v in checkpoint.items() if isinstance(v, dict)
-                  and SLaK.checkpoint_filter_fn(v)] if isinstance(checkpoint, dict) else []
         if nested and flag == "--finetune":
             raise CheckpointError(f"{flag} {path} holds its weights under '{nested[0]}', not "
                                   f"under --model_key {model_key}: pass --model_key {nested[0]}")

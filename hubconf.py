@@ -15,8 +15,7 @@ names. No weights are hosted, so ``pretrained=True`` needs ``checkpoint``.
 dependencies = ["torch", "timm"]
 
 
-def _load(name, pretrained=False, checkpoint=None, model_key="model|module", model_prefix="",
-          **kwargs):
+def _load(name, pretrained=False, checkpoint=None, model_key=None, model_prefix="", **kwargs):
     if pretrained and not checkpoint:
         raise ValueError(f"{name}: no weights are hosted for torch.hub; pass a checkpoint file, "
                          f"e.g. torch.hub.load(..., '{name}', checkpoint='/path/to/checkpoint.pth', "
@@ -27,6 +26,7 @@ def _load(name, pretrained=False, checkpoint=None, model_key="model|module", mod
     import timm
 
     import SLaK
+    from checkpoint import DEFAULT_MODEL_KEY
     from main import load_finetune_weights
     from slak_config import model_config
 
@@ -35,8 +35,9 @@ def _load(name, pretrained=False, checkpoint=None, model_key="model|module", mod
         defaults = {k: p.default for k, p in inspect.signature(SLaK.SLaK).parameters.items()}
         setting = {k: kwargs.get(k, defaults[k]) for k in ("Decom", "width_factor", "bn", "deploy")}
         config = model_config(name, model.kernel_size, nb_classes=model.num_classes, **setting)
-        load_finetune_weights(model, SimpleNamespace(finetune=checkpoint, model_key=model_key,
-                                                     model_prefix=model_prefix), config)
+        flags = SimpleNamespace(finetune=checkpoint, model_key=model_key or DEFAULT_MODEL_KEY,
+                                model_prefix=model_prefix)
+        load_finetune_weights(model, flags, config)
     return model
 
 

@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import SLaK  # registers the SLaK family in timm
 import sparse_core
-from checkpoint import (OutputDirLock, append_log, check_checkpoint, check_checkpoint_path,
-                        check_sparse_resume, epoch_checkpoints, latest_checkpoint,
+from checkpoint import (DEFAULT_MODEL_KEY, OutputDirLock, append_log, check_checkpoint,
+                        check_checkpoint_path, check_sparse_resume, epoch_checkpoints,
+                        latest_checkpoint,
                         load_checkpoint, load_state_dict_checked, open_checkpoint,
                         prepare_output_dir, remove_old_checkpoints, restore_training_state,
                         resumed_epoch, save_training_state)
@@ -108,7 +109,8 @@ def get_args_parser():
 
     group = parser.add_argument_group("fine-tuning")
     group.add_argument("--finetune", default="", help="checkpoint to initialise the model from")
-    group.add_argument("--model_key", default="model|module", type=str)
+    group.add_argument("--model_key", default=DEFAULT_MODEL_KEY, type=str,
+                       help="the checkpoint entries that hold --finetune's weights, '|'-separated")
     group.add_argument("--model_prefix", default="", type=str,
                        help="prefix of the checkpoint's keys, stripped before loading")
 

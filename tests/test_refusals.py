@@ -183,6 +183,15 @@ def test_an_ema_only_checkpoint_loads_with_model_key_model_ema(tmp_path, trained
              f"start from them with main.py --finetune {path} --model_key model_ema")
 
 
+def test_a_model_key_the_checkpoint_lacks_is_refused(tmp_path, trained):
+    """--model_key model_ema on a checkpoint without EMA weights: not its other weights instead."""
+    path = trained / "checkpoint-0.pth"
+    one_line(run_main(*TINY_MODEL, *SYNTHETIC, "--eval", "true", "--finetune", path,
+                      "--model_key", "model_ema", check=False),
+             f"--finetune {path} has no weights under --model_key model_ema; it holds them under "
+             f"'model': pass --model_key model")
+
+
 # --- A full disk while saving: one line, the earlier checkpoint intact -------------------------
 
 # Test-only: the save of the file named by DISK_FULL_AT goes to /dev/full (ENOSPC on write).
