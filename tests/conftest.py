@@ -110,3 +110,14 @@ def spawn_gloo_processes(worker, out_dir, world=2):
     group on ``port``, a free local one) and wait for all of them."""
     torch.multiprocessing.spawn(worker, args=(world, free_port(), str(out_dir)), nprocs=world,
                                 join=True)
+
+
+def one_line(result, message, code=2, stream="stderr"):
+    """The single line of ``stream``, which holds ``message``; the process exited with ``code``
+    and printed no traceback."""
+    text = getattr(result, stream)
+    lines = text.strip().splitlines()
+    assert result.returncode == code, (result.returncode, result.stdout[-2000:], result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and message in lines[0], text
+    return lines[0]

@@ -6,16 +6,16 @@ import sys
 
 import pytest
 
-from conftest import REPO, SYNTHETIC, TINY_MODEL, cli_env, free_port, run_main
+from conftest import REPO, SYNTHETIC, TINY_MODEL, cli_env, free_port, one_line, run_main
 
 FAST = ["--warmup_epochs", "0", "--drop_path", "0", "--synthetic_val_size", "32"]
 
 
 def one_error_line(result, message, code=2):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == code, (result.returncode, result.stdout[-2000:], result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    return lines[0]
+    """The single ``error: ...`` line of stderr, which holds ``message``."""
+    line = one_line(result, message, code)
+    assert line.startswith("error: "), line
+    return line
 
 
 @pytest.mark.parametrize("bad_args,message", [

@@ -9,20 +9,10 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SYNTHETIC, TINY_MODEL, cli_env, run_main
+from conftest import REPO, SYNTHETIC, TINY_MODEL, cli_env, one_line, run_main
 
 FAST = ["--warmup_epochs", "0", "--drop_path", "0", "--synthetic_val_size", "32",
         "--batch_size", "16", "--synthetic_train_size", "32"]
-
-
-def one_line(result, message, code=2, stream="stderr"):
-    """The single line of ``stream``, which holds ``message``; the process exited with ``code``."""
-    text = getattr(result, stream)
-    lines = text.strip().splitlines()
-    assert result.returncode == code, (result.returncode, result.stdout[-2000:], result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1 and message in lines[0], text
-    return lines[0]
 
 
 def snapshot(folder):
