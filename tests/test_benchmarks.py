@@ -215,3 +215,40 @@ def test_loader_throughput_bad_input_is_one_line(tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+
+
+def test_lk_floor_counts_the_taps_and_tiles_a_brute_force_count_finds(tmp_path):
+    """benchmarks/lk_floor.py: its direct multiply-adds are those of F.conv2d over ones (taps in
+    the map), its Toeplitz tiles those of the explicit banded matrix, per stage."""
+    import torch.nn.functional as F
+
+    out = tmp_path / "floor.json"
+    kernels, block, batch = [13, 11, 9, 7, 3], 4, 2
+    subprocess.run([sys.executable, REPO / "benchmarks" / "lk_floor.py", "--model", "SLaK_tiny",
+                    "--batch", str(batch), "--input_size", "96", "--width_factor", "0.25",
+                    "--kernel_size", *map(str, kernels), "--block", str(block), "--json", out],
+                   check=True, cwd=REPO, env=cli_env(), capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["convolutions"] == 3 * (3 + 3 + 9 + 3)
+
+    def taps(size, kh, kw):
+        ones = torch.ones(1, 1, size, size, dtype=torch.float64)
+        return F.conv2d(ones, torch.ones(1, 1, kh, kw, dtype=torch.float64),
+                        padding=(kh // 2, kw // 2)).sum().item()
+
+    def tiles(size, k):
+        a, b = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        band = ((a - b + k // 2) >= 0) & ((a - b + k // 2) < k)  # input a feeds output b
+        padded = -size % block
+        band = F.pad(band.float(), (0, padded, 0, padded))
+        return int((band.unfold(0, block, block).unfold(1, block, block).sum((-1, -2)) > 0).sum())
+
+    for row, depth, k in zip(result["stages"], [3, 3, 9, 3], kernels):
+        size, channels, small = row["map"], row["channels"], kernels[4]
+        per_unit = 2 * taps(size, k, small) * 3 + taps(size, small, small) * 4  # recomputed small
+        assert row["direct_gmacs"] * 1e9 == pytest.approx(batch * channels * depth * per_unit)
+        short = taps(size, small, 1) / size  # in-map taps of the short axis, per line
+        # each in-map short-axis tap is one row of the image times the band's tiles
+        per_unit = (2 * 3 * short * tiles(size, k) + 4 * short * tiles(size, small)) * block * block
+        assert row["toeplitz_gmacs"] * 1e9 == pytest.approx(batch * channels * depth * per_unit)
+        assert row["unit_fused_gb"] * 1e9 == pytest.approx(5 * depth * batch * channels * size ** 2 * 2)
